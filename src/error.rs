@@ -1,0 +1,82 @@
+//! Typed errors of the library. Every variant names the file, node or tensor at fault.
+use std::path::PathBuf;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while reading, rewriting or writing a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system I/O error on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file the operation was on.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a well-formed ONNX protobuf.
+    #[error("{path}: not a valid ONNX model: {reason}")]
+    Decode {
+        /// The model file.
+        path: PathBuf,
+        /// What the decoder or the structural check said.
+        reason: String,
+    },
+    /// A tensor's external data reference is unsafe or inconsistent.
+    #[error("{path}: tensor '{tensor}': external data: {reason}")]
+    ExternalData {
+        /// The model file holding the reference.
+        path: PathBuf,
+        /// The tensor whose data is referenced.
+        tensor: String,
+        /// What is wrong with the reference.
+        reason: String,
+    },
+    /// A tensor's declared shape or type disagrees with its data.
+    #[error("tensor '{tensor}': {reason}")]
+    Tensor {
+        /// The tensor at fault.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The graph violates a structural invariant (see [`crate::ir::Graph::verify`]).
+    #[error("graph check failed{}: {reason}", node.as_ref().map(|n| format!(" at node '{n}'")).unwrap_or_default())]
+    Graph {
+        /// The node at fault, when there is one.
+        node: Option<String>,
+        /// The violated invariant.
+        reason: String,
+    },
+    /// A patch could not be applied; the graph is left unchanged.
+    #[error("patch '{label}' rejected: {reason}")]
+    Patch {
+        /// The patch's label (usually the pass that built it).
+        label: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// The model cannot be written as requested.
+    #[error("{path}: cannot write: {reason}")]
+    Write {
+        /// The output file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The caller asked for something invalid (flags, paths).
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with the file it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

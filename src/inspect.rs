@@ -1,0 +1,246 @@
+//! `smoe-opt inspect`: a summary of a model, read without touching tensor data.
+use crate::model::Model;
+use crate::onnx::proto::{tensor_shape_proto::dimension::Value as DimValue, type_proto, ValueInfoProto};
+use crate::onnx::{dtype, tensor, ExternalFile};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// Machine-readable summary of a model (the `inspect --json` schema).
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    /// The model file.
+    pub file: String,
+    /// IR version.
+    pub ir_version: i64,
+    /// `producer_name producer_version`.
+    pub producer: String,
+    /// Opset imports (`""` = default ONNX domain).
+    pub opsets: Vec<Opset>,
+    /// Graph inputs that are not initializers.
+    pub inputs: Vec<ValueDesc>,
+    /// Graph outputs.
+    pub outputs: Vec<ValueDesc>,
+    /// Number of nodes in the main graph.
+    pub nodes: usize,
+    /// Main-graph node counts by op type (`domain::Op` outside the default domain).
+    pub ops: BTreeMap<String, usize>,
+    /// Nodes inside subgraphs (If/Loop/Scan bodies), counted separately.
+    pub subgraph_nodes: usize,
+    /// Number of model-local functions.
+    pub functions: usize,
+    /// Main-graph initializers.
+    pub initializers: InitStats,
+    /// External data files.
+    pub external_data: Vec<ExternalFile>,
+}
+
+/// An opset import.
+#[derive(Debug, Clone, Serialize)]
+pub struct Opset {
+    /// Domain (`""` = ai.onnx).
+    pub domain: String,
+    /// Version.
+    pub version: i64,
+}
+
+/// A graph input or output.
+#[derive(Debug, Clone, Serialize)]
+pub struct ValueDesc {
+    /// Name.
+    pub name: String,
+    /// Element type (`float`, `int64`, …), or `?`.
+    pub dtype: String,
+    /// Dimensions: numbers, symbolic names, or null for unknown. Null shape = unknown rank.
+    pub shape: Option<Vec<serde_json::Value>>,
+}
+
+/// Initializer statistics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InitStats {
+    /// Number of initializers.
+    pub count: usize,
+    /// Total bytes of tensor data.
+    pub bytes: u64,
+    /// Per element type: count and bytes.
+    pub by_dtype: BTreeMap<String, DtypeStats>,
+}
+
+/// Count and bytes of one element type.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DtypeStats {
+    /// Number of tensors.
+    pub count: usize,
+    /// Bytes of data.
+    pub bytes: u64,
+}
+
+/// Describes a value info.
+pub fn describe(v: &ValueInfoProto) -> ValueDesc {
+    let name = v.name.clone().unwrap_or_default();
+    let tensor = v.r#type.as_ref().and_then(|t| match &t.value {
+        Some(type_proto::Value::TensorType(t)) => Some(t),
+        _ => None,
+    });
+    let dtype = tensor
+        .and_then(|t| t.elem_type)
+        .map(dtype::name)
+        .unwrap_or_else(|| "?".into());
+    let shape = tensor.and_then(|t| t.shape.as_ref()).map(|s| {
+        s.dim
+            .iter()
+            .map(|d| match &d.value {
+                Some(DimValue::DimValue(v)) => serde_json::Value::from(*v),
+                Some(DimValue::DimParam(p)) => serde_json::Value::from(p.clone()),
+                None => serde_json::Value::Null,
+            })
+            .collect()
+    });
+    ValueDesc { name, dtype, shape }
+}
+
+/// Summarises a model. Reads only protobuf fields and file sizes, never tensor data.
+pub fn inspect(model: &Model) -> Inspection {
+    let g = &model.graph;
+    let mut ops = BTreeMap::new();
+    let mut subgraph_nodes = 0;
+    for (_, n) in g.nodes() {
+        let op = n.op_type.clone().unwrap_or_default();
+        let key = match n.domain.as_deref() {
+            None | Some("") | Some("ai.onnx") => op,
+            Some(d) => format!("{d}::{op}"),
+        };
+        *ops.entry(key).or_insert(0) += 1;
+        for a in &n.attribute {
+            for sg in a.g.iter().chain(a.graphs.iter()) {
+                subgraph_nodes += count_nodes(sg);
+            }
+        }
+    }
+    let mut initializers = InitStats::default();
+    for i in g.initializers() {
+        let bytes = tensor::declared_bytes(&i.proto).ok().flatten().unwrap_or(0);
+        initializers.count += 1;
+        initializers.bytes += bytes;
+        let e = initializers
+            .by_dtype
+            .entry(dtype::name(i.proto.data_type.unwrap_or(0)))
+            .or_default();
+        e.count += 1;
+        e.bytes += bytes;
+    }
+    Inspection {
+        file: model.path().map(|p| p.display().to_string()).unwrap_or_default(),
+        ir_version: model.ir_version(),
+        producer: model.producer(),
+        opsets: model
+            .opsets()
+            .iter()
+            .map(|o| Opset {
+                domain: o.domain.clone().unwrap_or_default(),
+                version: o.version.unwrap_or(0),
+            })
+            .collect(),
+        inputs: g
+            .inputs()
+            .iter()
+            .filter(|v| g.initializer(v.name.as_deref().unwrap_or("")).is_none())
+            .map(describe)
+            .collect(),
+        outputs: g.outputs().iter().map(describe).collect(),
+        nodes: g.node_count(),
+        ops,
+        subgraph_nodes,
+        functions: model.header().functions.len(),
+        initializers,
+        external_data: model.external_files(),
+    }
+}
+
+fn count_nodes(g: &crate::onnx::proto::GraphProto) -> usize {
+    g.node.len()
+        + g.node
+            .iter()
+            .flat_map(|n| n.attribute.iter())
+            .flat_map(|a| a.g.iter().chain(a.graphs.iter()))
+            .map(count_nodes)
+            .sum::<usize>()
+}
+
+/// Human-readable bytes (`1.5 MiB`).
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn shape_str(v: &ValueDesc) -> String {
+    match &v.shape {
+        None => "?".into(),
+        Some(d) => {
+            let parts: Vec<String> = d
+                .iter()
+                .map(|x| match x {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => "?".into(),
+                    other => other.to_string(),
+                })
+                .collect();
+            format!("[{}]", parts.join(", "))
+        }
+    }
+}
+
+impl Inspection {
+    /// The human-readable report.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "model      {}", self.file);
+        let _ = writeln!(s, "ir_version {}   producer: {}", self.ir_version, self.producer);
+        let opsets: Vec<String> = self
+            .opsets
+            .iter()
+            .map(|o| format!("{}={}", if o.domain.is_empty() { "ai.onnx" } else { &o.domain }, o.version))
+            .collect();
+        let _ = writeln!(s, "opsets     {}", opsets.join(", "));
+        let _ = writeln!(s, "\ninputs");
+        for v in &self.inputs {
+            let _ = writeln!(s, "  {:<32} {:<8} {}", v.name, v.dtype, shape_str(v));
+        }
+        let _ = writeln!(s, "outputs");
+        for v in &self.outputs {
+            let _ = writeln!(s, "  {:<32} {:<8} {}", v.name, v.dtype, shape_str(v));
+        }
+        let _ = writeln!(s, "\nnodes      {} ({} in subgraphs, {} functions)", self.nodes, self.subgraph_nodes, self.functions);
+        let mut ops: Vec<_> = self.ops.iter().collect();
+        ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for (op, n) in ops {
+            let _ = writeln!(s, "  {op:<32} {n:>6}");
+        }
+        let _ = writeln!(
+            s,
+            "\ninitializers {} tensors, {}",
+            self.initializers.count,
+            human_bytes(self.initializers.bytes)
+        );
+        for (d, st) in &self.initializers.by_dtype {
+            let _ = writeln!(s, "  {d:<12} {:>6} tensors {:>12}", st.count, human_bytes(st.bytes));
+        }
+        if !self.external_data.is_empty() {
+            let _ = writeln!(s, "\nexternal data");
+            for f in &self.external_data {
+                let _ = writeln!(s, "  {:<40} {:>12}", f.location, human_bytes(f.bytes));
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,22 @@
+//! smoe-opt: MC-SMoE ("Merge, Then Compress") for Sparse Mixture-of-Experts models,
+//! as an ONNX-to-ONNX compiler pass.
+//!
+//! The library reads ONNX models exactly ([`Model::load`]), exposes the main graph as an
+//! IR mutated only through patches ([`ir::Graph`], [`ir::Patch`]), and writes models
+//! back inline or with external data ([`Model::save`]).
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod fsutil;
+pub mod inspect;
+pub mod ir;
+mod model;
+pub mod onnx;
+pub mod pipeline;
+pub mod progress;
+
+#[path = "../passes/mod.rs"]
+pub mod passes;
+
+pub use error::{Error, Result};
+pub use model::Model;

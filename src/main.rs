@@ -1,0 +1,138 @@
+//! The `smoe-opt` command line.
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use smoe_opt::{inspect, pipeline, Model};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const EXAMPLES: &str = "\
+Examples:
+  smoe-opt model.onnx -o small.onnx            rewrite model.onnx into small.onnx
+  smoe-opt model.onnx -o out.onnx --external-data
+                                               write weights to out.onnx.data
+  smoe-opt inspect model.onnx                  summarise a model
+  smoe-opt inspect model.onnx --json           the same, as JSON for tools
+
+Exit codes: 0 success, 1 failure, 2 usage error.";
+
+/// Merge and compress the experts of Sparse Mixture-of-Experts ONNX models (MC-SMoE).
+#[derive(Parser, Debug)]
+#[command(name = "smoe-opt", version, after_help = EXAMPLES, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only errors on stderr; no progress bars.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// The input ONNX model.
+    #[arg(required = true)]
+    input: Option<PathBuf>,
+    /// Where to write the optimised model (never the input).
+    #[arg(short, long, required = true)]
+    output: Option<PathBuf>,
+    /// Write tensor data to `<output>.data` even below the 2 GiB protobuf limit.
+    #[arg(long)]
+    external_data: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Summarise a model: opsets, inputs/outputs, op counts, initializers, external data.
+    Inspect {
+        /// The ONNX model.
+        input: PathBuf,
+        /// Print JSON (stable schema; see README) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let level = if cli.quiet {
+        log::LevelFilter::Error
+    } else {
+        [log::LevelFilter::Warn, log::LevelFilter::Info, log::LevelFilter::Debug][usize::from(cli.verbose.min(2))]
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .format_target(false)
+        .format_timestamp(None)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let usage = e.downcast_ref::<smoe_opt::Error>().is_some_and(|e| matches!(e, smoe_opt::Error::Usage(_)));
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let progress = !cli.quiet && std::io::stderr().is_terminal();
+    match cli.command {
+        Some(Command::Inspect { input, json }) => {
+            let spin = smoe_opt::progress::spinner(progress, "loading");
+            let model = Model::load(&input)?;
+            spin.finish_and_clear();
+            let info = inspect::inspect(&model);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info).context("serialising JSON")?);
+            } else {
+                print!("{}", info.to_text());
+            }
+            Ok(())
+        }
+        None => {
+            let (Some(input), Some(output)) = (cli.run.input, cli.run.output) else {
+                return Err(smoe_opt::Error::Usage("an input model and -o OUTPUT are required".into()).into());
+            };
+            let opts = pipeline::PipelineOptions {
+                save: smoe_opt::onnx::SaveOptions {
+                    external_data: cli.run.external_data,
+                    progress,
+                },
+            };
+            let report = pipeline::run(&input, &output, &opts)?;
+            log::info!(
+                "wrote {} ({} bytes{})",
+                report.saved.model_path.display(),
+                report.saved.model_bytes,
+                report
+                    .saved
+                    .data_path
+                    .as_ref()
+                    .map(|p| format!(", data {} ({} bytes)", p.display(), report.saved.data_bytes))
+                    .unwrap_or_default()
+            );
+            if !cli.quiet {
+                eprintln!(
+                    "smoe-opt: {} -> {}: {} nodes, {}",
+                    input.display(),
+                    output.display(),
+                    report.nodes_after,
+                    inspect::human_bytes(report.saved.total_bytes())
+                );
+            }
+            Ok(())
+        }
+    }
+}

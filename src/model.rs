@@ -1,0 +1,69 @@
+//! A loaded ONNX model: the model-level proto fields, the main graph as IR, and the
+//! memory-mapped external data it references.
+use crate::ir::Graph;
+use crate::onnx::proto::{ModelProto, OperatorSetIdProto};
+use crate::onnx::{ExternalFile, ExternalStore};
+use std::path::{Path, PathBuf};
+
+/// An ONNX model in memory. Weights stay in the (memory-mapped) files they came from
+/// until a pass replaces them.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Every model-level field except `graph` (opsets, metadata, functions, …), verbatim.
+    pub(crate) proto: ModelProto,
+    /// The main graph.
+    pub graph: Graph,
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) external: ExternalStore,
+}
+
+impl Model {
+    /// The file this model was loaded from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// IR version declared by the file.
+    pub fn ir_version(&self) -> i64 {
+        self.proto.ir_version.unwrap_or(0)
+    }
+
+    /// Opset imports.
+    pub fn opsets(&self) -> &[OperatorSetIdProto] {
+        &self.proto.opset_import
+    }
+
+    /// Version of the default ONNX domain's opset (0 when absent).
+    pub fn default_opset(&self) -> i64 {
+        self.proto
+            .opset_import
+            .iter()
+            .find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
+            .and_then(|o| o.version)
+            .unwrap_or(0)
+    }
+
+    /// `producer_name producer_version`.
+    pub fn producer(&self) -> String {
+        let n = self.proto.producer_name.as_deref().unwrap_or("");
+        let v = self.proto.producer_version.as_deref().unwrap_or("");
+        format!("{n} {v}").trim().to_string()
+    }
+
+    /// The model-level proto without its graph.
+    pub fn header(&self) -> &ModelProto {
+        &self.proto
+    }
+
+    /// External data files referenced by the model.
+    pub fn external_files(&self) -> Vec<ExternalFile> {
+        self.external.files()
+    }
+
+    /// The whole model as a proto (external tensors still reference their files).
+    pub fn to_proto(&self) -> ModelProto {
+        let mut p = self.proto.clone();
+        p.graph = Some(self.graph.to_proto());
+        p
+    }
+}
