@@ -16,6 +16,7 @@ impl AtomicFile {
         let tmp = tempfile::Builder::new()
             .prefix(".smoe-opt-")
             .suffix(".tmp")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .tempfile_in(dir)
             .map_err(|e| Error::io(target, e))?;
         Ok(AtomicFile {
@@ -37,16 +38,26 @@ impl AtomicFile {
     /// Flushes, syncs and renames the file to its target.
     pub fn commit(mut self) -> Result<()> {
         let target = self.target.clone();
-        self.tmp.as_file_mut().flush().map_err(|e| Error::io(&target, e))?;
-        self.tmp.as_file().sync_all().map_err(|e| Error::io(&target, e))?;
-        self.tmp.persist(&target).map_err(|e| Error::io(&target, e.error))?;
+        self.tmp
+            .as_file_mut()
+            .flush()
+            .map_err(|e| Error::io(&target, e))?;
+        self.tmp
+            .as_file()
+            .sync_all()
+            .map_err(|e| Error::io(&target, e))?;
+        self.tmp
+            .persist(&target)
+            .map_err(|e| Error::io(&target, e.error))?;
         Ok(())
     }
 }
 
 /// The folder a file lives in (`.` for bare names).
 pub fn parent_dir(p: &Path) -> &Path {
-    p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    p.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Whether two paths name the same existing file (after resolving symlinks).

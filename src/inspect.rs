@@ -1,6 +1,8 @@
 //! `smoe-opt inspect`: a summary of a model, read without touching tensor data.
 use crate::model::Model;
-use crate::onnx::proto::{tensor_shape_proto::dimension::Value as DimValue, type_proto, ValueInfoProto};
+use crate::onnx::proto::{
+    tensor_shape_proto::dimension::Value as DimValue, type_proto, ValueInfoProto,
+};
 use crate::onnx::{dtype, tensor, ExternalFile};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -130,7 +132,10 @@ pub fn inspect(model: &Model) -> Inspection {
         e.bytes += bytes;
     }
     Inspection {
-        file: model.path().map(|p| p.display().to_string()).unwrap_or_default(),
+        file: model
+            .path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         ir_version: model.ir_version(),
         producer: model.producer(),
         opsets: model
@@ -205,11 +210,25 @@ impl Inspection {
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "model      {}", self.file);
-        let _ = writeln!(s, "ir_version {}   producer: {}", self.ir_version, self.producer);
+        let _ = writeln!(
+            s,
+            "ir_version {}   producer: {}",
+            self.ir_version, self.producer
+        );
         let opsets: Vec<String> = self
             .opsets
             .iter()
-            .map(|o| format!("{}={}", if o.domain.is_empty() { "ai.onnx" } else { &o.domain }, o.version))
+            .map(|o| {
+                format!(
+                    "{}={}",
+                    if o.domain.is_empty() {
+                        "ai.onnx"
+                    } else {
+                        &o.domain
+                    },
+                    o.version
+                )
+            })
             .collect();
         let _ = writeln!(s, "opsets     {}", opsets.join(", "));
         let _ = writeln!(s, "\ninputs");
@@ -220,7 +239,11 @@ impl Inspection {
         for v in &self.outputs {
             let _ = writeln!(s, "  {:<32} {:<8} {}", v.name, v.dtype, shape_str(v));
         }
-        let _ = writeln!(s, "\nnodes      {} ({} in subgraphs, {} functions)", self.nodes, self.subgraph_nodes, self.functions);
+        let _ = writeln!(
+            s,
+            "\nnodes      {} ({} in subgraphs, {} functions)",
+            self.nodes, self.subgraph_nodes, self.functions
+        );
         let mut ops: Vec<_> = self.ops.iter().collect();
         ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         for (op, n) in ops {
@@ -233,7 +256,12 @@ impl Inspection {
             human_bytes(self.initializers.bytes)
         );
         for (d, st) in &self.initializers.by_dtype {
-            let _ = writeln!(s, "  {d:<12} {:>6} tensors {:>12}", st.count, human_bytes(st.bytes));
+            let _ = writeln!(
+                s,
+                "  {d:<12} {:>6} tensors {:>12}",
+                st.count,
+                human_bytes(st.bytes)
+            );
         }
         if !self.external_data.is_empty() {
             let _ = writeln!(s, "\nexternal data");

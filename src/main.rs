@@ -69,7 +69,11 @@ fn main() -> ExitCode {
     let level = if cli.quiet {
         log::LevelFilter::Error
     } else {
-        [log::LevelFilter::Warn, log::LevelFilter::Info, log::LevelFilter::Debug][usize::from(cli.verbose.min(2))]
+        [
+            log::LevelFilter::Warn,
+            log::LevelFilter::Info,
+            log::LevelFilter::Debug,
+        ][usize::from(cli.verbose.min(2))]
     };
     env_logger::Builder::new()
         .filter_level(level)
@@ -80,7 +84,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let usage = e.downcast_ref::<smoe_opt::Error>().is_some_and(|e| matches!(e, smoe_opt::Error::Usage(_)));
+            let usage = e
+                .downcast_ref::<smoe_opt::Error>()
+                .is_some_and(|e| matches!(e, smoe_opt::Error::Usage(_)));
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
@@ -95,7 +101,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             spin.finish_and_clear();
             let info = inspect::inspect(&model);
             if json {
-                println!("{}", serde_json::to_string_pretty(&info).context("serialising JSON")?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info).context("serialising JSON")?
+                );
             } else {
                 print!("{}", info.to_text());
             }
@@ -103,12 +112,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             let (Some(input), Some(output)) = (cli.run.input, cli.run.output) else {
-                return Err(smoe_opt::Error::Usage("an input model and -o OUTPUT are required".into()).into());
+                return Err(smoe_opt::Error::Usage(
+                    "an input model and -o OUTPUT are required".into(),
+                )
+                .into());
             };
             let opts = pipeline::PipelineOptions {
                 save: smoe_opt::onnx::SaveOptions {
                     external_data: cli.run.external_data,
                     progress,
+                    ..Default::default()
                 },
             };
             let report = pipeline::run(&input, &output, &opts)?;

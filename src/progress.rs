@@ -6,9 +6,11 @@ use std::io::IsTerminal;
 pub fn bytes_bar(enabled: bool, total: u64, msg: &'static str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), draw_target(enabled));
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_message(msg);
     bar

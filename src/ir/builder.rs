@@ -1,8 +1,8 @@
 //! A small builder for ONNX models, for tests and for the passes' own emission.
 use crate::onnx::proto::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto,
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
 };
 
 /// A dimension of a declared input/output shape.
@@ -57,7 +57,12 @@ pub fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
         name: Some(name.to_string()),
         dims: dims.to_vec(),
         data_type: Some(DataType::Float as i32),
-        raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()),
+        raw_data: Some(
+            data.iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ),
         ..Default::default()
     }
 }
@@ -68,7 +73,12 @@ pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
         name: Some(name.to_string()),
         dims: dims.to_vec(),
         data_type: Some(DataType::Int64 as i32),
-        raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()),
+        raw_data: Some(
+            data.iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ),
         ..Default::default()
     }
 }
@@ -134,7 +144,13 @@ pub fn attr_graph(name: &str, g: GraphProto) -> AttributeProto {
 }
 
 /// A node.
-pub fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<AttributeProto>) -> NodeProto {
+pub fn node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attrs: Vec<AttributeProto>,
+) -> NodeProto {
     NodeProto {
         op_type: Some(op.to_string()),
         name: Some(name.to_string()),

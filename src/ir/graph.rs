@@ -54,6 +54,9 @@ impl Initializer {
     }
 }
 
+/// Sorted (producer, consumers) lists of a graph, see [`Graph::maps_snapshot`].
+pub type MapsSnapshot = (Vec<(String, NodeId)>, Vec<(String, Vec<NodeId>)>);
+
 /// One ONNX graph as an arena of nodes plus initializers, with use-def maps.
 #[derive(Debug, Clone)]
 pub struct Graph {
@@ -69,7 +72,8 @@ impl Graph {
     /// Builds the IR from a graph proto. `external` gives the resolved bytes of
     /// initializers stored externally (by name).
     pub fn from_proto(mut g: GraphProto, mut external: HashMap<String, Bytes>) -> Result<Graph> {
-        let nodes: Vec<Option<NodeProto>> = std::mem::take(&mut g.node).into_iter().map(Some).collect();
+        let nodes: Vec<Option<NodeProto>> =
+            std::mem::take(&mut g.node).into_iter().map(Some).collect();
         let order = (0..nodes.len() as u32).map(NodeId).collect();
         let mut inits = IndexMap::new();
         for t in std::mem::take(&mut g.initializer) {
@@ -81,7 +85,16 @@ impl Graph {
                 });
             }
             let ext = external.remove(&name);
-            if inits.insert(name.clone(), Initializer { proto: t, external: ext }).is_some() {
+            if inits
+                .insert(
+                    name.clone(),
+                    Initializer {
+                        proto: t,
+                        external: ext,
+                    },
+                )
+                .is_some()
+            {
                 return Err(Error::Graph {
                     node: None,
                     reason: format!("initializer '{name}' is defined twice"),
@@ -167,17 +180,28 @@ impl Graph {
 
     /// Whether `name` is a graph input.
     pub fn is_input(&self, name: &str) -> bool {
-        self.header.input.iter().any(|v| v.name.as_deref() == Some(name))
+        self.header
+            .input
+            .iter()
+            .any(|v| v.name.as_deref() == Some(name))
     }
 
     /// Whether `name` is a graph output.
     pub fn is_output(&self, name: &str) -> bool {
-        self.header.output.iter().any(|v| v.name.as_deref() == Some(name))
+        self.header
+            .output
+            .iter()
+            .any(|v| v.name.as_deref() == Some(name))
     }
 
     /// Values a node reads: its inputs plus outer-scope values its subgraphs capture.
     pub fn node_uses(node: &NodeProto) -> Vec<String> {
-        let mut uses: Vec<String> = node.input.iter().filter(|s| !s.is_empty()).cloned().collect();
+        let mut uses: Vec<String> = node
+            .input
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect();
         for a in &node.attribute {
             for g in a.g.iter().chain(a.graphs.iter()) {
                 for c in captures(g) {
@@ -194,7 +218,9 @@ impl Graph {
         let mut producer = HashMap::new();
         let mut consumers: HashMap<String, Vec<NodeId>> = HashMap::new();
         for &id in &self.order {
-            let Some(n) = self.nodes[id.index()].as_ref() else { continue };
+            let Some(n) = self.nodes[id.index()].as_ref() else {
+                continue;
+            };
             for o in n.output.iter().filter(|o| !o.is_empty()) {
                 producer.entry(o.clone()).or_insert(id);
             }
@@ -209,11 +235,15 @@ impl Graph {
         self.consumers = consumers;
     }
 
-    /// The use-def maps recomputed from scratch (for tests of the incremental API).
+    /// The use-def maps as sorted lists (for tests of the incremental API).
     #[doc(hidden)]
-    pub fn maps_snapshot(&self) -> (Vec<(String, NodeId)>, Vec<(String, Vec<NodeId>)>) {
+    pub fn maps_snapshot(&self) -> MapsSnapshot {
         let mut p: Vec<_> = self.producer.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let mut c: Vec<_> = self.consumers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut c: Vec<_> = self
+            .consumers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         p.sort();
         c.sort();
         (p, c)
@@ -254,7 +284,10 @@ impl Graph {
             }
             for o in n.output.iter().filter(|o| !o.is_empty()) {
                 if !defined.insert(o.as_str()) {
-                    return Err(err(Some(n), format!("value '{o}' is defined more than once")));
+                    return Err(err(
+                        Some(n),
+                        format!("value '{o}' is defined more than once"),
+                    ));
                 }
             }
             if let Some(name) = n.name.as_deref().filter(|s| !s.is_empty()) {
@@ -275,7 +308,11 @@ impl Graph {
 
 /// `name (op_type)` of a node, for messages.
 pub fn node_label(n: &NodeProto) -> String {
-    let name = n.name.as_deref().filter(|s| !s.is_empty()).unwrap_or("<unnamed>");
+    let name = n
+        .name
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("<unnamed>");
     format!("{name} ({})", n.op_type.as_deref().unwrap_or("?"))
 }
 
@@ -284,7 +321,11 @@ fn captures(g: &GraphProto) -> Vec<String> {
     let mut local: HashSet<&str> = HashSet::new();
     local.extend(g.input.iter().filter_map(|v| v.name.as_deref()));
     local.extend(g.initializer.iter().filter_map(|t| t.name.as_deref()));
-    local.extend(g.sparse_initializer.iter().filter_map(|s| s.values.as_ref().and_then(|v| v.name.as_deref())));
+    local.extend(
+        g.sparse_initializer
+            .iter()
+            .filter_map(|s| s.values.as_ref().and_then(|v| v.name.as_deref())),
+    );
     let mut out: Vec<String> = Vec::new();
     for n in &g.node {
         for u in Graph::node_uses(n) {

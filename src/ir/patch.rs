@@ -8,8 +8,8 @@
 use super::graph::{node_label, Graph, Initializer, NodeId};
 use crate::error::{Error, Result};
 use crate::onnx::proto::NodeProto;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 
 /// A labelled, atomic change to a graph.
 #[derive(Debug, Clone, Default)]
@@ -142,7 +142,12 @@ impl Graph {
     /// Re-sorts nodes topologically, keeping the current relative order wherever the
     /// dependencies allow (stable Kahn's algorithm).
     fn toposort(&mut self) -> Result<()> {
-        let pos: HashMap<NodeId, usize> = self.order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        let pos: HashMap<NodeId, usize> = self
+            .order
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (id, i))
+            .collect();
         let mut producer: HashMap<&str, NodeId> = HashMap::new();
         for &id in &self.order {
             let n = self.nodes[id.index()].as_ref().expect("live node");

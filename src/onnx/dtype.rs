@@ -9,7 +9,9 @@ pub fn bits(dtype: i32) -> Option<u64> {
     Some(match d {
         D::Undefined | D::String => return None,
         D::Bool | D::Uint8 | D::Int8 => 8,
-        D::Float8e4m3fn | D::Float8e4m3fnuz | D::Float8e5m2 | D::Float8e5m2fnuz | D::Float8e8m0 => 8,
+        D::Float8e4m3fn | D::Float8e4m3fnuz | D::Float8e5m2 | D::Float8e5m2fnuz | D::Float8e8m0 => {
+            8
+        }
         D::Uint16 | D::Int16 | D::Float16 | D::Bfloat16 => 16,
         D::Int32 | D::Uint32 | D::Float => 32,
         D::Int64 | D::Uint64 | D::Double | D::Complex64 => 64,

@@ -67,7 +67,9 @@ pub fn check_location(location: &str) -> std::result::Result<(), String> {
     if location.split(['/', '\\']).any(|c| c == "..")
         || p.components().any(|c| matches!(c, Component::ParentDir))
     {
-        return Err(format!("location '{location}' escapes the model's folder ('..')"));
+        return Err(format!(
+            "location '{location}' escapes the model's folder ('..')"
+        ));
     }
     Ok(())
 }
@@ -151,7 +153,10 @@ impl ExternalStore {
             (None, Some(d)) => d,
             (None, None) => file_len.saturating_sub(r.offset),
         };
-        let end = r.offset.checked_add(length).ok_or_else(|| err("offset + length overflows".into()))?;
+        let end = r
+            .offset
+            .checked_add(length)
+            .ok_or_else(|| err("offset + length overflows".into()))?;
         if end > file_len {
             return Err(err(format!(
                 "needs bytes {}..{end} of '{}', which has only {file_len} bytes",
@@ -179,7 +184,9 @@ impl ExternalStore {
                 ));
             }
             let f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let meta = f.metadata().map_err(|e| format!("{}: {e}", path.display()))?;
+            let meta = f
+                .metadata()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
             if !meta.is_file() {
                 return Err(format!("{} is not a regular file", path.display()));
             }
@@ -188,7 +195,8 @@ impl ExternalStore {
             } else {
                 // SAFETY: the map is read-only; a file truncated by another process while
                 // mapped would fault, as with every mmap-based ONNX loader. We never write it.
-                let m = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| format!("mmap {}: {e}", path.display()))?;
+                let m = unsafe { memmap2::Mmap::map(&f) }
+                    .map_err(|e| format!("mmap {}: {e}", path.display()))?;
                 Bytes::from_owner(m)
             };
             self.files
@@ -206,7 +214,15 @@ mod tests {
     fn locations() {
         assert!(check_location("model.onnx.data").is_ok());
         assert!(check_location("weights/a.bin").is_ok());
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a\\..\\x", "C:\\x", "\\\\server\\x"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a\\..\\x",
+            "C:\\x",
+            "\\\\server\\x",
+        ] {
             assert!(check_location(bad).is_err(), "{bad} accepted");
         }
     }

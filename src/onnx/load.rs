@@ -28,19 +28,34 @@ impl Model {
         // SAFETY: read-only map of a file we never write; see ExternalStore::map.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
         let bytes = Bytes::from_owner(map);
-        let proto = ModelProto::decode(bytes).map_err(|e| decode_err(path, &format!("protobuf decode failed ({e}); the file is truncated or not an ONNX model")))?;
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let proto = ModelProto::decode(bytes).map_err(|e| {
+            decode_err(
+                path,
+                &format!(
+                    "protobuf decode failed ({e}); the file is truncated or not an ONNX model"
+                ),
+            )
+        })?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         Model::from_proto(proto, dir, Some(path))
     }
 
     /// Builds a model from a decoded proto; external data is resolved relative to `dir`.
     pub fn from_proto(mut proto: ModelProto, dir: &Path, path: Option<&Path>) -> Result<Model> {
         let shown = path.unwrap_or(Path::new("<memory>"));
-        let ir = proto.ir_version.ok_or_else(|| decode_err(shown, "no ir_version: not an ONNX model"))?;
+        let ir = proto
+            .ir_version
+            .ok_or_else(|| decode_err(shown, "no ir_version: not an ONNX model"))?;
         if !(1..=64).contains(&ir) {
             return Err(decode_err(shown, &format!("implausible ir_version {ir}")));
         }
-        let mut graph = proto.graph.take().ok_or_else(|| decode_err(shown, "the model has no graph"))?;
+        let mut graph = proto
+            .graph
+            .take()
+            .ok_or_else(|| decode_err(shown, "the model has no graph"))?;
         if ir >= 3 && proto.opset_import.is_empty() {
             return Err(decode_err(shown, "no opset_import"));
         }
@@ -63,11 +78,15 @@ impl Model {
             nodes_tensors_mut(&mut f.node, &mut check)?;
         }
         for ti in &mut proto.training_info {
-            for g in [ti.initialization.as_mut(), ti.algorithm.as_mut()].into_iter().flatten() {
+            for g in [ti.initialization.as_mut(), ti.algorithm.as_mut()]
+                .into_iter()
+                .flatten()
+            {
                 graph_tensors_mut(g, &mut check)?;
             }
         }
-        let graph = Graph::from_proto(graph, external).map_err(|e| decode_err(shown, &e.to_string()))?;
+        let graph =
+            Graph::from_proto(graph, external).map_err(|e| decode_err(shown, &e.to_string()))?;
         Ok(Model {
             proto,
             graph,
@@ -90,7 +109,9 @@ fn check_inline(path: &Path, t: &TensorProto) -> Result<()> {
             ),
         )),
         (Some(_), _) => Ok(()),
-        (None, Some(_)) if super::tensor::typed_supported(t.data_type.unwrap_or(0)) => inline_bytes(t).map(|_| ()).map_err(wrap),
+        (None, Some(_)) if super::tensor::typed_supported(t.data_type.unwrap_or(0)) => {
+            inline_bytes(t).map(|_| ()).map_err(wrap)
+        }
         _ => Ok(()),
     }
 }

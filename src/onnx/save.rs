@@ -29,6 +29,9 @@ pub struct SaveOptions {
     pub external_data: bool,
     /// Show a progress bar while writing external data.
     pub progress: bool,
+    /// Size above which data goes external automatically; `None` = the 2 GiB protobuf
+    /// limit. (Lowered by tests to exercise the large-model path on small files.)
+    pub inline_limit: Option<u64>,
 }
 
 /// What [`Model::save`] wrote.
@@ -61,18 +64,26 @@ impl Model {
         };
         if let Some(src) = self.path() {
             if same_file(src, out) {
-                return Err(refuse("the output is the input file; choose another output path".into()));
+                return Err(refuse(
+                    "the output is the input file; choose another output path".into(),
+                ));
             }
         }
         if self.external.maps(out) {
-            return Err(refuse("the output is one of the input's external data files".into()));
+            return Err(refuse(
+                "the output is one of the input's external data files".into(),
+            ));
         }
         let mut proto = self.to_proto();
         let external_bytes: u64 = self.external.files().iter().map(|f| f.bytes).sum();
         let estimate = proto.encoded_len() as u64 + external_bytes;
-        let external = opts.external_data || estimate > PROTOBUF_LIMIT;
+        let limit = opts
+            .inline_limit
+            .unwrap_or(PROTOBUF_LIMIT)
+            .min(PROTOBUF_LIMIT);
+        let external = opts.external_data || estimate > limit;
         if external && !opts.external_data {
-            log::info!("model is ~{estimate} bytes, over the 2 GiB protobuf limit: writing external data");
+            log::info!("model is ~{estimate} bytes, over the {limit}-byte inline limit: writing external data");
         }
         if !external {
             let path = self.path.clone().unwrap_or_default();
@@ -89,10 +100,14 @@ impl Model {
             visit_all(&mut proto, &mut inline)?;
             let encoded = proto.encode_to_vec();
             if encoded.len() as u64 > PROTOBUF_LIMIT {
-                return Err(refuse("the model exceeds 2 GiB; use --external-data".into()));
+                return Err(refuse(
+                    "the model exceeds 2 GiB; use --external-data".into(),
+                ));
             }
             let mut f = AtomicFile::create(out)?;
-            f.file().write_all(&encoded).map_err(|e| Error::io(out, e))?;
+            f.file()
+                .write_all(&encoded)
+                .map_err(|e| Error::io(out, e))?;
             f.commit()?;
             return Ok(SaveSummary {
                 model_path: out.to_path_buf(),
@@ -104,7 +119,12 @@ impl Model {
         self.save_external(out, proto, opts)
     }
 
-    fn save_external(&self, out: &Path, mut proto: super::proto::ModelProto, opts: &SaveOptions) -> Result<SaveSummary> {
+    fn save_external(
+        &self,
+        out: &Path,
+        mut proto: super::proto::ModelProto,
+        opts: &SaveOptions,
+    ) -> Result<SaveSummary> {
         let file_name = out
             .file_name()
             .ok_or_else(|| Error::Usage(format!("{}: not a file path", out.display())))?
@@ -115,13 +135,15 @@ impl Model {
         if self.external.maps(&data_path) || self.path().is_some_and(|p| same_file(p, &data_path)) {
             return Err(Error::Write {
                 path: data_path,
-                reason: "would overwrite a file the input model reads; choose another output name".into(),
+                reason: "would overwrite a file the input model reads; choose another output name"
+                    .into(),
             });
         }
         let mut data = AtomicFile::create(&data_path)?;
         let src_path = self.path.clone().unwrap_or_default();
         let mut store = self.external.clone();
-        let total: u64 = self.external.files().iter().map(|f| f.bytes).sum::<u64>() + proto.encoded_len() as u64;
+        let total: u64 =
+            self.external.files().iter().map(|f| f.bytes).sum::<u64>() + proto.encoded_len() as u64;
         let bar = crate::progress::bytes_bar(opts.progress, total, "writing data");
         let data_err = |e: std::io::Error| Error::io(&data_path, e);
         let mut w = BufWriter::with_capacity(8 << 20, data.file().try_clone().map_err(data_err)?);
@@ -129,13 +151,21 @@ impl Model {
         let mut write_tensor = |t: &mut TensorProto| -> Result<()> {
             let bytes: Bytes = if is_external(t) {
                 store.resolve(&src_path, t)?
-            } else if t.raw_data.as_ref().is_some_and(|r| r.len() >= EXTERNAL_THRESHOLD) {
+            } else if t
+                .raw_data
+                .as_ref()
+                .is_some_and(|r| r.len() >= EXTERNAL_THRESHOLD)
+            {
                 inline_bytes(t)?
             } else {
                 return Ok(());
             };
             let len = bytes.len() as u64;
-            let align = if len >= PAGE_ALIGN_THRESHOLD { PAGE_ALIGN } else { 64 };
+            let align = if len >= PAGE_ALIGN_THRESHOLD {
+                PAGE_ALIGN
+            } else {
+                64
+            };
             let pad = offset.next_multiple_of(align) - offset;
             w.write_all(&vec![0u8; pad as usize]).map_err(data_err)?;
             offset += pad;
@@ -161,7 +191,10 @@ impl Model {
         bar.finish_and_clear();
         let encoded = proto.encode_to_vec();
         let mut model = AtomicFile::create(out)?;
-        model.file().write_all(&encoded).map_err(|e| Error::io(out, e))?;
+        model
+            .file()
+            .write_all(&encoded)
+            .map_err(|e| Error::io(out, e))?;
         data.commit()?;
         if let Err(e) = model.commit() {
             let _ = std::fs::remove_file(&data_path);
@@ -176,7 +209,10 @@ impl Model {
     }
 }
 
-fn visit_all(proto: &mut super::proto::ModelProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+fn visit_all(
+    proto: &mut super::proto::ModelProto,
+    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+) -> Result<()> {
     if let Some(g) = proto.graph.as_mut() {
         graph_tensors_mut(g, f)?;
     }
@@ -184,7 +220,10 @@ fn visit_all(proto: &mut super::proto::ModelProto, f: &mut dyn FnMut(&mut Tensor
         nodes_tensors_mut(&mut func.node, f)?;
     }
     for ti in &mut proto.training_info {
-        for g in [ti.initialization.as_mut(), ti.algorithm.as_mut()].into_iter().flatten() {
+        for g in [ti.initialization.as_mut(), ti.algorithm.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             graph_tensors_mut(g, f)?;
         }
     }

@@ -71,8 +71,15 @@ pub fn typed_supported(dtype: i32) -> bool {
     use DataType as D;
     !matches!(
         DataType::try_from(dtype),
-        Err(_) | Ok(D::Undefined | D::String | D::Complex64 | D::Complex128)
-            | Ok(D::Uint4 | D::Int4 | D::Float4e2m1 | D::Uint2 | D::Int2 | D::Float6e2m3 | D::Float6e3m2)
+        Err(_)
+            | Ok(D::Undefined | D::String | D::Complex64 | D::Complex128)
+            | Ok(D::Uint4
+                | D::Int4
+                | D::Float4e2m1
+                | D::Uint2
+                | D::Int2
+                | D::Float6e2m3
+                | D::Float6e3m2)
     )
 }
 
@@ -81,15 +88,30 @@ fn typed_to_raw(t: &TensorProto, dt: i32) -> Result<Bytes, String> {
     let d = DataType::try_from(dt).map_err(|_| format!("unknown data type {dt}"))?;
     let mut out = Vec::new();
     match d {
-        D::Float => t.float_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
-        D::Double => t.double_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
-        D::Int64 => t.int64_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
-        D::Uint64 => t.uint64_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        D::Float => t
+            .float_data
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        D::Double => t
+            .double_data
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        D::Int64 => t
+            .int64_data
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        D::Uint64 => t
+            .uint64_data
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
         D::Uint32 => t
             .uint64_data
             .iter()
             .for_each(|v| out.extend((*v as u32).to_le_bytes())),
-        D::Int32 => t.int32_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        D::Int32 => t
+            .int32_data
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
         D::Int16 | D::Uint16 | D::Float16 | D::Bfloat16 => t
             .int32_data
             .iter()

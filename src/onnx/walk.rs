@@ -4,7 +4,10 @@ use super::proto::{AttributeProto, GraphProto, NodeProto, SparseTensorProto, Ten
 use crate::error::Result;
 
 /// Calls `f` on every tensor inside `nodes` (attributes and subgraphs, recursively).
-pub fn nodes_tensors_mut(nodes: &mut [NodeProto], f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+pub fn nodes_tensors_mut(
+    nodes: &mut [NodeProto],
+    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+) -> Result<()> {
     for n in nodes {
         for a in &mut n.attribute {
             attribute_tensors_mut(a, f)?;
@@ -14,7 +17,10 @@ pub fn nodes_tensors_mut(nodes: &mut [NodeProto], f: &mut dyn FnMut(&mut TensorP
 }
 
 /// Calls `f` on every tensor of a graph, including nested subgraphs.
-pub fn graph_tensors_mut(g: &mut GraphProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+pub fn graph_tensors_mut(
+    g: &mut GraphProto,
+    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+) -> Result<()> {
     for t in &mut g.initializer {
         f(t)?;
     }
@@ -24,7 +30,10 @@ pub fn graph_tensors_mut(g: &mut GraphProto, f: &mut dyn FnMut(&mut TensorProto)
     nodes_tensors_mut(&mut g.node, f)
 }
 
-fn sparse_mut(s: &mut SparseTensorProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+fn sparse_mut(
+    s: &mut SparseTensorProto,
+    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+) -> Result<()> {
     if let Some(v) = s.values.as_mut() {
         f(v)?;
     }
@@ -34,7 +43,10 @@ fn sparse_mut(s: &mut SparseTensorProto, f: &mut dyn FnMut(&mut TensorProto) -> 
     Ok(())
 }
 
-fn attribute_tensors_mut(a: &mut AttributeProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+fn attribute_tensors_mut(
+    a: &mut AttributeProto,
+    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+) -> Result<()> {
     if let Some(t) = a.t.as_mut() {
         f(t)?;
     }

@@ -1,0 +1,382 @@
+"""Builds the committed test models with the real exporters (developers only; CI never runs this).
+
+Every model goes to testdata/models/<name>/ with:
+  model.onnx   (+ model.onnx.data for the external-data model)
+  io.npz       inputs (keys = model input names) and onnxruntime reference outputs (keys = output names)
+  truth.json   what the generator built: form, exporter, per-layer N, top-k, sizes, activation, ... —
+               the ground truth detection tests compare against (never the detector's own output).
+
+Seeded and deterministic. Run through run.sh, once with transformers v4 (--tf 4) and once with v5.
+"""
+import argparse, collections, inspect, json, os, shutil, sys, textwrap, warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import transformers
+
+warnings.filterwarnings("ignore")
+TF_MAJOR = int(transformers.__version__.split(".")[0])
+VOCAB = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Patches that make TorchScript exports faithful (documented in testdata/README.md)
+# ---------------------------------------------------------------------------------------------
+def simple_causal_mask(config=None, input_embeds=None, attention_mask=None, *args, **kw):
+    """Trace-friendly causal+padding mask. HF's vmap-based mask builder bakes the export
+    shape into the graph (or fails to trace); this builds the same additive mask with plain ops."""
+    if input_embeds is None:
+        input_embeds = kw.get("inputs_embeds")
+    s = input_embeds.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    m = causal[None, None] & attention_mask[:, None, None, :].bool()
+    dt = input_embeds.dtype
+    return torch.zeros(m.shape, dtype=dt).masked_fill(~m, torch.finfo(dt).min)
+
+
+def patch_masks(module):
+    for name in ("create_causal_mask", "create_sliding_window_causal_mask"):
+        if hasattr(module, name):
+            setattr(module, name, simple_causal_mask)
+
+
+def patch_expert_loop(cls):
+    """Make the expert loop visit every expert (as transformers <= 4.47 did) instead of only
+    the experts the export input hits: the TorchScript tracer unrolls Python loops, so the
+    unpatched loop silently drops experts and bakes the hit count into a Split."""
+    module = sys.modules[cls.__module__]
+    src = textwrap.dedent(inspect.getsource(cls.forward))
+    new = (src.replace("for expert_idx in expert_hit:", "for expert_idx in range(self.num_experts):")
+              .replace("expert_idx = expert_idx[0]", "pass")
+              .replace("expert_mask[expert_idx].squeeze(0)", "expert_mask[expert_idx]")
+              .replace("for idx in idx_mask:", "for idx in range(num_experts):"))
+    if new == src:
+        assert "for expert_idx in range(self.num_experts)" in src, f"{cls.__name__}: expert loop not found"
+        return  # this version already visits every expert
+    ns = {}
+    exec(compile(new, f"<patched {cls.__name__}.forward>", "exec"), module.__dict__, ns)
+    cls.forward = ns["forward"]
+
+
+class CausalLM(torch.nn.Module):
+    """Fixes the exported signature to (input_ids, attention_mask, position_ids) -> logits."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).logits
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+# ---------------------------------------------------------------------------------------------
+def lm_inputs(batch, seq, seed, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    am = torch.ones(batch, seq, dtype=torch.int64)
+    if pad and batch > 1:
+        am[1, seq - 3:] = 0  # right padding on the second row: calibration must exclude it
+    pos = torch.arange(seq).expand(batch, seq).contiguous()
+    return {"input_ids": ids, "attention_mask": am, "position_ids": pos}
+
+
+def init_weights(model, seed):
+    """Random weights with a realistic spread (HF's init is N(0, 0.02): too small to route)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
+
+
+def export(model, inputs, path, dynamo, dynamic):
+    names = list(inputs)
+    args = tuple(inputs.values())
+    if dynamo:
+        b, s = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=512)
+        shapes = {k: {0: b, 1: s} for k in names}
+        onnx_prog = torch.onnx.export(model, args, input_names=names, output_names=["logits" if "position_ids" in names else "last_hidden_state"],
+                                      dynamic_shapes=tuple(shapes.values()), dynamo=True, opset_version=18)
+        onnx_prog.save(path)
+    else:
+        out = "logits" if "position_ids" in names else "last_hidden_state"
+        axes = {k: {0: "batch", 1: "seq"} for k in names + [out]} if dynamic else None
+        torch.onnx.export(model, args, path, input_names=names, output_names=[out],
+                          dynamic_axes=axes, opset_version=17, dynamo=False)
+
+
+def finish(name, outdir, model, inputs, truth, torch_ref=None, rtol=1e-4):
+    """Checks the export against torch, writes io.npz (onnxruntime reference) and truth.json."""
+    d = os.path.join(outdir, name)
+    path = os.path.join(d, "model.onnx")
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    outs = sess.run(None, feed)
+    if torch_ref is not None:
+        with torch.no_grad():
+            t = torch_ref(**inputs).numpy()
+        err = np.abs(outs[0] - t).max() / (np.abs(t).max() + 1e-9)
+        assert err < rtol, f"{name}: onnxruntime disagrees with torch ({err})"
+    io = dict(feed)
+    for o, v in zip(sess.get_outputs(), outs):
+        io[o.name] = v
+    np.savez(os.path.join(d, "io.npz"), **io)
+    truth = dict(truth, name=name, transformers=transformers.__version__, torch=torch.__version__,
+                 ops=dict(collections.Counter(n.op_type for n in m.graph.node).most_common()))
+    with open(os.path.join(d, "truth.json"), "w") as f:
+        json.dump(truth, f, indent=1, sort_keys=True)
+    print(f"{name}: {os.path.getsize(path)} bytes, {len(m.graph.node)} nodes")
+
+
+def moe_layer_truth(n_layers, n, k, hidden, inter, act, renorm, present=None, shared=None, **extra):
+    layers = []
+    for l in range(n_layers):
+        layers.append(dict(layer=l, experts=n, top_k=k, hidden=hidden, intermediate=inter, activation=act,
+                           renormalize=renorm, router_scoring="softmax",
+                           experts_present=list(range(n)) if present is None else present[l],
+                           shared_experts=shared or 0, **extra))
+    return layers
+
+
+def count_expert_chains(path, n_layers):
+    """Which experts are present per layer, counted from the graph's MatMul weights (TorchScript names)."""
+    m = onnx.load(path)
+    import re
+    present = [set() for _ in range(n_layers)]
+    for n in m.graph.node:
+        mm = re.search(r"layers\.(\d+)/[^/]*/experts\.(\d+)/", n.name)
+        if mm:
+            present[int(mm.group(1))].add(int(mm.group(2)))
+    return [sorted(p) for p in present]
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers v4: per-expert 2-D weights (ModuleList experts), TorchScript exporter
+# ---------------------------------------------------------------------------------------------
+def gen_v4(out):
+    from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
+                              OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, SwitchTransformersConfig,
+                              SwitchTransformersEncoderModel)
+    import transformers.models.mixtral.modeling_mixtral as mx
+    import transformers.models.qwen2_moe.modeling_qwen2_moe as qm
+    import transformers.models.olmoe.modeling_olmoe as om
+    import transformers.models.llama.modeling_llama as lm
+    import transformers.models.switch_transformers.modeling_switch_transformers as sw
+    for mod in (mx, qm, om, lm):
+        patch_masks(mod)
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, attn_implementation="eager", use_cache=False, tie_word_embeddings=False)
+
+    def lm_case(name, cls, cfg, truth, seed, patched=True, export_inputs=None):
+        torch.manual_seed(seed)
+        model = cls(cfg).eval()
+        init_weights(model, seed)
+        w = CausalLM(model).eval()
+        inputs = lm_inputs(2, 16, seed)
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        export(w, export_inputs or inputs, os.path.join(out, name, "model.onnx"), dynamo=False, dynamic=True)
+        return w, inputs
+
+    # Unpatched first: the real behaviour of transformers 4.57 + TorchScript.
+    orig = {c: c.forward for c in (mx.MixtralSparseMoeBlock,)}
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, **common)
+    # (a) export input that hits every expert: graph complete but the hit count is baked into a Split,
+    #     so inputs that miss an expert fail in onnxruntime.
+    w, inputs = lm_case("mixtral_v4_ts_raw", MixtralForCausalLM, cfg, None, 1, patched=False)
+    finish("mixtral_v4_ts_raw", out, w, inputs,
+           dict(form="per-expert", exporter="torchscript", family="mixtral", patched_loop=False,
+                notes="unpatched 4.57 loop: Split over hit experts baked in; breaks on inputs missing an expert",
+                layers=moe_layer_truth(2, 8, 2, 32, 64, "silu", True)), torch_ref=w)
+    # (b) export input of 2 tokens: only the experts those tokens hit are in the graph.
+    small = lm_inputs(1, 2, 7, pad=False)
+    w, _ = lm_case("mixtral_v4_ts_missing", MixtralForCausalLM, cfg, None, 1, patched=False, export_inputs=small)
+    present = count_expert_chains(os.path.join(out, "mixtral_v4_ts_missing", "model.onnx"), 2)
+    assert any(len(p) < 8 for p in present), present
+    finish("mixtral_v4_ts_missing", out, w, small,
+           dict(form="per-expert", exporter="torchscript", family="mixtral", patched_loop=False, broken_export=True,
+                layers=moe_layer_truth(2, 8, 2, 32, 64, "silu", True, present=present)), torch_ref=w)
+
+    for c in (mx.MixtralSparseMoeBlock, qm.Qwen2MoeSparseMoeBlock, om.OlmoeSparseMoeBlock, sw.SwitchTransformersSparseMLP):
+        patch_expert_loop(c)
+
+    w, inputs = lm_case("mixtral_v4_ts", MixtralForCausalLM, cfg, None, 1)
+    finish("mixtral_v4_ts", out, w, inputs,
+           dict(form="per-expert", exporter="torchscript", family="mixtral", patched_loop=True,
+                layers=moe_layer_truth(2, 8, 2, 32, 64, "silu", True)), torch_ref=w)
+
+    qcfg = Qwen2MoeConfig(hidden_size=32, intermediate_size=96, moe_intermediate_size=48,
+                          shared_expert_intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+                          norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], **common)
+    w, inputs = lm_case("qwen2moe_v4_ts", Qwen2MoeForCausalLM, qcfg, None, 2)
+    finish("qwen2moe_v4_ts", out, w, inputs,
+           dict(form="per-expert", exporter="torchscript", family="qwen2_moe", patched_loop=True,
+                layers=moe_layer_truth(2, 8, 2, 32, 48, "silu", False, shared=1, shared_intermediate=96,
+                                       shared_gate="sigmoid")), torch_ref=w)
+
+    ocfg = OlmoeConfig(hidden_size=32, intermediate_size=32, num_experts=16, num_experts_per_tok=4,
+                       norm_topk_prob=False, **common)
+    w, inputs = lm_case("olmoe_v4_ts", OlmoeForCausalLM, ocfg, None, 3)
+    finish("olmoe_v4_ts", out, w, inputs,
+           dict(form="per-expert", exporter="torchscript", family="olmoe", patched_loop=True,
+                layers=moe_layer_truth(2, 16, 4, 32, 32, "silu", False)), torch_ref=w)
+
+    # Switch: top-1 with expert capacity (encoder only; every layer sparse).
+    scfg = SwitchTransformersConfig(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                    num_experts=8, expert_capacity=6, encoder_sparse_step=1, router_jitter_noise=0.0,
+                                    num_decoder_layers=1, decoder_sparse_step=1)
+    torch.manual_seed(4)
+    enc = SwitchTransformersEncoderModel(scfg).eval()
+    init_weights(enc, 4)
+    e = Encoder(enc).eval()
+    inputs = lm_inputs(2, 16, 4)
+    inputs.pop("position_ids")
+    os.makedirs(os.path.join(out, "switch_v4_ts"), exist_ok=True)
+    export(e, inputs, os.path.join(out, "switch_v4_ts", "model.onnx"), dynamo=False, dynamic=True)
+    finish("switch_v4_ts", out, e, inputs,
+           dict(form="per-expert", exporter="torchscript", family="switch", patched_loop=True,
+                layers=moe_layer_truth(2, 8, 1, 32, 64, "relu", False, capacity=6)),
+           torch_ref=e)
+
+    dcfg = LlamaConfig(hidden_size=32, intermediate_size=64, **common)
+    w, inputs = lm_case("dense_llama_v4_ts", LlamaForCausalLM, dcfg, None, 5)
+    finish("dense_llama_v4_ts", out, w, inputs, dict(form="dense", exporter="torchscript", family="llama", layers=[]),
+           torch_ref=w)
+
+    # External data: the patched Mixtral saved with every tensor in model.onnx.data.
+    src = os.path.join(out, "mixtral_v4_ts")
+    dst = os.path.join(out, "mixtral_v4_ts_ext")
+    os.makedirs(dst, exist_ok=True)
+    m = onnx.load(os.path.join(src, "model.onnx"))
+    onnx.save(m, os.path.join(dst, "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    shutil.copy(os.path.join(src, "io.npz"), os.path.join(dst, "io.npz"))
+    t = json.load(open(os.path.join(src, "truth.json")))
+    t.update(name="mixtral_v4_ts_ext", external_data=True)
+    json.dump(t, open(os.path.join(dst, "truth.json"), "w"), indent=1, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers v5: stacked 3-D expert weights
+# ---------------------------------------------------------------------------------------------
+def gen_v5(out):
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    import transformers.models.mixtral.modeling_mixtral as mx
+    import transformers.models.qwen2_moe.modeling_qwen2_moe as qm
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, use_cache=False, tie_word_embeddings=False)
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, **common)
+
+    # Dynamo exporter with the batched_mm experts implementation (Form B).
+    for impl, name in (("batched_mm", "mixtral_v5_dynamo"),):
+        torch.manual_seed(11)
+        model = MixtralForCausalLM(cfg).eval()
+        model.set_attn_implementation("sdpa") if hasattr(model, "set_attn_implementation") else None
+        try:
+            model.set_experts_implementation(impl)
+        except Exception:
+            model.config._experts_implementation = impl
+        init_weights(model, 11)
+        w = CausalLM(model).eval()
+        inputs = lm_inputs(2, 16, 11)
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        export(w, inputs, os.path.join(out, name, "model.onnx"), dynamo=True, dynamic=True)
+        finish(name, out, w, inputs,
+               dict(form="batched-3d", exporter="dynamo", family="mixtral", experts_implementation=impl,
+                    layers=moe_layer_truth(2, 8, 2, 32, 64, "silu", True)), torch_ref=w)
+
+    # TorchScript exporter of the eager 3-D experts, loop patched to visit every expert.
+    patch_masks(mx)
+    patch_masks(qm)
+    patch_expert_loop(mx.MixtralExperts)
+    torch.manual_seed(12)
+    cfg5 = MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2,
+                         attn_implementation="eager", **common)
+    model = MixtralForCausalLM(cfg5).eval()
+    init_weights(model, 12)
+    w = CausalLM(model).eval()
+    inputs = lm_inputs(2, 16, 12)
+    os.makedirs(os.path.join(out, "mixtral_v5_ts"), exist_ok=True)
+    export(w, inputs, os.path.join(out, "mixtral_v5_ts", "model.onnx"), dynamo=False, dynamic=True)
+    finish("mixtral_v5_ts", out, w, inputs,
+           dict(form="per-expert-3d", exporter="torchscript", family="mixtral", patched_loop=True,
+                layers=moe_layer_truth(2, 8, 2, 32, 64, "silu", True)), torch_ref=w)
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime's fused com.microsoft.MoE, built with onnx.helper (as onnxruntime-genai writes it)
+# ---------------------------------------------------------------------------------------------
+def gen_ort_fused(out):
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(21)
+    n, k, h, i = 8, 2, 32, 64
+    wr = (rng.standard_normal((h, n)) / h ** 0.5).astype(np.float32)
+    gate = (rng.standard_normal((n, i, h)) / h ** 0.5).astype(np.float32)
+    up = (rng.standard_normal((n, i, h)) / h ** 0.5).astype(np.float32)
+    down = (rng.standard_normal((n, h, i)) / i ** 0.5).astype(np.float32)
+    fc1 = np.empty((n, 2 * i, h), np.float32)  # swiglu_fusion=1: rows interleaved g0,u0,g1,u1,...
+    fc1[:, 0::2], fc1[:, 1::2] = gate, up
+    nodes = [
+        helper.make_node("MatMul", ["x", "router_w"], ["logits"], name="router"),
+        helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], name="moe", domain="com.microsoft",
+                         k=k, activation_type="swiglu", normalize_routing_weights=1, swiglu_fusion=1,
+                         activation_alpha=1.0, activation_beta=0.0),
+    ]
+    g = helper.make_graph(nodes, "ort_moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", h])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", h])],
+                          [numpy_helper.from_array(wr, "router_w"), numpy_helper.from_array(fc1, "fc1"),
+                           numpy_helper.from_array(down, "fc2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+                          producer_name="gen_models.py (onnx.helper, as onnxruntime-genai)")
+    m.ir_version = 9
+    d = os.path.join(out, "ort_moe_swiglu")
+    os.makedirs(d, exist_ok=True)
+    onnx.save(m, os.path.join(d, "model.onnx"))
+    x = rng.standard_normal((24, h)).astype(np.float32)
+    # numpy reference of the op's semantics (softmax over all N, top-k, renormalise, SwiGLU).
+    logits = x @ wr
+    p = np.exp(logits - logits.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+    top = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+    ref = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        wts = p[t, top[t]] / p[t, top[t]].sum()
+        for e, wt in zip(top[t], wts):
+            g_, u_ = gate[e] @ x[t], up[e] @ x[t]
+            ref[t] += wt * (down[e] @ (g_ / (1 + np.exp(-g_)) * u_))
+    sess = ort.InferenceSession(os.path.join(d, "model.onnx"), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": x})[0]
+    err = np.abs(y - ref).max() / np.abs(ref).max()
+    assert err < 1e-4, f"fused MoE disagrees with numpy: {err}"
+    np.savez(os.path.join(d, "io.npz"), x=x, y=y)
+    json.dump(dict(name="ort_moe_swiglu", form="ort-fused", exporter="onnx.helper", weight_layout="[N,out,in] (ort>=1.23)",
+                   layers=moe_layer_truth(1, n, k, h, i, "swiglu", True, swiglu_fusion=1)),
+              open(os.path.join(d, "truth.json"), "w"), indent=1, sort_keys=True)
+    print(f"ort_moe_swiglu: numpy vs onnxruntime rel err {err:.2e}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tf", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", default=None)
+    a = ap.parse_args()
+    assert TF_MAJOR == a.tf, f"expected transformers v{a.tf}, found {transformers.__version__}"
+    os.makedirs(a.out, exist_ok=True)
+    if a.tf == 4:
+        gen_v4(a.out)
+    else:
+        gen_v5(a.out)
+        gen_ort_fused(a.out)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Regenerates testdata/models/* with the real exporters. Developers only (CI never runs it).
+# Usage: testdata/gen/run.sh [VENV_DIR]   (default /tmp/smoe-gen-venv; keep it outside the repo)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+venv=${1:-/tmp/smoe-gen-venv}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q -r "$here/requirements.txt"
+fi
+if [ ! -d "$venv/tf4/transformers" ]; then
+  "$venv/bin/pip" install -q --no-deps --target "$venv/tf4" -r "$here/requirements-tf4.txt"
+fi
+out="$here/../models"
+PYTHONPATH="$venv/tf4" "$venv/bin/python" "$here/gen_models.py" --tf 4 --out "$out"
+"$venv/bin/python" "$here/gen_models.py" --tf 5 --out "$out"
+du -sh "$out"

@@ -1,0 +1,33 @@
+"""Independent check of a model written by smoe-opt: onnx.checker (full) and onnxruntime outputs
+against the reference outputs in an io.npz. Prints one JSON line; exit 0 when everything holds."""
+import argparse, json, sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("io")
+ap.add_argument("--rtol", type=float, default=1e-5)
+ap.add_argument("--no-checker", action="store_true")
+a = ap.parse_args()
+
+if not a.no_checker:
+    # Path form, so external data is checked too.
+    onnx.checker.check_model(a.model, full_check=True)
+io = np.load(a.io)
+sess = ort.InferenceSession(a.model, providers=["CPUExecutionProvider"])
+feed = {i.name: io[i.name] for i in sess.get_inputs()}
+outs = sess.run(None, feed)
+worst = 0.0
+for o, v in zip(sess.get_outputs(), outs):
+    ref = io[o.name]
+    if ref.shape != v.shape:
+        print(json.dumps({"ok": False, "output": o.name, "reason": f"shape {v.shape} != {ref.shape}"}))
+        sys.exit(1)
+    err = float(np.abs(v.astype(np.float64) - ref).max() / (np.abs(ref).max() + 1e-12))
+    worst = max(worst, err)
+ok = worst <= a.rtol
+print(json.dumps({"ok": ok, "max_rel_err": worst}))
+sys.exit(0 if ok else 1)
