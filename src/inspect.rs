@@ -35,6 +35,83 @@ pub struct Inspection {
     pub initializers: InitStats,
     /// External data files.
     pub external_data: Vec<ExternalFile>,
+    /// Detected MoE blocks, in graph order.
+    pub moe_blocks: Vec<BlockSummary>,
+    /// Problems found while detecting MoE blocks (broken exports, unrecognised routers).
+    pub diagnostics: Vec<String>,
+    /// Selection nodes (TopK/ArgMax/fused ops) that were not recognised, with the reason.
+    pub near_misses: Vec<crate::moe::NearMiss>,
+}
+
+/// One MoE block as `inspect` reports it (stable JSON keys).
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockSummary {
+    /// `moe.<i>`, in graph order.
+    pub name: String,
+    /// Exporter form: `per-expert`, `batched3d`, `ort-fused`.
+    pub form: crate::moe::Form,
+    /// N, the number of experts the router scores.
+    pub experts: usize,
+    /// Indices of the experts present in the graph.
+    pub experts_present: Vec<usize>,
+    /// False when a trace bound chains to experts by position, so indices are unknown.
+    pub experts_identified: bool,
+    /// Experts chosen per token.
+    pub top_k: usize,
+    /// Hidden size H.
+    pub hidden: usize,
+    /// Expert intermediate size I.
+    pub intermediate: usize,
+    /// `swiglu`, `geglu`, `relu`, `gelu`, `gelu-tanh`, `silu`, `identity`.
+    pub activation: String,
+    /// Whether the top-k weights are renormalised.
+    pub renormalize: bool,
+    /// `softmax`, `softmax-after-topk`, `sigmoid`.
+    pub router_scoring: crate::moe::Scoring,
+    /// Whether the router has a bias.
+    pub router_bias: bool,
+    /// Switch capacity (tokens per expert per sequence), or null.
+    pub capacity: Option<usize>,
+    /// Number of shared (always-on) experts.
+    pub shared_experts: usize,
+    /// Whether expert projections carry biases.
+    pub expert_biases: bool,
+    /// Bytes of routed expert weights.
+    pub expert_bytes: u64,
+    /// Block input and output values.
+    pub input: String,
+    /// Block output value.
+    pub output: String,
+    /// Number of graph nodes the block covers.
+    pub nodes: usize,
+}
+
+impl BlockSummary {
+    /// Summarises a block.
+    pub fn new(b: &crate::moe::MoeBlock, identified: bool) -> Self {
+        let first = b.experts.first().map(|e| &e.ffn);
+        BlockSummary {
+            name: b.name.clone(),
+            form: b.form,
+            experts: b.router.num_experts,
+            experts_present: b.present(),
+            experts_identified: identified,
+            top_k: b.router.top_k,
+            hidden: b.hidden(),
+            intermediate: b.intermediate(),
+            activation: first.map(|f| f.activation_name()).unwrap_or_default(),
+            renormalize: b.router.renormalize,
+            router_scoring: b.router.scoring,
+            router_bias: b.router.bias.is_some(),
+            capacity: b.router.capacity,
+            shared_experts: b.shared.len(),
+            expert_biases: first.is_some_and(|f| f.up_bias.is_some() || f.down_bias.is_some()),
+            expert_bytes: b.expert_bytes,
+            input: b.input.clone(),
+            output: b.output.clone(),
+            nodes: b.nodes.len(),
+        }
+    }
 }
 
 /// An opset import.
@@ -104,6 +181,7 @@ pub fn describe(v: &ValueInfoProto) -> ValueDesc {
 /// Summarises a model. Reads only protobuf fields and file sizes, never tensor data.
 pub fn inspect(model: &Model) -> Inspection {
     let g = &model.graph;
+    let det = crate::moe::detect(g);
     let mut ops = BTreeMap::new();
     let mut subgraph_nodes = 0;
     for (_, n) in g.nodes() {
@@ -159,6 +237,14 @@ pub fn inspect(model: &Model) -> Inspection {
         functions: model.header().functions.len(),
         initializers,
         external_data: model.external_files(),
+        moe_blocks: det
+            .blocks
+            .iter()
+            .zip(&det.identified)
+            .map(|(b, &i)| BlockSummary::new(b, i))
+            .collect(),
+        diagnostics: det.diagnostics,
+        near_misses: det.near_misses,
     }
 }
 
@@ -268,6 +354,56 @@ impl Inspection {
             for f in &self.external_data {
                 let _ = writeln!(s, "  {:<40} {:>12}", f.location, human_bytes(f.bytes));
             }
+        }
+        let _ = writeln!(s, "\nMoE blocks: {}", self.moe_blocks.len());
+        if !self.moe_blocks.is_empty() {
+            let _ = writeln!(
+                s,
+                "  {:<7} {:<11} {:>7} {:>5} {:>4} {:>5} {:>5} {:<9} {:<7} {:<8} {:>6} {:>12}",
+                "block", "form", "experts", "top-k", "cap", "H", "I", "act", "renorm", "scoring", "shared", "expert bytes"
+            );
+            for b in &self.moe_blocks {
+                let present = if b.experts_present.len() == b.experts {
+                    format!("{}", b.experts)
+                } else {
+                    format!("{}/{}", b.experts_present.len(), b.experts)
+                };
+                let form = serde_json::to_value(b.form).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+                let scoring = serde_json::to_value(b.router_scoring).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "  {:<7} {:<11} {:>7} {:>5} {:>4} {:>5} {:>5} {:<9} {:<7} {:<8} {:>6} {:>12}",
+                    b.name,
+                    form,
+                    present,
+                    b.top_k,
+                    b.capacity.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                    b.hidden,
+                    b.intermediate,
+                    b.activation,
+                    if b.renormalize { "yes" } else { "no" },
+                    scoring,
+                    b.shared_experts,
+                    human_bytes(b.expert_bytes)
+                );
+            }
+        }
+        if !self.diagnostics.is_empty() {
+            let _ = writeln!(s, "\ndiagnostics");
+            for d in &self.diagnostics {
+                let _ = writeln!(s, "  ! {d}");
+            }
+        }
+        s
+    }
+
+    /// Why each near-miss was rejected (`inspect --explain`).
+    pub fn explain_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "\nnear-misses: {}", self.near_misses.len());
+        for m in &self.near_misses {
+            let kind = if m.moe_like { "MoE-like" } else { "not a router" };
+            let _ = writeln!(s, "  {} [{kind}]: {}", m.node, m.reason);
         }
         s
     }

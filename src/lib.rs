@@ -10,6 +10,7 @@ pub mod error;
 pub mod fsutil;
 pub mod inspect;
 pub mod ir;
+pub mod moe;
 mod model;
 pub mod onnx;
 pub mod pipeline;

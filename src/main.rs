@@ -54,6 +54,9 @@ enum Command {
         /// Print JSON (stable schema; see README) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also print why each TopK/ArgMax/fused op that was not recognised was rejected.
+        #[arg(long)]
+        explain: bool,
     },
 }
 
@@ -95,7 +98,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let progress = !cli.quiet && std::io::stderr().is_terminal();
     match cli.command {
-        Some(Command::Inspect { input, json }) => {
+        Some(Command::Inspect { input, json, explain }) => {
             let spin = smoe_opt::progress::spinner(progress, "loading");
             let model = Model::load(&input)?;
             spin.finish_and_clear();
@@ -107,6 +110,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 print!("{}", info.to_text());
+                if explain {
+                    print!("{}", info.explain_text());
+                }
             }
             Ok(())
         }

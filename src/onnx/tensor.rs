@@ -133,3 +133,28 @@ fn typed_to_raw(t: &TensorProto, dt: i32) -> Result<Bytes, String> {
     }
     Ok(Bytes::from(out))
 }
+
+/// Decodes raw little-endian bytes of a floating-point tensor into f32 values
+/// (`float`, `double`, `float16`, `bfloat16`); `None` for other types.
+pub fn to_f32(dtype: i32, bytes: &[u8]) -> Option<Vec<f32>> {
+    use DataType as D;
+    Some(match DataType::try_from(dtype).ok()? {
+        D::Float => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        D::Double => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        D::Float16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        D::Bfloat16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}

@@ -153,7 +153,8 @@ def moe_layer_truth(n_layers, n, k, hidden, inter, act, renorm, present=None, sh
 
 
 def count_expert_chains(path, n_layers):
-    """Which experts are present per layer, counted from the graph's MatMul weights (TorchScript names)."""
+    """Which experts are present per layer. Ground truth from the exporter's module-path node names
+    (the generator may use names; smoe-opt's detector never does)."""
     m = onnx.load(path)
     import re
     present = [set() for _ in range(n_layers)]
@@ -197,10 +198,11 @@ def gen_v4(out):
     # (a) export input that hits every expert: graph complete but the hit count is baked into a Split,
     #     so inputs that miss an expert fail in onnxruntime.
     w, inputs = lm_case("mixtral_v4_ts_raw", MixtralForCausalLM, cfg, None, 1, patched=False)
+    present = count_expert_chains(os.path.join(out, "mixtral_v4_ts_raw", "model.onnx"), 2)
     finish("mixtral_v4_ts_raw", out, w, inputs,
            dict(form="per-expert", exporter="torchscript", family="mixtral", patched_loop=False,
                 notes="unpatched 4.57 loop: Split over hit experts baked in; breaks on inputs missing an expert",
-                layers=moe_layer_truth(2, 8, 2, 32, 64, "silu", True)), torch_ref=w)
+                layers=moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True, present=present)), torch_ref=w)
     # (b) export input of 2 tokens: only the experts those tokens hit are in the graph.
     small = lm_inputs(1, 2, 7, pad=False)
     w, _ = lm_case("mixtral_v4_ts_missing", MixtralForCausalLM, cfg, None, 1, patched=False, export_inputs=small)
@@ -208,7 +210,7 @@ def gen_v4(out):
     assert any(len(p) < 8 for p in present), present
     finish("mixtral_v4_ts_missing", out, w, small,
            dict(form="per-expert", exporter="torchscript", family="mixtral", patched_loop=False, broken_export=True,
-                layers=moe_layer_truth(2, 8, 2, 32, 64, "silu", True, present=present)), torch_ref=w)
+                layers=moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True, present=present)), torch_ref=w)
 
     for c in (mx.MixtralSparseMoeBlock, qm.Qwen2MoeSparseMoeBlock, om.OlmoeSparseMoeBlock, sw.SwitchTransformersSparseMLP):
         patch_expert_loop(c)
@@ -216,7 +218,7 @@ def gen_v4(out):
     w, inputs = lm_case("mixtral_v4_ts", MixtralForCausalLM, cfg, None, 1)
     finish("mixtral_v4_ts", out, w, inputs,
            dict(form="per-expert", exporter="torchscript", family="mixtral", patched_loop=True,
-                layers=moe_layer_truth(2, 8, 2, 32, 64, "silu", True)), torch_ref=w)
+                layers=moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True)), torch_ref=w)
 
     qcfg = Qwen2MoeConfig(hidden_size=32, intermediate_size=96, moe_intermediate_size=48,
                           shared_expert_intermediate_size=96, num_experts=8, num_experts_per_tok=2,
@@ -224,7 +226,7 @@ def gen_v4(out):
     w, inputs = lm_case("qwen2moe_v4_ts", Qwen2MoeForCausalLM, qcfg, None, 2)
     finish("qwen2moe_v4_ts", out, w, inputs,
            dict(form="per-expert", exporter="torchscript", family="qwen2_moe", patched_loop=True,
-                layers=moe_layer_truth(2, 8, 2, 32, 48, "silu", False, shared=1, shared_intermediate=96,
+                layers=moe_layer_truth(2, 8, 2, 32, 48, "swiglu", False, shared=1, shared_intermediate=96,
                                        shared_gate="sigmoid")), torch_ref=w)
 
     ocfg = OlmoeConfig(hidden_size=32, intermediate_size=32, num_experts=16, num_experts_per_tok=4,
@@ -232,7 +234,7 @@ def gen_v4(out):
     w, inputs = lm_case("olmoe_v4_ts", OlmoeForCausalLM, ocfg, None, 3)
     finish("olmoe_v4_ts", out, w, inputs,
            dict(form="per-expert", exporter="torchscript", family="olmoe", patched_loop=True,
-                layers=moe_layer_truth(2, 16, 4, 32, 32, "silu", False)), torch_ref=w)
+                layers=moe_layer_truth(2, 16, 4, 32, 32, "swiglu", False)), torch_ref=w)
 
     # Switch: top-1 with expert capacity (encoder only; every layer sparse).
     scfg = SwitchTransformersConfig(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -296,7 +298,7 @@ def gen_v5(out):
         export(w, inputs, os.path.join(out, name, "model.onnx"), dynamo=True, dynamic=True)
         finish(name, out, w, inputs,
                dict(form="batched-3d", exporter="dynamo", family="mixtral", experts_implementation=impl,
-                    layers=moe_layer_truth(2, 8, 2, 32, 64, "silu", True)), torch_ref=w)
+                    layers=moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True)), torch_ref=w)
 
     # TorchScript exporter of the eager 3-D experts, loop patched to visit every expert.
     patch_masks(mx)
@@ -313,7 +315,7 @@ def gen_v5(out):
     export(w, inputs, os.path.join(out, "mixtral_v5_ts", "model.onnx"), dynamo=False, dynamic=True)
     finish("mixtral_v5_ts", out, w, inputs,
            dict(form="per-expert-3d", exporter="torchscript", family="mixtral", patched_loop=True,
-                layers=moe_layer_truth(2, 8, 2, 32, 64, "silu", True)), torch_ref=w)
+                layers=moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True)), torch_ref=w)
 
 
 # ---------------------------------------------------------------------------------------------

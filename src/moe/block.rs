@@ -1,0 +1,225 @@
+//! `MoeBlock`: the canonical description of one Mixture-of-Experts block, whatever
+//! exporter form it was found in. Every later pass works on this, never on the raw graph.
+use crate::ir::NodeId;
+use serde::Serialize;
+
+/// The exporter form a block was recognised in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Form {
+    /// One unrolled chain per expert over 2-D weights (TorchScript export of HF experts;
+    /// transformers v5 stacked weights appear here too once the exporter folds the slice).
+    PerExpert,
+    /// Batched experts: stacked 3-D weights gathered by the chosen expert ids (dynamo
+    /// export of transformers v5 `batched_mm`).
+    Batched3d,
+    /// onnxruntime's fused `com.microsoft.MoE`.
+    OrtFused,
+}
+
+/// How router logits become routing scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scoring {
+    /// Softmax over all N logits, then top-k.
+    Softmax,
+    /// Top-k over the logits, then softmax over the k chosen (gpt-oss).
+    SoftmaxAfterTopk,
+    /// Element-wise sigmoid scores (DeepSeek-V3 style).
+    Sigmoid,
+}
+
+/// A matrix in canonical orientation `[out, in]` (as a torch `Linear` weight), read from
+/// a graph tensor: optionally one expert's slice of a stacked 3-D tensor, optionally
+/// transposed, optionally a strided subset of rows (fused gate/up halves).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WeightRef {
+    /// Initializer (or Constant node output) holding the data.
+    pub tensor: String,
+    /// Index into the first axis of a stacked 3-D tensor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert: Option<usize>,
+    /// The stored 2-D matrix is `[in, out]` and must be transposed.
+    pub transpose: bool,
+    /// Rows `start, start+step, …` (count `out`) of the canonical matrix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<RowSel>,
+    /// Canonical shape `[out, in]` (after selection).
+    pub shape: [usize; 2],
+}
+
+/// A strided row selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RowSel {
+    /// First row.
+    pub start: usize,
+    /// Row step (1 = contiguous halves, 2 = interleaved).
+    pub step: usize,
+}
+
+/// A bias vector, possibly one expert's row of a stacked 2-D bias.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BiasRef {
+    /// Tensor holding the data.
+    pub tensor: String,
+    /// Row of a stacked `[N, out]` bias.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert: Option<usize>,
+    /// Strided subset (fused gate/up biases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<RowSel>,
+    /// Length.
+    pub len: usize,
+}
+
+/// Element-wise nonlinearity of an FFN (applied to the gate in gated FFNs).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Act {
+    /// x·sigmoid(x).
+    Silu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// tanh-approximated GELU.
+    GeluTanh,
+    /// max(x, 0).
+    Relu,
+    /// No nonlinearity.
+    Identity,
+}
+
+/// One feed-forward network: plain (`up` → act → `down`) or gated
+/// (act(`gate`)·`up` → `down`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ffn {
+    /// Gate projection `[I, H]` (gated FFNs only).
+    pub gate: Option<WeightRef>,
+    /// Up (or in) projection `[I, H]`.
+    pub up: WeightRef,
+    /// Down (or out) projection `[H, I]`.
+    pub down: WeightRef,
+    /// Bias of the gate projection.
+    pub gate_bias: Option<BiasRef>,
+    /// Bias of the up projection.
+    pub up_bias: Option<BiasRef>,
+    /// Bias of the down projection.
+    pub down_bias: Option<BiasRef>,
+    /// The nonlinearity.
+    pub act: Act,
+}
+
+impl Ffn {
+    /// Intermediate size I.
+    pub fn intermediate(&self) -> usize {
+        self.up.shape[0]
+    }
+
+    /// Hidden size H.
+    pub fn hidden(&self) -> usize {
+        self.up.shape[1]
+    }
+
+    /// The activation as users name it (`swiglu`, `geglu`, `relu`, …).
+    pub fn activation_name(&self) -> String {
+        let a = match self.act {
+            Act::Silu => "silu",
+            Act::Gelu => "gelu",
+            Act::GeluTanh => "gelu-tanh",
+            Act::Relu => "relu",
+            Act::Identity => "identity",
+        };
+        match (self.gate.is_some(), self.act) {
+            (true, Act::Silu) => "swiglu".into(),
+            (true, Act::Gelu | Act::GeluTanh) => "geglu".into(),
+            (true, _) => format!("gated-{a}"),
+            (false, _) => a.into(),
+        }
+    }
+
+    /// Number of weight and bias elements.
+    pub fn params(&self) -> usize {
+        let m = |w: &WeightRef| w.shape[0] * w.shape[1];
+        let b = |b: &Option<BiasRef>| b.as_ref().map_or(0, |b| b.len);
+        self.gate.as_ref().map_or(0, m) + m(&self.up) + m(&self.down) + b(&self.gate_bias) + b(&self.up_bias) + b(&self.down_bias)
+    }
+}
+
+/// The router.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Router {
+    /// Router weight, canonical `[N, H]`.
+    pub weight: WeightRef,
+    /// Router bias `[N]`.
+    pub bias: Option<BiasRef>,
+    /// N, the number of experts the router scores.
+    pub num_experts: usize,
+    /// Experts chosen per token.
+    pub top_k: usize,
+    /// How scores are computed.
+    pub scoring: Scoring,
+    /// Whether the chosen weights are renormalised to sum to 1.
+    pub renormalize: bool,
+    /// Switch-style expert capacity (tokens per expert per sequence), if any.
+    pub capacity: Option<usize>,
+    /// The node producing the router logits.
+    pub logits: String,
+}
+
+/// A routed expert.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Expert {
+    /// Its index in the router's N.
+    pub index: usize,
+    /// Its network.
+    pub ffn: Ffn,
+}
+
+/// A shared (always-on) expert.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SharedExpert {
+    /// Its network.
+    pub ffn: Ffn,
+    /// Sigmoid gate weight `[1, H]`, if the output is scaled by sigmoid(x·g).
+    pub gate: Option<WeightRef>,
+}
+
+/// One detected MoE block.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MoeBlock {
+    /// A readable name (from the router node).
+    pub name: String,
+    /// The exporter form.
+    pub form: Form,
+    /// The block's input value (hidden states).
+    pub input: String,
+    /// The block's output value.
+    pub output: String,
+    /// The router.
+    pub router: Router,
+    /// Routed experts present in the graph, by index.
+    pub experts: Vec<Expert>,
+    /// Shared experts.
+    pub shared: Vec<SharedExpert>,
+    /// Graph nodes the block covers (in graph order).
+    #[serde(skip)]
+    pub nodes: Vec<NodeId>,
+    /// Bytes of routed expert weights.
+    pub expert_bytes: u64,
+}
+
+impl MoeBlock {
+    /// Hidden size H.
+    pub fn hidden(&self) -> usize {
+        self.router.weight.shape[1]
+    }
+
+    /// Expert intermediate size I (of the first present expert).
+    pub fn intermediate(&self) -> usize {
+        self.experts.first().map_or(0, |e| e.ffn.intermediate())
+    }
+
+    /// Indices of the experts present in the graph.
+    pub fn present(&self) -> Vec<usize> {
+        self.experts.iter().map(|e| e.index).collect()
+    }
+}

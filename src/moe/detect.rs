@@ -1,0 +1,224 @@
+//! Finds every MoE block of a graph: one recogniser per form, diagnostics for broken
+//! exports, and the reason every near-miss was rejected.
+use super::block::MoeBlock;
+use super::consts::{const_ints, const_proto};
+use super::view::View;
+use super::{experts, fused, region, router};
+use crate::ir::{node_label, Graph, NodeId};
+use crate::onnx::dtype;
+use serde::Serialize;
+use std::collections::HashSet;
+
+/// A selection node that looked like a router but was not recognised.
+#[derive(Debug, Clone, Serialize)]
+pub struct NearMiss {
+    /// The node (`name (op)`).
+    pub node: String,
+    /// Whether it looked like an MoE router (a TopK/ArgMax over router-MatMul scores).
+    pub moe_like: bool,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
+/// Everything detection found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Detection {
+    /// Recognised blocks, in graph order.
+    pub blocks: Vec<MoeBlock>,
+    /// Problems users must know about (broken exports, unrecognised MoE-like nodes).
+    pub diagnostics: Vec<String>,
+    /// Every rejected candidate with its reason (`inspect --explain`).
+    pub near_misses: Vec<NearMiss>,
+    /// Per block: whether expert indices are known (false when a trace baked them).
+    #[serde(skip)]
+    pub identified: Vec<bool>,
+}
+
+/// Runs every recogniser over `g`.
+pub fn detect(g: &Graph) -> Detection {
+    let v = View::new(g);
+    let mut det = Detection::default();
+    let sels: Vec<NodeId> = g
+        .nodes()
+        .filter(|(_, n)| matches!(n.op_type.as_deref(), Some("TopK" | "ArgMax")))
+        .map(|(id, _)| id)
+        .collect();
+    let stop: HashSet<NodeId> = sels.iter().copied().collect();
+    let mut covered: HashSet<NodeId> = HashSet::new();
+    let candidates: Vec<NodeId> = g
+        .nodes()
+        .filter(|(_, n)| matches!(n.op_type.as_deref(), Some("TopK" | "ArgMax" | "MoE" | "QMoE")))
+        .map(|(id, _)| id)
+        .collect();
+    for id in candidates {
+        if covered.contains(&id) {
+            continue;
+        }
+        let n = v.node(id);
+        let label = node_label(n);
+        let name = format!("moe.{}", det.blocks.len());
+        match (n.op_type.as_deref(), n.domain.as_deref()) {
+            (Some("MoE"), Some("com.microsoft")) => match fused::recognise(&v, id) {
+                Ok((mut block, _layout, notes)) => {
+                    block.name = name;
+                    block.expert_bytes = expert_bytes(g, &block);
+                    for note in notes {
+                        det.diagnostics.push(format!("{}: {note}", block.name));
+                    }
+                    det.identified.push(true);
+                    det.blocks.push(block);
+                }
+                Err(reason) => {
+                    det.diagnostics.push(format!("{label}: com.microsoft.MoE not recognised: {reason}"));
+                    det.near_misses.push(NearMiss {
+                        node: label,
+                        moe_like: true,
+                        reason,
+                    });
+                }
+            },
+            (Some("QMoE"), _) => {
+                det.diagnostics.push(format!("{label}: quantised com.microsoft.QMoE is not supported yet"));
+            }
+            (Some("MoE"), _) => {}
+            _ => {
+                if let Some((block, identified)) = routed_block(&v, id, &stop, name, &mut det) {
+                    covered.extend(block.nodes.iter().copied());
+                    det.identified.push(identified);
+                    det.blocks.push(block);
+                }
+            }
+        }
+    }
+    det.diagnostics.extend(baked_splits(&v));
+    det
+}
+
+/// Recognises the block routed by selection node `sel`; records near-misses and diagnostics.
+fn routed_block(v: &View, sel: NodeId, stop: &HashSet<NodeId>, name: String, det: &mut Detection) -> Option<(MoeBlock, bool)> {
+    let label = node_label(v.node(sel));
+    let found = match router::analyze(v, sel) {
+        Ok(f) => f,
+        Err(reason) => {
+            det.near_misses.push(NearMiss {
+                node: label,
+                moe_like: false,
+                reason,
+            });
+            return None;
+        }
+    };
+    let x = region::block_input(v, &found.x_in).to_string();
+    let result = region::close(v, &x, sel, stop).and_then(|reg| {
+        let ex = experts::extract(v, &reg.nodes, &found, &x)?;
+        Ok((reg, ex))
+    });
+    let (reg, ex) = match result {
+        Ok(r) => r,
+        Err(reason) => {
+            det.diagnostics.push(format!(
+                "{label}: looks like an MoE router ({} experts, top-{}) but the block was not recognised: {reason}",
+                found.router.num_experts, found.router.top_k
+            ));
+            det.near_misses.push(NearMiss {
+                node: label,
+                moe_like: true,
+                reason,
+            });
+            return None;
+        }
+    };
+    let mut block = MoeBlock {
+        name,
+        form: ex.form,
+        input: x,
+        output: reg.output,
+        router: found.router,
+        experts: ex.experts,
+        shared: ex.shared,
+        nodes: reg.nodes,
+        expert_bytes: 0,
+    };
+    block.expert_bytes = expert_bytes(v.g, &block);
+    let n = block.router.num_experts;
+    let present = block.experts.len();
+    let identified = !(ex.specialised && present < n);
+    if present < n {
+        let which = if identified {
+            let p = block.present();
+            format!("experts {:?} are missing", (0..n).filter(|e| !p.contains(e)).collect::<Vec<_>>())
+        } else {
+            "which ones cannot be told: the trace bound each chain to an expert by position".into()
+        };
+        det.diagnostics.push(format!(
+            "{}: the router scores {n} experts but the graph holds only {present}; {which}. A TorchScript trace \
+             unrolls only the experts its example input hit, so this export gives wrong results for tokens routed \
+             to the others: re-export with an input that hits every expert (or a loop over all experts)",
+            block.name
+        ));
+    } else if ex.specialised {
+        det.diagnostics.push(format!(
+            "{}: expert chains are bound to experts through a Split whose sizes were baked in at export \
+             (transformers `for expert_idx in expert_hit` traced by TorchScript): onnxruntime fails on inputs \
+             that do not hit every expert",
+            block.name
+        ));
+    }
+    Some((block, identified))
+}
+
+/// Bytes of the routed experts' weights.
+fn expert_bytes(g: &Graph, b: &MoeBlock) -> u64 {
+    let elem = |t: &str| {
+        const_proto(g, t)
+            .and_then(|p| dtype::bits(p.data_type.unwrap_or(1)))
+            .unwrap_or(32)
+    };
+    b.experts
+        .iter()
+        .map(|e| {
+            let f = &e.ffn;
+            let bits = elem(&f.up.tensor);
+            (f.params() as u64 * bits).div_ceil(8)
+        })
+        .sum()
+}
+
+/// `Split` nodes with constant sizes on the data-dependent axis of a `NonZero` result:
+/// the export works only for inputs with exactly the count seen at export time.
+fn baked_splits(v: &View) -> Vec<String> {
+    let mut out = Vec::new();
+    for (id, n) in v.g.nodes() {
+        if n.op_type.as_deref() != Some("Split") {
+            continue;
+        }
+        let axis = v.attr_int(id, "axis").unwrap_or(0);
+        let sizes = if n.input.len() > 1 && !n.input[1].is_empty() {
+            const_ints(v.g, &n.input[1])
+        } else {
+            v.attr_ints(id, "split").filter(|s| !s.is_empty())
+        };
+        let Some(sizes) = sizes else { continue };
+        // NonZero output is [rank, count]; a Transpose(perm [1,0]) makes it [count, rank].
+        let mut src = n.input[0].as_str();
+        let mut count_axis = 1;
+        while let Some((p, op)) = v.producer(src) {
+            match op {
+                "Transpose" if v.attr_ints(p, "perm").as_deref() == Some(&[1, 0]) => {
+                    count_axis = 1 - count_axis;
+                    src = v.input(p, 0);
+                }
+                "Cast" | "Identity" => src = v.input(p, 0),
+                _ => break,
+            }
+        }
+        if v.producer(src).is_some_and(|(_, op)| op == "NonZero") && axis == count_axis {
+            out.push(format!(
+                "{}: splits a data-dependent NonZero count into fixed sizes {sizes:?} baked in at export; the model \
+                 fails (or computes garbage) on inputs with a different count",
+                node_label(n)
+            ));
+        }
+    }
+    out
+}
