@@ -360,7 +360,18 @@ impl Inspection {
             let _ = writeln!(
                 s,
                 "  {:<7} {:<11} {:>7} {:>5} {:>4} {:>5} {:>5} {:<9} {:<7} {:<8} {:>6} {:>12}",
-                "block", "form", "experts", "top-k", "cap", "H", "I", "act", "renorm", "scoring", "shared", "expert bytes"
+                "block",
+                "form",
+                "experts",
+                "top-k",
+                "cap",
+                "H",
+                "I",
+                "act",
+                "renorm",
+                "scoring",
+                "shared",
+                "expert bytes"
             );
             for b in &self.moe_blocks {
                 let present = if b.experts_present.len() == b.experts {
@@ -368,9 +379,16 @@ impl Inspection {
                 } else {
                     format!("{}/{}", b.experts_present.len(), b.experts)
                 };
-                let form = serde_json::to_value(b.form).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-                let scoring = serde_json::to_value(b.router_scoring).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-                let _ = writeln!(
+                let form = serde_json::to_value(b.form)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                let scoring = serde_json::to_value(b.router_scoring)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                let _ =
+                    writeln!(
                     s,
                     "  {:<7} {:<11} {:>7} {:>5} {:>4} {:>5} {:>5} {:<9} {:<7} {:<8} {:>6} {:>12}",
                     b.name,
@@ -402,7 +420,11 @@ impl Inspection {
         let mut s = String::new();
         let _ = writeln!(s, "\nnear-misses: {}", self.near_misses.len());
         for m in &self.near_misses {
-            let kind = if m.moe_like { "MoE-like" } else { "not a router" };
+            let kind = if m.moe_like {
+                "MoE-like"
+            } else {
+                "not a router"
+            };
             let _ = writeln!(s, "  {} [{kind}]: {}", m.node, m.reason);
         }
         s

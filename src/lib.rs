@@ -6,12 +6,13 @@
 //! back inline or with external data ([`Model::save`]).
 #![warn(missing_docs)]
 
+pub mod emit;
 pub mod error;
 pub mod fsutil;
 pub mod inspect;
 pub mod ir;
-pub mod moe;
 mod model;
+pub mod moe;
 pub mod onnx;
 pub mod pipeline;
 pub mod progress;

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 const EXAMPLES: &str = "\
 Examples:
-  smoe-opt model.onnx -o small.onnx            rewrite model.onnx into small.onnx
+  smoe-opt model.onnx -o out.onnx --method none
+                                               re-emit every MoE block in canonical form
   smoe-opt model.onnx -o out.onnx --external-data
                                                write weights to out.onnx.data
   smoe-opt inspect model.onnx                  summarise a model
@@ -43,6 +44,13 @@ struct RunArgs {
     /// Write tensor data to `<output>.data` even below the 2 GiB protobuf limit.
     #[arg(long)]
     external_data: bool,
+    /// What to do to the MoE blocks: `none` re-emits each in canonical form with the same
+    /// experts (exact). Without --method the model is copied through unchanged.
+    #[arg(long, value_enum)]
+    method: Option<pipeline::Method>,
+    /// Form of re-emitted blocks.
+    #[arg(long, value_enum, default_value_t = smoe_opt::emit::EmitForm::Portable)]
+    emit: smoe_opt::emit::EmitForm,
 }
 
 #[derive(Subcommand, Debug)]
@@ -98,7 +106,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let progress = !cli.quiet && std::io::stderr().is_terminal();
     match cli.command {
-        Some(Command::Inspect { input, json, explain }) => {
+        Some(Command::Inspect {
+            input,
+            json,
+            explain,
+        }) => {
             let spin = smoe_opt::progress::spinner(progress, "loading");
             let model = Model::load(&input)?;
             spin.finish_and_clear();
@@ -129,6 +141,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     progress,
                     ..Default::default()
                 },
+                method: cli.run.method,
+                emit: cli.run.emit,
             };
             let report = pipeline::run(&input, &output, &opts)?;
             log::info!(
@@ -143,10 +157,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_default()
             );
             if !cli.quiet {
+                let rewritten = report.blocks.iter().filter(|b| b.rewritten).count();
                 eprintln!(
-                    "smoe-opt: {} -> {}: {} nodes, {}",
+                    "smoe-opt: {} -> {}: {} MoE blocks detected, {rewritten} rewritten; {} -> {} nodes, {}",
                     input.display(),
                     output.display(),
+                    report.blocks_detected,
+                    report.nodes_before,
                     report.nodes_after,
                     inspect::human_bytes(report.saved.total_bytes())
                 );

@@ -15,7 +15,12 @@ fn truth(dir: &std::path::Path) -> Value {
 fn detection_matches_generator_truth() {
     for (name, dir) in models() {
         let t = truth(&dir);
-        let o = bin().arg("inspect").arg(dir.join("model.onnx")).arg("--json").output().unwrap();
+        let o = bin()
+            .arg("inspect")
+            .arg(dir.join("model.onnx"))
+            .arg("--json")
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{name}");
         let got: Value = serde_json::from_slice(&o.stdout).unwrap();
         let blocks = got["moe_blocks"].as_array().unwrap();
@@ -31,17 +36,32 @@ fn detection_matches_generator_truth() {
         for (b, l) in blocks.iter().zip(layers) {
             let ctx = format!("{name} {}", b["name"]);
             assert_eq!(b["form"], form, "{ctx}");
-            for key in ["experts", "top_k", "hidden", "intermediate", "activation", "renormalize"] {
+            for key in [
+                "experts",
+                "top_k",
+                "hidden",
+                "intermediate",
+                "activation",
+                "renormalize",
+            ] {
                 assert_eq!(b[key], l[key], "{ctx}: {key}");
             }
             assert_eq!(b["router_scoring"], l["router_scoring"], "{ctx}");
             assert_eq!(b["shared_experts"], l["shared_experts"], "{ctx}");
-            assert_eq!(b["capacity"], l.get("capacity").cloned().unwrap_or(Value::Null), "{ctx}");
+            assert_eq!(
+                b["capacity"],
+                l.get("capacity").cloned().unwrap_or(Value::Null),
+                "{ctx}"
+            );
             let truth_present = l["experts_present"].as_array().unwrap();
             if b["experts_identified"] == true {
                 assert_eq!(&b["experts_present"], &l["experts_present"], "{ctx}");
             } else {
-                assert_eq!(b["experts_present"].as_array().unwrap().len(), truth_present.len(), "{ctx}");
+                assert_eq!(
+                    b["experts_present"].as_array().unwrap().len(),
+                    truth_present.len(),
+                    "{ctx}"
+                );
             }
         }
         let diags: Vec<String> = got["diagnostics"]
@@ -53,9 +73,17 @@ fn detection_matches_generator_truth() {
         let missing = layers.iter().any(|l| {
             l["experts_present"].as_array().unwrap().len() < l["experts"].as_u64().unwrap() as usize
         });
-        assert_eq!(diags.iter().any(|d| d.contains("graph holds only")), missing, "{name}: {diags:?}");
+        assert_eq!(
+            diags.iter().any(|d| d.contains("graph holds only")),
+            missing,
+            "{name}: {diags:?}"
+        );
         let baked = t["patched_loop"] == false;
-        assert_eq!(diags.iter().any(|d| d.contains("baked in at export")), baked, "{name}: {diags:?}");
+        assert_eq!(
+            diags.iter().any(|d| d.contains("baked in at export")),
+            baked,
+            "{name}: {diags:?}"
+        );
         if !missing && !baked {
             assert!(diags.is_empty(), "{name}: unexpected diagnostics {diags:?}");
         }

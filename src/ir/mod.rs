@@ -2,6 +2,8 @@
 pub mod builder;
 mod graph;
 mod patch;
+mod prune;
 
 pub use graph::{node_label, Graph, Initializer, NodeId};
 pub use patch::Patch;
+pub use prune::prune;

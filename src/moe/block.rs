@@ -140,7 +140,12 @@ impl Ffn {
     pub fn params(&self) -> usize {
         let m = |w: &WeightRef| w.shape[0] * w.shape[1];
         let b = |b: &Option<BiasRef>| b.as_ref().map_or(0, |b| b.len);
-        self.gate.as_ref().map_or(0, m) + m(&self.up) + m(&self.down) + b(&self.gate_bias) + b(&self.up_bias) + b(&self.down_bias)
+        self.gate.as_ref().map_or(0, m)
+            + m(&self.up)
+            + m(&self.down)
+            + b(&self.gate_bias)
+            + b(&self.up_bias)
+            + b(&self.down_bias)
     }
 }
 

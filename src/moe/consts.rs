@@ -13,7 +13,10 @@ pub fn const_proto<'g>(g: &'g Graph, value: &str) -> Option<&'g TensorProto> {
     if n.op_type.as_deref() != Some("Constant") {
         return None;
     }
-    n.attribute.iter().find(|a| a.name.as_deref() == Some("value")).and_then(|a| a.t.as_ref())
+    n.attribute
+        .iter()
+        .find(|a| a.name.as_deref() == Some("value"))
+        .and_then(|a| a.t.as_ref())
 }
 
 /// Whether `value` is a constant (initializer or `Constant` node output).
@@ -53,8 +56,16 @@ pub fn const_ints(g: &Graph, value: &str) -> Option<Vec<i64>> {
             None => inline_bytes(t).ok()?,
         };
         return match DataType::try_from(t.data_type?).ok()? {
-            DataType::Int64 => Some(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
-            DataType::Int32 => Some(b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
+            DataType::Int64 => Some(
+                b.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            DataType::Int32 => Some(
+                b.chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect(),
+            ),
             DataType::Bool | DataType::Uint8 => Some(b.iter().map(|&x| x as i64).collect()),
             _ => None,
         };

@@ -47,7 +47,12 @@ pub fn detect(g: &Graph) -> Detection {
     let mut covered: HashSet<NodeId> = HashSet::new();
     let candidates: Vec<NodeId> = g
         .nodes()
-        .filter(|(_, n)| matches!(n.op_type.as_deref(), Some("TopK" | "ArgMax" | "MoE" | "QMoE")))
+        .filter(|(_, n)| {
+            matches!(
+                n.op_type.as_deref(),
+                Some("TopK" | "ArgMax" | "MoE" | "QMoE")
+            )
+        })
         .map(|(id, _)| id)
         .collect();
     for id in candidates {
@@ -69,7 +74,9 @@ pub fn detect(g: &Graph) -> Detection {
                     det.blocks.push(block);
                 }
                 Err(reason) => {
-                    det.diagnostics.push(format!("{label}: com.microsoft.MoE not recognised: {reason}"));
+                    det.diagnostics.push(format!(
+                        "{label}: com.microsoft.MoE not recognised: {reason}"
+                    ));
                     det.near_misses.push(NearMiss {
                         node: label,
                         moe_like: true,
@@ -78,7 +85,9 @@ pub fn detect(g: &Graph) -> Detection {
                 }
             },
             (Some("QMoE"), _) => {
-                det.diagnostics.push(format!("{label}: quantised com.microsoft.QMoE is not supported yet"));
+                det.diagnostics.push(format!(
+                    "{label}: quantised com.microsoft.QMoE is not supported yet"
+                ));
             }
             (Some("MoE"), _) => {}
             _ => {
@@ -95,7 +104,13 @@ pub fn detect(g: &Graph) -> Detection {
 }
 
 /// Recognises the block routed by selection node `sel`; records near-misses and diagnostics.
-fn routed_block(v: &View, sel: NodeId, stop: &HashSet<NodeId>, name: String, det: &mut Detection) -> Option<(MoeBlock, bool)> {
+fn routed_block(
+    v: &View,
+    sel: NodeId,
+    stop: &HashSet<NodeId>,
+    name: String,
+    det: &mut Detection,
+) -> Option<(MoeBlock, bool)> {
     let label = node_label(v.node(sel));
     let found = match router::analyze(v, sel) {
         Ok(f) => f,
@@ -146,7 +161,10 @@ fn routed_block(v: &View, sel: NodeId, stop: &HashSet<NodeId>, name: String, det
     if present < n {
         let which = if identified {
             let p = block.present();
-            format!("experts {:?} are missing", (0..n).filter(|e| !p.contains(e)).collect::<Vec<_>>())
+            format!(
+                "experts {:?} are missing",
+                (0..n).filter(|e| !p.contains(e)).collect::<Vec<_>>()
+            )
         } else {
             "which ones cannot be told: the trace bound each chain to an expert by position".into()
         };

@@ -37,7 +37,10 @@ struct Linear {
 pub fn extract(v: &View, region: &[NodeId], r: &FoundRouter, x: &str) -> Result<Extracted, String> {
     let within: HashSet<NodeId> = region.iter().copied().collect();
     let sel_cone = v.forward_cone(&[r.indices.as_str()], Some(&within));
-    let mut sel_values: HashSet<&str> = sel_cone.iter().flat_map(|&id| v.node(id).output.iter().map(String::as_str)).collect();
+    let mut sel_values: HashSet<&str> = sel_cone
+        .iter()
+        .flat_map(|&id| v.node(id).output.iter().map(String::as_str))
+        .collect();
     sel_values.insert(r.indices.as_str());
     let n = r.router.num_experts;
 
@@ -78,7 +81,10 @@ pub fn extract(v: &View, region: &[NodeId], r: &FoundRouter, x: &str) -> Result<
                 }
                 // Part of a batched expert computation (e.g. a reshape matmul); ignore.
             }
-            (1, _) => by_expert.entry(*ids.iter().next().unwrap()).or_default().push(l),
+            (1, _) => by_expert
+                .entry(*ids.iter().next().unwrap())
+                .or_default()
+                .push(l),
             _ => {
                 let mut e: Vec<_> = ids.into_iter().collect();
                 e.sort();
@@ -114,7 +120,9 @@ pub fn extract(v: &View, region: &[NodeId], r: &FoundRouter, x: &str) -> Result<
     let mut experts = Vec::new();
     for (e, uses) in by_expert {
         if e >= n {
-            return Err(format!("expert index {e} is outside the router's {n} experts"));
+            return Err(format!(
+                "expert index {e} is outside the router's {n} experts"
+            ));
         }
         let ffn = ffn_from(v, &within, &uses).map_err(|m| format!("expert {e}: {m}"))?;
         experts.push(Expert { index: e, ffn });
@@ -122,7 +130,10 @@ pub fn extract(v: &View, region: &[NodeId], r: &FoundRouter, x: &str) -> Result<
     let first = &experts[0].ffn;
     for e in &experts {
         if e.ffn.hidden() != first.hidden() || e.ffn.activation_name() != first.activation_name() {
-            return Err(format!("expert {} differs in shape or activation from expert {}", e.index, experts[0].index));
+            return Err(format!(
+                "expert {} differs in shape or activation from expert {}",
+                e.index, experts[0].index
+            ));
         }
     }
     Ok(Extracted {
@@ -148,7 +159,11 @@ fn linear_2d(v: &View, id: NodeId) -> Option<Linear> {
         return None;
     }
     let trans_b = gemm && v.attr_int(id, "transB") == Some(1);
-    let (out, inp) = if trans_b { (dims[0], dims[1]) } else { (dims[1], dims[0]) };
+    let (out, inp) = if trans_b {
+        (dims[0], dims[1])
+    } else {
+        (dims[1], dims[0])
+    };
     let mut l = Linear {
         node: id,
         data: data.to_string(),
@@ -182,9 +197,16 @@ fn attach_bias(v: &View, l: &mut Linear) {
         return;
     }
     let add = cons[0];
-    let other = if v.input(add, 0) == l.out { v.input(add, 1) } else { v.input(add, 0) };
+    let other = if v.input(add, 0) == l.out {
+        v.input(add, 1)
+    } else {
+        v.input(add, 0)
+    };
     let dims = const_dims(v.g, other).unwrap_or_default();
-    if is_const(v.g, other) && dims.last().copied() == Some(l.w.shape[0] as i64) && dims.iter().product::<i64>() == l.w.shape[0] as i64 {
+    if is_const(v.g, other)
+        && dims.last().copied() == Some(l.w.shape[0] as i64)
+        && dims.iter().product::<i64>() == l.w.shape[0] as i64
+    {
         l.bias = Some(BiasRef {
             tensor: other.to_string(),
             expert: None,
@@ -197,10 +219,17 @@ fn attach_bias(v: &View, l: &mut Linear) {
 
 /// A batched MatMul one of whose operands is Gather/GatherND of a stacked `[N, a, b]`
 /// constant by routed expert ids.
-fn linear_3d(v: &View, id: NodeId, sel: &HashSet<&str>, n: usize) -> Result<Option<Linear>, String> {
+fn linear_3d(
+    v: &View,
+    id: NodeId,
+    sel: &HashSet<&str>,
+    n: usize,
+) -> Result<Option<Linear>, String> {
     for side in 0..2 {
         let operand = v.skip_back(v.input(id, side), &["Cast", "Identity"]);
-        let Some((g, op)) = v.producer(operand) else { continue };
+        let Some((g, op)) = v.producer(operand) else {
+            continue;
+        };
         if !matches!(op, "Gather" | "GatherND") {
             continue;
         }
@@ -213,11 +242,18 @@ fn linear_3d(v: &View, id: NodeId, sel: &HashSet<&str>, n: usize) -> Result<Opti
             continue;
         }
         if dims[0] as usize != n {
-            return Err(format!("stacked expert weight '{w}' has {} experts, the router {n}", dims[0]));
+            return Err(format!(
+                "stacked expert weight '{w}' has {} experts, the router {n}",
+                dims[0]
+            ));
         }
         let (a, b) = (dims[1] as usize, dims[2] as usize);
         // Weight on the left: W[e] (a×b) · x → out a: canonical [a, b]. On the right: x · W[e] → [b, a].
-        let (shape, transpose) = if side == 0 { ([a, b], false) } else { ([b, a], true) };
+        let (shape, transpose) = if side == 0 {
+            ([a, b], false)
+        } else {
+            ([b, a], true)
+        };
         return Ok(Some(Linear {
             node: id,
             data: v.input(id, 1 - side).to_string(),
@@ -264,7 +300,9 @@ fn expert_index(v: &View, a: NodeId, sel: &HashSet<&str>) -> Option<(usize, bool
             if !sel.contains(ids) {
                 return None;
             }
-            const_scalar_int(v.g, c).and_then(|e| usize::try_from(e).ok()).map(|e| (e, false))
+            const_scalar_int(v.g, c)
+                .and_then(|e| usize::try_from(e).ok())
+                .map(|e| (e, false))
         }
         _ => None,
     }
@@ -279,7 +317,17 @@ fn path_ops<'g>(v: &View<'g>, within: &HashSet<NodeId>, from: &str, to: &str) ->
     ops
 }
 
-const NONLINEAR: &[&str] = &["Relu", "Erf", "Tanh", "Sigmoid", "Gelu", "Silu", "Swish", "HardSigmoid", "Softplus"];
+const NONLINEAR: &[&str] = &[
+    "Relu",
+    "Erf",
+    "Tanh",
+    "Sigmoid",
+    "Gelu",
+    "Silu",
+    "Swish",
+    "HardSigmoid",
+    "Softplus",
+];
 
 fn nonlinear(ops: &[&str]) -> bool {
     ops.iter().any(|o| NONLINEAR.contains(o))
@@ -297,8 +345,13 @@ fn classify(v: &View, within: &HashSet<NodeId>, from: &str, ops: &[&str]) -> Res
         return Ok(Act::GeluTanh);
     }
     if has("Gelu") {
-        let g = v.forward_cone(&[from], Some(within)).into_iter().find(|&id| v.op(id) == "Gelu");
-        let tanh = g.and_then(|g| v.attr_str(g, "approximate")).is_some_and(|a| a == "tanh");
+        let g = v
+            .forward_cone(&[from], Some(within))
+            .into_iter()
+            .find(|&id| v.op(id) == "Gelu");
+        let tanh = g
+            .and_then(|g| v.attr_str(g, "approximate"))
+            .is_some_and(|a| a == "tanh");
         return Ok(if tanh { Act::GeluTanh } else { Act::Gelu });
     }
     if has("Silu") || has("Swish") {
@@ -315,7 +368,10 @@ fn classify(v: &View, within: &HashSet<NodeId>, from: &str, ops: &[&str]) -> Res
         if sin == v.skip_back(from, &["Cast", "Identity"]) || sin == from {
             return Ok(Act::Silu);
         }
-        return Err("sigmoid-based activation with a scaled input (e.g. x·σ(1.702x)) is not supported yet".into());
+        return Err(
+            "sigmoid-based activation with a scaled input (e.g. x·σ(1.702x)) is not supported yet"
+                .into(),
+        );
     }
     if nonlinear(ops) {
         return Err(format!("unsupported activation ops {ops:?}"));
@@ -337,7 +393,10 @@ fn ffn_from(v: &View, within: &HashSet<NodeId>, uses: &[Linear]) -> Result<Ffn, 
         }
     }
     let [down] = down.as_slice() else {
-        return Err(format!("expected one down projection, found {}", down.len()));
+        return Err(format!(
+            "expected one down projection, found {}",
+            down.len()
+        ));
     };
     let inter = down.w.shape[1];
     match first.as_slice() {
@@ -387,7 +446,9 @@ fn ffn_from(v: &View, within: &HashSet<NodeId>, uses: &[Linear]) -> Result<Ffn, 
                 }
             }
             let (Some((gsel, act)), Some(usel)) = (gate, up) else {
-                return Err("cannot tell the gate half from the up half of the fused projection".into());
+                return Err(
+                    "cannot tell the gate half from the up half of the fused projection".into(),
+                );
             };
             let pick = |sel: RowSel| WeightRef {
                 rows: Some(sel),
@@ -411,7 +472,10 @@ fn ffn_from(v: &View, within: &HashSet<NodeId>, uses: &[Linear]) -> Result<Ffn, 
                 down_bias: down.bias.clone(),
             })
         }
-        _ => Err(format!("{} first-layer projections of unexpected widths", first.len())),
+        _ => Err(format!(
+            "{} first-layer projections of unexpected widths",
+            first.len()
+        )),
     }
 }
 
@@ -429,16 +493,35 @@ fn halves(v: &View, value: &str, inter: usize) -> Result<Vec<(String, RowSel)>, 
                         return Err("fused projection split into more than two parts".into());
                     }
                     out.push((outs[0].clone(), RowSel { start: 0, step: 1 }));
-                    out.push((outs[1].clone(), RowSel { start: inter, step: 1 }));
+                    out.push((
+                        outs[1].clone(),
+                        RowSel {
+                            start: inter,
+                            step: 1,
+                        },
+                    ));
                 }
                 "Slice" => {
-                    let step = if v.input(c, 4).is_empty() { Some(1) } else { const_scalar_int(v.g, v.input(c, 4)) };
+                    let step = if v.input(c, 4).is_empty() {
+                        Some(1)
+                    } else {
+                        const_scalar_int(v.g, v.input(c, 4))
+                    };
                     let start = const_scalar_int(v.g, v.input(c, 1));
                     let sel = match (start, step) {
                         (Some(0), Some(1)) => RowSel { start: 0, step: 1 },
-                        (Some(s), Some(1)) if s as usize == inter => RowSel { start: inter, step: 1 },
-                        (None, Some(1)) => RowSel { start: inter, step: 1 },
-                        (Some(s @ (0 | 1)), Some(2)) => RowSel { start: s as usize, step: 2 },
+                        (Some(s), Some(1)) if s as usize == inter => RowSel {
+                            start: inter,
+                            step: 1,
+                        },
+                        (None, Some(1)) => RowSel {
+                            start: inter,
+                            step: 1,
+                        },
+                        (Some(s @ (0 | 1)), Some(2)) => RowSel {
+                            start: s as usize,
+                            step: 2,
+                        },
                         _ => return Err("unrecognised slice of the fused projection".into()),
                     };
                     out.push((v.output(c, 0).to_string(), sel));
@@ -449,7 +532,10 @@ fn halves(v: &View, value: &str, inter: usize) -> Result<Vec<(String, RowSel)>, 
         }
     }
     if out.len() != 2 || out[0].1 == out[1].1 {
-        return Err(format!("fused gate/up projection: found {} distinct halves", out.len()));
+        return Err(format!(
+            "fused gate/up projection: found {} distinct halves",
+            out.len()
+        ));
     }
     Ok(out)
 }
@@ -478,7 +564,11 @@ fn with_expert(t: &Ffn, e: usize) -> Ffn {
 
 /// Shared experts: linear layers reading the block input directly; a `[1, H]` projection
 /// followed by Sigmoid is the shared expert's gate.
-fn shared_experts(v: &View, within: &HashSet<NodeId>, uses: Vec<Linear>) -> Result<Vec<SharedExpert>, String> {
+fn shared_experts(
+    v: &View,
+    within: &HashSet<NodeId>,
+    uses: Vec<Linear>,
+) -> Result<Vec<SharedExpert>, String> {
     if uses.is_empty() {
         return Ok(vec![]);
     }

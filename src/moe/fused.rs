@@ -3,7 +3,7 @@
 //! The op takes router LOGITS (it applies softmax over all N itself), fc1/fc2(/fc3)
 //! weights stacked `[N, out, in]` (onnxruntime ≥ 1.23) or `[N, in, out]` (1.18–1.22). The
 //! layout is told from the hidden size the router's MatMul fixes.
-use super::block::{Act, BiasRef, Expert, Ffn, Form, MoeBlock, RowSel, Router, Scoring, WeightRef};
+use super::block::{Act, BiasRef, Expert, Ffn, Form, MoeBlock, Router, RowSel, Scoring, WeightRef};
 use super::consts::{const_dims, is_const};
 use super::view::View;
 use crate::ir::NodeId;
@@ -23,16 +23,26 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
     let mut notes = Vec::new();
     let x = v.input(id, 0);
     let logits = v.input(id, 1);
-    let (mm, op) = v.producer(v.skip_back(logits, &["Cast", "Identity"])).ok_or("router logits are a graph input")?;
+    let (mm, op) = v
+        .producer(v.skip_back(logits, &["Cast", "Identity"]))
+        .ok_or("router logits are a graph input")?;
     if op != "MatMul" && op != "Gemm" {
         return Err(format!("router logits come from {op}, not a MatMul"));
     }
     let wr = v.input(mm, 1);
-    let rd = const_dims(v.g, wr).filter(|d| d.len() == 2 && is_const(v.g, wr)).ok_or("router weight is not a constant matrix")?;
+    let rd = const_dims(v.g, wr)
+        .filter(|d| d.len() == 2 && is_const(v.g, wr))
+        .ok_or("router weight is not a constant matrix")?;
     let trans_b = op == "Gemm" && v.attr_int(mm, "transB") == Some(1);
-    let (n, h) = if trans_b { (rd[0] as usize, rd[1] as usize) } else { (rd[1] as usize, rd[0] as usize) };
+    let (n, h) = if trans_b {
+        (rd[0] as usize, rd[1] as usize)
+    } else {
+        (rd[1] as usize, rd[0] as usize)
+    };
     let k = v.attr_int(id, "k").unwrap_or(1) as usize;
-    let act_name = v.attr_str(id, "activation_type").unwrap_or_else(|| "relu".into());
+    let act_name = v
+        .attr_str(id, "activation_type")
+        .unwrap_or_else(|| "relu".into());
     let fusion = v.attr_int(id, "swiglu_fusion").unwrap_or(0);
     let alpha = v.attr_float(id, "activation_alpha").unwrap_or(1.0);
     let beta = v.attr_float(id, "activation_beta").unwrap_or(0.0);
@@ -44,7 +54,9 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
         if t.is_empty() {
             return Ok(None);
         }
-        let d = const_dims(v.g, t).filter(|_| is_const(v.g, t)).ok_or(format!("input {i} ('{t}') is not a constant"))?;
+        let d = const_dims(v.g, t)
+            .filter(|_| is_const(v.g, t))
+            .ok_or(format!("input {i} ('{t}') is not a constant"))?;
         Ok(Some((t.to_string(), d)))
     };
     let (fc1, d1) = fc(2)?.ok_or("no fc1 weights")?;
@@ -55,7 +67,10 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
     }
     let layout = if d1[2] as usize == h && d2[1] as usize == h {
         if d1[1] as usize == h {
-            notes.push("weight layout ambiguous (square); assuming [N, out, in] (onnxruntime >= 1.23)".into());
+            notes.push(
+                "weight layout ambiguous (square); assuming [N, out, in] (onnxruntime >= 1.23)"
+                    .into(),
+            );
         }
         Layout::OutIn
     } else if d1[1] as usize == h && d2[2] as usize == h {
@@ -67,14 +82,26 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
     let transpose = layout == Layout::InOut;
     let fc1_out = if transpose { d1[2] } else { d1[1] } as usize;
     let gated = act_name == "swiglu";
-    let inter = if gated && fusion != 0 { fc1_out / 2 } else { fc1_out };
+    let inter = if gated && fusion != 0 {
+        fc1_out / 2
+    } else {
+        fc1_out
+    };
     let (gate_sel, up_sel) = match fusion {
         1 => (RowSel { start: 0, step: 2 }, RowSel { start: 1, step: 2 }),
-        2 => (RowSel { start: 0, step: 1 }, RowSel { start: inter, step: 1 }),
+        2 => (
+            RowSel { start: 0, step: 1 },
+            RowSel {
+                start: inter,
+                step: 1,
+            },
+        ),
         _ => (RowSel { start: 0, step: 1 }, RowSel { start: 0, step: 1 }),
     };
     if gated && (alpha != 1.0 || beta != 0.0 || v.attr_float(id, "swiglu_limit").is_some()) {
-        return Err(format!("SwiGLU variant alpha={alpha} beta={beta} with limit is not supported yet"));
+        return Err(format!(
+            "SwiGLU variant alpha={alpha} beta={beta} with limit is not supported yet"
+        ));
     }
     let act = match act_name.as_str() {
         "relu" => Act::Relu,
@@ -104,7 +131,12 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
     for e in 0..n {
         let (gate, up, gate_bias, up_bias) = if gated && fusion == 0 {
             let (f3, _) = fc3.clone().ok_or("swiglu without fusion needs fc3")?;
-            (Some(wref(&fc1, e, None, inter, h)), wref(&f3, e, None, inter, h), bias(3, e, None, inter), bias(7, e, None, inter))
+            (
+                Some(wref(&fc1, e, None, inter, h)),
+                wref(&f3, e, None, inter, h),
+                bias(3, e, None, inter),
+                bias(7, e, None, inter),
+            )
         } else if gated {
             (
                 Some(wref(&fc1, e, Some(gate_sel), inter, h)),
@@ -113,7 +145,12 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
                 bias(3, e, Some(up_sel), inter),
             )
         } else {
-            (None, wref(&fc1, e, None, inter, h), None, bias(3, e, None, inter))
+            (
+                None,
+                wref(&fc1, e, None, inter, h),
+                None,
+                bias(3, e, None, inter),
+            )
         };
         experts.push(Expert {
             index: e,

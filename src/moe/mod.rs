@@ -12,6 +12,7 @@ mod fused;
 mod region;
 mod router;
 pub mod view;
+pub mod weights;
 
 pub use block::{Act, Expert, Ffn, Form, MoeBlock, Router, Scoring, SharedExpert, WeightRef};
 pub use detect::{detect, Detection, NearMiss};

@@ -11,7 +11,14 @@ use crate::ir::NodeId;
 use std::collections::{HashMap, HashSet};
 
 /// Ops that only reshape or re-type hidden states on their way to the router.
-pub const PASSTHROUGH: &[&str] = &["Reshape", "Cast", "Flatten", "Identity", "Squeeze", "Unsqueeze"];
+pub const PASSTHROUGH: &[&str] = &[
+    "Reshape",
+    "Cast",
+    "Flatten",
+    "Identity",
+    "Squeeze",
+    "Unsqueeze",
+];
 
 /// The block input: the router input with reshapes/casts stripped.
 pub fn block_input<'g>(v: &View<'g>, router_in: &'g str) -> &'g str {
@@ -28,7 +35,12 @@ pub struct Region {
 
 /// Finds the first single-exit cut of X's forward cone after `must_pass`. Fails when the
 /// cone reaches another selection node (`stop_at`) or a graph output first.
-pub fn close(v: &View, x: &str, must_pass: NodeId, stop_at: &HashSet<NodeId>) -> Result<Region, String> {
+pub fn close(
+    v: &View,
+    x: &str,
+    must_pass: NodeId,
+    stop_at: &HashSet<NodeId>,
+) -> Result<Region, String> {
     let cone = v.forward_cone(&[x], None);
     if !cone.contains(&must_pass) {
         return Err("the router is not downstream of the block input".into());
@@ -76,7 +88,15 @@ pub fn close(v: &View, x: &str, must_pass: NodeId, stop_at: &HashSet<NodeId>) ->
 
 /// Ops that may follow the first cut and still belong to the block: the k-slot reduction
 /// and reshapes back to the input's layout (batched forms cut before summing the slots).
-const TAIL: &[&str] = &["Reshape", "ReduceSum", "Cast", "Squeeze", "Unsqueeze", "Identity", "Flatten"];
+const TAIL: &[&str] = &[
+    "Reshape",
+    "ReduceSum",
+    "Cast",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Flatten",
+];
 
 fn extend_tail(v: &View, output: &mut String, nodes: &mut Vec<NodeId>) {
     loop {
@@ -88,7 +108,12 @@ fn extend_tail(v: &View, output: &mut String, nodes: &mut Vec<NodeId>) {
         if !TAIL.contains(&v.op(c)) {
             return;
         }
-        let others_ok = v.node(c).input.iter().filter(|i| *i != output && !i.is_empty()).all(|i| shape_only(v, i));
+        let others_ok = v
+            .node(c)
+            .input
+            .iter()
+            .filter(|i| *i != output && !i.is_empty())
+            .all(|i| shape_only(v, i));
         if !others_ok {
             return;
         }
@@ -114,7 +139,9 @@ fn shape_only(v: &View, value: &str) -> bool {
         match v.producer(&val) {
             None => return false,
             Some((_, "Shape" | "Size")) => {}
-            Some((id, _)) => stack.extend(v.node(id).input.iter().filter(|i| !i.is_empty()).cloned()),
+            Some((id, _)) => {
+                stack.extend(v.node(id).input.iter().filter(|i| !i.is_empty()).cloned())
+            }
         }
     }
     true

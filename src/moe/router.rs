@@ -71,7 +71,11 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
         match v.producer(cur) {
             Some((id, "Add")) => {
                 let (a, b) = (v.input(id, 0), v.input(id, 1));
-                let (c, other) = if is_const(v.g, b) { (b, a) } else if is_const(v.g, a) { (a, b) } else {
+                let (c, other) = if is_const(v.g, b) {
+                    (b, a)
+                } else if is_const(v.g, a) {
+                    (a, b)
+                } else {
                     return Err("router logits come from an Add of two computed values".into());
                 };
                 let d = const_dims(v.g, c).unwrap_or_default();
@@ -79,7 +83,9 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
                 cur = v.skip_back(other, PASS);
             }
             Some((id, op @ ("MatMul" | "Gemm"))) => break (id, op),
-            Some((_, op)) => return Err(format!("router logits come from {op}, not a MatMul/Gemm")),
+            Some((_, op)) => {
+                return Err(format!("router logits come from {op}, not a MatMul/Gemm"))
+            }
             None => return Err("router logits are a graph input".into()),
         }
     };
@@ -95,10 +101,20 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
     if mop == "Gemm" && v.attr_int(mm, "transA") == Some(1) {
         return Err("router Gemm transposes its input".into());
     }
-    let (n, h) = if trans_b { (dims[0], dims[1]) } else { (dims[1], dims[0]) };
+    let (n, h) = if trans_b {
+        (dims[0], dims[1])
+    } else {
+        (dims[1], dims[0])
+    };
     if mop == "Gemm" && !v.input(mm, 2).is_empty() {
         let c = v.input(mm, 2);
-        bias = Some((c.to_string(), const_dims(v.g, c).unwrap_or_default().iter().product::<i64>() as usize));
+        bias = Some((
+            c.to_string(),
+            const_dims(v.g, c)
+                .unwrap_or_default()
+                .iter()
+                .product::<i64>() as usize,
+        ));
     }
     let (n, h) = (n as usize, h as usize);
     if k == 0 || k > n {
@@ -107,7 +123,8 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
     if bias.as_ref().is_some_and(|(_, len)| *len != n) {
         return Err("router bias length differs from the number of experts".into());
     }
-    let renormalize = scoring == Scoring::SoftmaxAfterTopk || (op == "TopK" && renormalised(v, sel));
+    let renormalize =
+        scoring == Scoring::SoftmaxAfterTopk || (op == "TopK" && renormalised(v, sel));
     let capacity = capacity(v, &indices);
     Ok(FoundRouter {
         router: Router {
@@ -148,9 +165,11 @@ fn renormalised(v: &View, sel: NodeId) -> bool {
     vals.iter().any(|val| {
         v.consumers(val).iter().any(|&r| {
             v.op(r) == "ReduceSum"
-                && v.consumers(v.output(r, 0))
-                    .iter()
-                    .any(|&d| v.op(d) == "Div" && v.input(d, 1) == v.output(r, 0) && vals.contains(&v.input(d, 0)))
+                && v.consumers(v.output(r, 0)).iter().any(|&d| {
+                    v.op(d) == "Div"
+                        && v.input(d, 1) == v.output(r, 0)
+                        && vals.contains(&v.input(d, 0))
+                })
         })
     })
 }

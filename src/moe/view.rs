@@ -50,17 +50,29 @@ impl<'g> View<'g> {
 
     /// Output `i` of a node ("" when absent).
     pub fn output(&self, id: NodeId, i: usize) -> &'g str {
-        self.node(id).output.get(i).map(String::as_str).unwrap_or("")
+        self.node(id)
+            .output
+            .get(i)
+            .map(String::as_str)
+            .unwrap_or("")
     }
 
     /// Integer attribute.
     pub fn attr_int(&self, id: NodeId, name: &str) -> Option<i64> {
-        self.node(id).attribute.iter().find(|a| a.name.as_deref() == Some(name)).and_then(|a| a.i)
+        self.node(id)
+            .attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some(name))
+            .and_then(|a| a.i)
     }
 
     /// Float attribute.
     pub fn attr_float(&self, id: NodeId, name: &str) -> Option<f32> {
-        self.node(id).attribute.iter().find(|a| a.name.as_deref() == Some(name)).and_then(|a| a.f)
+        self.node(id)
+            .attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some(name))
+            .and_then(|a| a.f)
     }
 
     /// Integer-list attribute.
@@ -83,9 +95,16 @@ impl<'g> View<'g> {
     }
 
     /// Nodes reachable forward from `values`, optionally only inside `within`.
-    pub fn forward_cone(&self, values: &[&str], within: Option<&HashSet<NodeId>>) -> HashSet<NodeId> {
+    pub fn forward_cone(
+        &self,
+        values: &[&str],
+        within: Option<&HashSet<NodeId>>,
+    ) -> HashSet<NodeId> {
         let mut seen = HashSet::new();
-        let mut queue: VecDeque<NodeId> = values.iter().flat_map(|v| self.consumers(v).iter().copied()).collect();
+        let mut queue: VecDeque<NodeId> = values
+            .iter()
+            .flat_map(|v| self.consumers(v).iter().copied())
+            .collect();
         while let Some(id) = queue.pop_front() {
             if within.is_some_and(|w| !w.contains(&id)) || !seen.insert(id) {
                 continue;
@@ -98,14 +117,21 @@ impl<'g> View<'g> {
     }
 
     /// Nodes `value` depends on, inside `within`, not crossing `stop` values.
-    pub fn ancestors(&self, value: &str, within: &HashSet<NodeId>, stop: &HashSet<&str>) -> HashSet<NodeId> {
+    pub fn ancestors(
+        &self,
+        value: &str,
+        within: &HashSet<NodeId>,
+        stop: &HashSet<&str>,
+    ) -> HashSet<NodeId> {
         let mut seen = HashSet::new();
         let mut queue = VecDeque::from([value.to_string()]);
         while let Some(v) = queue.pop_front() {
             if stop.contains(v.as_str()) {
                 continue;
             }
-            let Some(id) = self.g.producer(&v) else { continue };
+            let Some(id) = self.g.producer(&v) else {
+                continue;
+            };
             if !within.contains(&id) || !seen.insert(id) {
                 continue;
             }

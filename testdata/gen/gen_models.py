@@ -182,12 +182,12 @@ def gen_v4(out):
     common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=512, attn_implementation="eager", use_cache=False, tie_word_embeddings=False)
 
-    def lm_case(name, cls, cfg, truth, seed, patched=True, export_inputs=None):
+    def lm_case(name, cls, cfg, truth, seed, patched=True, export_inputs=None, inputs=None):
         torch.manual_seed(seed)
         model = cls(cfg).eval()
         init_weights(model, seed)
         w = CausalLM(model).eval()
-        inputs = lm_inputs(2, 16, seed)
+        inputs = inputs or lm_inputs(2, 16, seed)
         os.makedirs(os.path.join(out, name), exist_ok=True)
         export(w, export_inputs or inputs, os.path.join(out, name, "model.onnx"), dynamo=False, dynamic=True)
         return w, inputs
@@ -197,8 +197,10 @@ def gen_v4(out):
     cfg = MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, **common)
     # (a) export input that hits every expert: graph complete but the hit count is baked into a Split,
     #     so inputs that miss an expert fail in onnxruntime.
-    w, inputs = lm_case("mixtral_v4_ts_raw", MixtralForCausalLM, cfg, None, 1, patched=False)
+    # 2x32 tokens hit every expert of both layers (checked below).
+    w, inputs = lm_case("mixtral_v4_ts_raw", MixtralForCausalLM, cfg, None, 1, patched=False, inputs=lm_inputs(2, 32, 1))
     present = count_expert_chains(os.path.join(out, "mixtral_v4_ts_raw", "model.onnx"), 2)
+    assert all(len(p) == 8 for p in present), present
     finish("mixtral_v4_ts_raw", out, w, inputs,
            dict(form="per-expert", exporter="torchscript", family="mixtral", patched_loop=False,
                 notes="unpatched 4.57 loop: Split over hit experts baked in; breaks on inputs missing an expert",
@@ -261,7 +263,8 @@ def gen_v4(out):
     # External data: the patched Mixtral saved with every tensor in model.onnx.data.
     src = os.path.join(out, "mixtral_v4_ts")
     dst = os.path.join(out, "mixtral_v4_ts_ext")
-    os.makedirs(dst, exist_ok=True)
+    shutil.rmtree(dst, ignore_errors=True)  # onnx.save appends to an existing data file
+    os.makedirs(dst)
     m = onnx.load(os.path.join(src, "model.onnx"))
     onnx.save(m, os.path.join(dst, "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="model.onnx.data", size_threshold=0)

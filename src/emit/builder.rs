@@ -1,0 +1,127 @@
+//! Building replacement subgraphs: fresh names, nodes, constants and weights.
+use crate::ir::builder::{attr_ints, node, tensor_f32, tensor_i64};
+use crate::ir::{Graph, Initializer};
+use crate::onnx::proto::{AttributeProto, NodeProto};
+use std::collections::HashSet;
+
+/// Collects the nodes and initializers of one replacement, with names that cannot clash
+/// with the graph's (one deterministic counter per emitter).
+pub struct Emitter<'g> {
+    g: &'g Graph,
+    prefix: String,
+    counter: usize,
+    taken: HashSet<String>,
+    /// Default-domain opset the nodes must satisfy.
+    pub opset: i64,
+    /// Nodes, in emission order.
+    pub nodes: Vec<NodeProto>,
+    /// New initializers.
+    pub inits: Vec<Initializer>,
+}
+
+impl<'g> Emitter<'g> {
+    /// An emitter whose names start with `prefix`.
+    pub fn new(g: &'g Graph, prefix: &str, opset: i64) -> Self {
+        Emitter {
+            g,
+            prefix: prefix.to_string(),
+            counter: 0,
+            taken: HashSet::new(),
+            opset,
+            nodes: Vec::new(),
+            inits: Vec::new(),
+        }
+    }
+
+    /// The graph being rewritten.
+    pub fn graph(&self) -> &'g Graph {
+        self.g
+    }
+
+    /// A fresh value name.
+    pub fn fresh(&mut self, hint: &str) -> String {
+        loop {
+            let name = format!("{}/{hint}_{}", self.prefix, self.counter);
+            self.counter += 1;
+            if self.g.producer(&name).is_none()
+                && self.g.initializer(&name).is_none()
+                && self.taken.insert(name.clone())
+            {
+                return name;
+            }
+        }
+    }
+
+    /// Adds a node with one fresh output.
+    pub fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        let out = self.fresh(&op.to_ascii_lowercase());
+        self.op_into(op, inputs, &out, attrs);
+        out
+    }
+
+    /// Adds a node writing a given output name.
+    pub fn op_into(&mut self, op: &str, inputs: &[&str], out: &str, attrs: Vec<AttributeProto>) {
+        let name = format!("{}/{op}_{}", self.prefix, self.nodes.len());
+        self.nodes.push(node(op, &name, inputs, &[out], attrs));
+    }
+
+    /// Adds a node with several fresh outputs.
+    pub fn op_multi(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        n_out: usize,
+        attrs: Vec<AttributeProto>,
+    ) -> Vec<String> {
+        let outs: Vec<String> = (0..n_out)
+            .map(|i| self.fresh(&format!("{}{i}", op.to_ascii_lowercase())))
+            .collect();
+        let name = format!("{}/{op}_{}", self.prefix, self.nodes.len());
+        let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+        self.nodes.push(node(op, &name, inputs, &refs, attrs));
+        outs
+    }
+
+    /// An int64 constant initializer.
+    pub fn ints(&mut self, hint: &str, dims: &[i64], vals: &[i64]) -> String {
+        let name = self.fresh(hint);
+        self.inits
+            .push(Initializer::inline(tensor_i64(&name, dims, vals)));
+        name
+    }
+
+    /// A float32 constant initializer.
+    pub fn floats(&mut self, hint: &str, dims: &[i64], vals: &[f32]) -> String {
+        let name = self.fresh(hint);
+        self.inits
+            .push(Initializer::inline(tensor_f32(&name, dims, vals)));
+        name
+    }
+
+    /// ReduceSum over `axes` (attribute before opset 13, input from 13).
+    pub fn reduce_sum(&mut self, x: &str, axes: &[i64], keepdims: bool) -> String {
+        let kd = crate::ir::builder::attr_int("keepdims", i64::from(keepdims));
+        if self.opset >= 13 {
+            let a = self.ints("axes", &[axes.len() as i64], axes);
+            self.op("ReduceSum", &[x, &a], vec![kd])
+        } else {
+            self.op("ReduceSum", &[x], vec![attr_ints("axes", axes), kd])
+        }
+    }
+
+    /// Unsqueeze at `axes`.
+    pub fn unsqueeze(&mut self, x: &str, axes: &[i64]) -> String {
+        if self.opset >= 13 {
+            let a = self.ints("axes", &[axes.len() as i64], axes);
+            self.op("Unsqueeze", &[x, &a], vec![])
+        } else {
+            self.op("Unsqueeze", &[x], vec![attr_ints("axes", axes)])
+        }
+    }
+
+    /// Reshape to a constant shape.
+    pub fn reshape(&mut self, x: &str, shape: &[i64]) -> String {
+        let s = self.ints("shape", &[shape.len() as i64], shape);
+        self.op("Reshape", &[x, &s], vec![])
+    }
+}

@@ -1,0 +1,272 @@
+//! The portable canonical form of an MoE block, in standard ONNX ops (opset ≥ 13).
+//!
+//! ```text
+//! x2 = Reshape(X, [-1, H]);  logits = x2·Wrᵀ (+b);  p = Softmax|Sigmoid(logits)
+//! vals, idx = TopK(p, k)  (renormalised if the block renormalises; Switch capacity mask)
+//! gid = Gather(lut, idx)            (only when experts were merged: N → M lookup)
+//! for each expert (or merged group) m:
+//!     w_m  = ReduceSum(vals · [gid == m], -1)          [T]   (two chosen in one group add)
+//!     rows = NonZero(ReduceMax([gid == m], -1))          tokens routed to m
+//!     acc += ScatterND(0, rows, FFN_m(x2[rows]) · w_m[rows])
+//! acc += σ(x2·g)·FFN_shared(x2)     (shared experts)
+//! Y = Reshape(acc, Shape(X))
+//! ```
+//! Sparse (each expert sees only its tokens), valid at every batch and sequence length,
+//! no reduction attributes (so tract < 0.23 and old opsets cannot silently misread it).
+use super::builder::Emitter;
+use crate::error::{Error, Result};
+use crate::ir::builder::{attr_int, attr_ints};
+use crate::moe::weights::{matrix, vector};
+use crate::moe::{Act, Ffn, MoeBlock, Scoring, WeightRef};
+use crate::onnx::proto::tensor_proto::DataType;
+
+/// One expert (or merged group) to emit: its FFN, and the router expert ids it answers.
+pub struct Target<'a> {
+    /// The network.
+    pub ffn: &'a Ffn,
+    /// Router expert indices routed to it.
+    pub ids: Vec<usize>,
+}
+
+/// Emits `block` computing `targets` into `em`; the last node writes `block.output`.
+pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<()> {
+    let fail = |reason: String| Error::Graph {
+        node: Some(block.name.clone()),
+        reason,
+    };
+    if em.opset < 13 {
+        return Err(fail(format!(
+            "re-emission needs opset >= 13, the model has {}",
+            em.opset
+        )));
+    }
+    let r = &block.router;
+    let h = block.hidden() as i64;
+    let n = r.num_experts;
+    let x2 = em.reshape(&block.input, &[-1, h]);
+    let wr = linear_weight(em, &r.weight)?;
+    let mut logits = em.op("MatMul", &[&x2, &wr], vec![]);
+    if let Some(b) = &r.bias {
+        let bv = vector(em_graph(em), b)?;
+        let bn = em.floats("router_bias", &[bv.len() as i64], &bv);
+        logits = em.op("Add", &[&logits, &bn], vec![]);
+    }
+    let k = em.ints("k", &[1], &[r.top_k as i64]);
+    let (vals, idx) = match r.scoring {
+        Scoring::Softmax | Scoring::Sigmoid => {
+            let op = if r.scoring == Scoring::Softmax {
+                "Softmax"
+            } else {
+                "Sigmoid"
+            };
+            let attrs = if op == "Softmax" {
+                vec![attr_int("axis", -1)]
+            } else {
+                vec![]
+            };
+            let p = em.op(op, &[&logits], attrs);
+            let o = em.op_multi("TopK", &[&p, &k], 2, topk_attrs());
+            (o[0].clone(), o[1].clone())
+        }
+        Scoring::SoftmaxAfterTopk => {
+            let o = em.op_multi("TopK", &[&logits, &k], 2, topk_attrs());
+            let s = em.op("Softmax", &[&o[0]], vec![attr_int("axis", -1)]);
+            (s, o[1].clone())
+        }
+    };
+    let mut vals = if r.renormalize && r.scoring != Scoring::SoftmaxAfterTopk {
+        let s = em.reduce_sum(&vals, &[-1], true);
+        em.op("Div", &[&vals, &s], vec![])
+    } else {
+        vals
+    };
+    // [T, k, 1] == [N] -> one-hot [T, k, N] of the chosen experts.
+    let idx3 = em.unsqueeze(&idx, &[-1]);
+    let range: Vec<i64> = (0..n as i64).collect();
+    let ar = em.ints("experts", &[n as i64], &range);
+    let onehot_b = em.op("Equal", &[&idx3, &ar], vec![]);
+    let onehot = em.op(
+        "Cast",
+        &[&onehot_b],
+        vec![attr_int("to", DataType::Float as i64)],
+    );
+    if let Some(cap) = r.capacity {
+        if r.top_k != 1 {
+            return Err(fail(
+                "expert capacity is supported for top-1 routers only".into(),
+            ));
+        }
+        // Per sequence, in token order: keep a token while its expert has taken <= cap tokens.
+        let shape_x = em.op("Shape", &[&block.input], vec![]);
+        let zero = em.ints("zero", &[1], &[0]);
+        let two = em.ints("two", &[1], &[2]);
+        let bs = em.op("Slice", &[&shape_x, &zero, &two], vec![]);
+        let nn = em.ints("n", &[1], &[n as i64]);
+        let bsn = em.op("Concat", &[&bs, &nn], vec![attr_int("axis", 0)]);
+        let oh3 = em.op("Reshape", &[&onehot, &bsn], vec![]);
+        let ax = em.ints("axis", &[], &[1]);
+        let cum = em.op("CumSum", &[&oh3, &ax], vec![]);
+        let capc = em.floats("capacity", &[], &[cap as f32]);
+        let ok_b = em.op("LessOrEqual", &[&cum, &capc], vec![]);
+        let ok = em.op(
+            "Cast",
+            &[&ok_b],
+            vec![attr_int("to", DataType::Float as i64)],
+        );
+        let kept = em.op("Mul", &[&oh3, &ok], vec![]);
+        let kept_sum = em.reduce_sum(&kept, &[-1], false);
+        let keep = em.reshape(&kept_sum, &[-1, 1]);
+        vals = em.op("Mul", &[&vals, &keep], vec![]);
+    }
+    let shape_x2 = em.op("Shape", &[&x2], vec![]);
+    let mut acc = em.op(
+        "ConstantOfShape",
+        &[&shape_x2],
+        vec![crate::ir::builder::attr_tensor(
+            "value",
+            crate::ir::builder::tensor_f32("", &[1], &[0.0]),
+        )],
+    );
+    let zeros = acc.clone();
+    for (i, t) in targets.iter().enumerate() {
+        // Selector over N for this target: 1 at the router ids it answers.
+        let mut sel = vec![0f32; n];
+        for &e in &t.ids {
+            sel[e] = 1.0;
+        }
+        let selc = em.floats(&format!("select{i}"), &[n as i64], &sel);
+        let m3 = em.op("Mul", &[&onehot, &selc], vec![]);
+        let m = em.reduce_sum(&m3, &[-1], false); // [T, k]
+        let wm = em.op("Mul", &[&vals, &m], vec![]);
+        let w = em.reduce_sum(&wm, &[-1], false); // [T]
+        let hits = em.reduce_sum(&m, &[-1], false);
+        let hit = em.op(
+            "Cast",
+            &[&hits],
+            vec![attr_int("to", DataType::Bool as i64)],
+        );
+        let nz = em.op("NonZero", &[&hit], vec![]); // [1, n]
+        let rows = em.reshape(&nz, &[-1]);
+        let xs = em.op("Gather", &[&x2, &rows], vec![attr_int("axis", 0)]);
+        let out = ffn(em, t.ffn, &xs)?;
+        let ws = em.op("Gather", &[&w, &rows], vec![attr_int("axis", 0)]);
+        let ws2 = em.unsqueeze(&ws, &[-1]);
+        let contrib = em.op("Mul", &[&out, &ws2], vec![]);
+        let idx2 = em.op("Transpose", &[&nz], vec![attr_ints("perm", &[1, 0])]);
+        let scattered = em.op("ScatterND", &[&zeros, &idx2, &contrib], vec![]);
+        acc = em.op("Add", &[&acc, &scattered], vec![]);
+    }
+    for s in &block.shared {
+        let mut out = ffn(em, &s.ffn, &x2)?;
+        if let Some(g) = &s.gate {
+            let gw = linear_weight(em, g)?;
+            let gl = em.op("MatMul", &[&x2, &gw], vec![]);
+            let gs = em.op("Sigmoid", &[&gl], vec![]);
+            out = em.op("Mul", &[&out, &gs], vec![]);
+        }
+        acc = em.op("Add", &[&acc, &out], vec![]);
+    }
+    let shape_x = em.op("Shape", &[&block.input], vec![]);
+    em.op_into("Reshape", &[&acc, &shape_x], &block.output, vec![]);
+    Ok(())
+}
+
+fn topk_attrs() -> Vec<crate::onnx::proto::AttributeProto> {
+    vec![
+        attr_int("axis", -1),
+        attr_int("largest", 1),
+        attr_int("sorted", 1),
+    ]
+}
+
+fn em_graph<'g>(em: &Emitter<'g>) -> &'g crate::ir::Graph {
+    em.graph()
+}
+
+/// The `[in, out]` weight for `MatMul(x, W)`: the original initializer when it is stored
+/// that way already, else a new one.
+fn linear_weight(em: &mut Emitter, w: &WeightRef) -> Result<String> {
+    let g = em.graph();
+    if w.transpose && w.rows.is_none() && w.expert.is_none() && g.initializer(&w.tensor).is_some() {
+        return Ok(w.tensor.clone());
+    }
+    let m = matrix(g, w)?;
+    let [out, inp] = w.shape;
+    let mut t = vec![0f32; out * inp];
+    for i in 0..out {
+        for j in 0..inp {
+            t[j * out + i] = m[i * inp + j];
+        }
+    }
+    Ok(em.floats("w", &[inp as i64, out as i64], &t))
+}
+
+fn linear(
+    em: &mut Emitter,
+    x: &str,
+    w: &WeightRef,
+    b: Option<&crate::moe::block::BiasRef>,
+) -> Result<String> {
+    let wn = linear_weight(em, w)?;
+    let y = em.op("MatMul", &[x, &wn], vec![]);
+    Ok(match b {
+        Some(b) => {
+            let v = vector(em.graph(), b)?;
+            let bn = em.floats("b", &[v.len() as i64], &v);
+            em.op("Add", &[&y, &bn], vec![])
+        }
+        None => y,
+    })
+}
+
+fn act(em: &mut Emitter, x: &str, a: Act) -> String {
+    match a {
+        Act::Relu => em.op("Relu", &[x], vec![]),
+        Act::Identity => x.to_string(),
+        Act::Silu => {
+            let s = em.op("Sigmoid", &[x], vec![]);
+            em.op("Mul", &[x, &s], vec![])
+        }
+        Act::Gelu => {
+            // 0.5·x·(1 + erf(x/√2))
+            let c = em.floats("inv_sqrt2", &[], &[std::f32::consts::FRAC_1_SQRT_2]);
+            let xs = em.op("Mul", &[x, &c], vec![]);
+            let e = em.op("Erf", &[&xs], vec![]);
+            let one = em.floats("one", &[], &[1.0]);
+            let e1 = em.op("Add", &[&e, &one], vec![]);
+            let half = em.floats("half", &[], &[0.5]);
+            let xh = em.op("Mul", &[x, &half], vec![]);
+            em.op("Mul", &[&xh, &e1], vec![])
+        }
+        Act::GeluTanh => {
+            // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+            let x3 = em.op("Mul", &[x, x], vec![]);
+            let x3 = em.op("Mul", &[&x3, x], vec![]);
+            let c = em.floats("c", &[], &[0.044715]);
+            let t = em.op("Mul", &[&x3, &c], vec![]);
+            let inner = em.op("Add", &[x, &t], vec![]);
+            let s = em.floats("s", &[], &[(2.0f32 / std::f32::consts::PI).sqrt()]);
+            let inner = em.op("Mul", &[&inner, &s], vec![]);
+            let th = em.op("Tanh", &[&inner], vec![]);
+            let one = em.floats("one", &[], &[1.0]);
+            let th1 = em.op("Add", &[&th, &one], vec![]);
+            let half = em.floats("half", &[], &[0.5]);
+            let xh = em.op("Mul", &[x, &half], vec![]);
+            em.op("Mul", &[&xh, &th1], vec![])
+        }
+    }
+}
+
+/// Emits an FFN on `x` ([rows, H]) and returns its output ([rows, H]).
+pub fn ffn(em: &mut Emitter, f: &Ffn, x: &str) -> Result<String> {
+    let up = linear(em, x, &f.up, f.up_bias.as_ref())?;
+    let h = match &f.gate {
+        Some(g) => {
+            let gl = linear(em, x, g, f.gate_bias.as_ref())?;
+            let ga = act(em, &gl, f.act);
+            em.op("Mul", &[&ga, &up], vec![])
+        }
+        None => act(em, &up, f.act),
+    };
+    linear(em, &h, &f.down, f.down_bias.as_ref())
+}

@@ -1,0 +1,97 @@
+//! Reading the matrices a [`WeightRef`] describes, as f32 in canonical `[out, in]` order.
+use super::block::{BiasRef, WeightRef};
+use super::consts::const_proto;
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use crate::onnx::tensor::{inline_bytes, to_f32};
+
+fn tensor_f32(g: &Graph, name: &str) -> Result<(Vec<i64>, Vec<f32>)> {
+    let bad = |reason: &str| Error::Tensor {
+        tensor: name.to_string(),
+        reason: reason.to_string(),
+    };
+    let t = const_proto(g, name).ok_or_else(|| bad("not a constant"))?;
+    let bytes = match g.initializer(name) {
+        Some(i) => i.bytes()?,
+        None => inline_bytes(t)?,
+    };
+    let data = to_f32(t.data_type.unwrap_or(0), &bytes)
+        .ok_or_else(|| bad("not a floating-point tensor"))?;
+    Ok((t.dims.clone(), data))
+}
+
+/// The canonical `[out, in]` matrix of a weight reference, row-major.
+pub fn matrix(g: &Graph, w: &WeightRef) -> Result<Vec<f32>> {
+    let (dims, data) = tensor_f32(g, &w.tensor)?;
+    let bad = |reason: String| Error::Tensor {
+        tensor: w.tensor.clone(),
+        reason,
+    };
+    let (r, c, base) = match (dims.as_slice(), w.expert) {
+        ([r, c], None) => (*r as usize, *c as usize, 0),
+        ([n, r, c], Some(e)) if (e as i64) < *n => {
+            (*r as usize, *c as usize, e * (*r as usize) * (*c as usize))
+        }
+        _ => {
+            return Err(bad(format!(
+                "dims {dims:?} do not fit expert {:?}",
+                w.expert
+            )))
+        }
+    };
+    let m = &data[base..base + r * c];
+    // Canonical full matrix [R, C] before row selection.
+    let (rr, cc) = if w.transpose { (c, r) } else { (r, c) };
+    let at = |i: usize, j: usize| {
+        if w.transpose {
+            m[j * c + i]
+        } else {
+            m[i * c + j]
+        }
+    };
+    let (start, step) = w.rows.map_or((0, 1), |s| (s.start, s.step));
+    let [out, inp] = w.shape;
+    if inp != cc || (out > 0 && start + step * (out - 1) >= rr) {
+        return Err(bad(format!(
+            "selection {out}x{inp} rows {start}+{step}k does not fit {rr}x{cc}"
+        )));
+    }
+    let mut res = Vec::with_capacity(out * inp);
+    for i in 0..out {
+        let row = start + i * step;
+        for j in 0..inp {
+            res.push(at(row, j));
+        }
+    }
+    Ok(res)
+}
+
+/// The vector a bias reference describes.
+pub fn vector(g: &Graph, b: &BiasRef) -> Result<Vec<f32>> {
+    let (dims, data) = tensor_f32(g, &b.tensor)?;
+    let row: &[f32] = match b.expert {
+        None => &data,
+        Some(e) => {
+            let w = *dims.last().unwrap_or(&0) as usize;
+            data.get(e * w..(e + 1) * w).ok_or_else(|| Error::Tensor {
+                tensor: b.tensor.clone(),
+                reason: format!("no row {e}"),
+            })?
+        }
+    };
+    let (start, step) = b.rows.map_or((0, 1), |s| (s.start, s.step));
+    let v: Vec<f32> = row
+        .iter()
+        .skip(start)
+        .step_by(step)
+        .take(b.len)
+        .copied()
+        .collect();
+    if v.len() != b.len {
+        return Err(Error::Tensor {
+            tensor: b.tensor.clone(),
+            reason: format!("bias has fewer than {} values", b.len),
+        });
+    }
+    Ok(v)
+}
