@@ -275,6 +275,114 @@ def gen_v4(out):
 
 
 # ---------------------------------------------------------------------------------------------
+# Single-block variants (transformers v4 blocks and plain torch modules, TorchScript exporter)
+# ---------------------------------------------------------------------------------------------
+class Block(torch.nn.Module):
+    """hidden_states [B, S, H] -> block output (drops HF's router_logits)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, hidden_states):
+        out = self.m(hidden_states)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class BiasedMoE(torch.nn.Module):
+    """A MoE block with biases everywhere (router and experts), written the way HF writes
+    its experts (loop over all experts, torch.where, index_add_). Gated (SwiGLU/GeGLU) or
+    plain (fc1 -> act -> fc2); softmax or sigmoid scoring."""
+
+    def __init__(self, h, i, n, k, gated, act, scoring="softmax", renorm=True):
+        super().__init__()
+        self.n, self.k, self.gated, self.scoring, self.renorm = n, k, gated, scoring, renorm
+        self.router = torch.nn.Linear(h, n, bias=True)
+        self.act = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+                    "relu": torch.nn.functional.relu,
+                    "gelu-tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}[act]
+        self.up = torch.nn.ModuleList(torch.nn.Linear(h, i, bias=True) for _ in range(n))
+        self.gate = torch.nn.ModuleList(torch.nn.Linear(h, i, bias=True) for _ in range(n)) if gated else None
+        self.down = torch.nn.ModuleList(torch.nn.Linear(i, h, bias=True) for _ in range(n))
+
+    def forward(self, x):
+        b, s, h = x.shape
+        x = x.view(-1, h)
+        logits = self.router(x)
+        p = torch.softmax(logits, dim=-1) if self.scoring == "softmax" else torch.sigmoid(logits)
+        w, idx = torch.topk(p, self.k, dim=-1)
+        if self.renorm:
+            w = w / w.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        mask = torch.nn.functional.one_hot(idx, num_classes=self.n).permute(2, 1, 0)
+        for e in range(self.n):
+            slot, tok = torch.where(mask[e])
+            xe = x[tok]
+            hdn = self.act(self.gate[e](xe)) * self.up[e](xe) if self.gated else self.act(self.up[e](xe))
+            out.index_add_(0, tok, self.down[e](hdn) * w[tok, slot, None])
+        return out.view(b, s, h)
+
+
+def gen_variants(out):
+    from transformers import MixtralConfig, Qwen2MoeConfig
+    import transformers.models.mixtral.modeling_mixtral as mx
+    import transformers.models.qwen2_moe.modeling_qwen2_moe as qm
+    patch_expert_loop(mx.MixtralSparseMoeBlock)
+    patch_expert_loop(qm.Qwen2MoeSparseMoeBlock)
+    h, i = 16, 32
+    cases = []
+    for n in (4, 8, 16, 32):
+        for k in (1, 2, 4):
+            if k < n:
+                cases.append((f"mixtral_n{n}_k{k}", "mixtral", dict(n=n, k=k, act="silu")))
+    for act, name in (("gelu", "geglu"), ("gelu_pytorch_tanh", "geglu"), ("relu", "gated-relu")):
+        cases.append((f"mixtral_act_{act}", "mixtral", dict(n=8, k=2, act=act, truth_act=name)))
+    cases.append(("qwen2moe_n4_k1_shared", "qwen2", dict(n=4, k=1)))
+    cases.append(("biased_swiglu_n8_k2", "biased", dict(n=8, k=2, gated=True, act="silu", truth_act="swiglu")))
+    cases.append(("biased_gelu_plain_n8_k2", "biased", dict(n=8, k=2, gated=False, act="gelu", truth_act="gelu")))
+    cases.append(("biased_relu_plain_n16_k4", "biased", dict(n=16, k=4, gated=False, act="relu", truth_act="relu")))
+    cases.append(("biased_geglu_tanh_n4_k2", "biased", dict(n=4, k=2, gated=True, act="gelu-tanh", truth_act="geglu")))
+    cases.append(("sigmoid_router_n8_k2", "biased", dict(n=8, k=2, gated=True, act="silu", truth_act="swiglu",
+                                                          scoring="sigmoid")))
+    for seed, (name, kind, c) in enumerate(cases, start=100):
+        torch.manual_seed(seed)
+        n, k = c["n"], c["k"]
+        shared, renorm, scoring, biases = 0, True, c.get("scoring", "softmax"), False
+        if kind == "mixtral":
+            cfg = MixtralConfig(hidden_size=h, intermediate_size=i, num_local_experts=n, num_experts_per_tok=k,
+                                hidden_act=c["act"])
+            mod = mx.MixtralSparseMoeBlock(cfg)
+            act = c.get("truth_act", "swiglu")
+        elif kind == "qwen2":
+            cfg = Qwen2MoeConfig(hidden_size=h, moe_intermediate_size=i, shared_expert_intermediate_size=2 * i,
+                                 num_experts=n, num_experts_per_tok=k, norm_topk_prob=False)
+            mod = qm.Qwen2MoeSparseMoeBlock(cfg)
+            act, shared, renorm = "swiglu", 1, False
+        else:
+            mod = BiasedMoE(h, i, n, k, c["gated"], c["act"], scoring)
+            act, biases = c["truth_act"], True
+        mod = Block(mod).eval()
+        init_weights(mod, seed)
+        if biases:
+            with torch.no_grad():
+                for p_ in mod.parameters():
+                    if p_.dim() == 1:
+                        p_.copy_(torch.randn(p_.shape) * 0.1)
+        x = torch.randn(2, 24, h)
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        torch.onnx.export(mod, (x,), os.path.join(d, "model.onnx"), input_names=["hidden_states"], output_names=["out"],
+                          dynamic_axes={"hidden_states": {0: "batch", 1: "seq"}, "out": {0: "batch", 1: "seq"}},
+                          opset_version=17, dynamo=False)
+        layer = dict(layer=0, experts=n, top_k=k, hidden=h, intermediate=i, activation=act, renormalize=renorm,
+                     router_scoring=scoring, experts_present=list(range(n)), shared_experts=shared,
+                     expert_biases=biases, router_bias=biases)
+        finish(name, out, mod, {"hidden_states": x},
+               dict(form="per-expert", exporter="torchscript", family=kind, patched_loop=True, layers=[layer]),
+               torch_ref=lambda hidden_states: mod(hidden_states))
+
+
+# ---------------------------------------------------------------------------------------------
 # transformers v5: stacked 3-D expert weights
 # ---------------------------------------------------------------------------------------------
 def gen_v5(out):
@@ -380,7 +488,9 @@ if __name__ == "__main__":
     a = ap.parse_args()
     assert TF_MAJOR == a.tf, f"expected transformers v{a.tf}, found {transformers.__version__}"
     os.makedirs(a.out, exist_ok=True)
-    if a.tf == 4:
+    if a.tf == 4 and a.only == "variants":
+        gen_variants(a.out)
+    elif a.tf == 4:
         gen_v4(a.out)
     else:
         gen_v5(a.out)

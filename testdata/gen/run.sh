@@ -13,5 +13,6 @@ if [ ! -d "$venv/tf4/transformers" ]; then
 fi
 out="$here/../models"
 PYTHONPATH="$venv/tf4" "$venv/bin/python" "$here/gen_models.py" --tf 4 --out "$out"
+PYTHONPATH="$venv/tf4" "$venv/bin/python" "$here/gen_models.py" --tf 4 --only variants --out "$here/../variants"
 "$venv/bin/python" "$here/gen_models.py" --tf 5 --out "$out"
-du -sh "$out"
+du -sh "$out" "$here/../variants"
