@@ -50,6 +50,21 @@ impl Model {
         format!("{n} {v}").trim().to_string()
     }
 
+    /// Adds an opset import for `domain` unless the model has one.
+    pub fn import_opset(&mut self, domain: &str, version: i64) {
+        if !self
+            .proto
+            .opset_import
+            .iter()
+            .any(|o| o.domain.as_deref().unwrap_or("") == domain)
+        {
+            self.proto.opset_import.push(OperatorSetIdProto {
+                domain: Some(domain.to_string()),
+                version: Some(version),
+            });
+        }
+    }
+
     /// The model-level proto without its graph.
     pub fn header(&self) -> &ModelProto {
         &self.proto

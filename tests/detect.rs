@@ -53,6 +53,10 @@ fn detection_matches_generator_truth() {
                 l.get("capacity").cloned().unwrap_or(Value::Null),
                 "{ctx}"
             );
+            for key in ["expert_biases", "router_bias"] {
+                let want = l.get(key).cloned().unwrap_or(Value::Bool(false));
+                assert_eq!(b[key], want, "{ctx}: {key}");
+            }
             let truth_present = l["experts_present"].as_array().unwrap();
             if b["experts_identified"] == true {
                 assert_eq!(&b["experts_present"], &l["experts_present"], "{ctx}");

@@ -1,5 +1,6 @@
 //! Rewriting detected MoE blocks into smoe-opt's own subgraphs.
 pub mod builder;
+pub mod fused;
 pub mod portable;
 
 use crate::error::{Error, Result};
@@ -17,6 +18,9 @@ pub enum EmitForm {
     /// Standard ONNX ops (runs in onnxruntime and tract, any batch/sequence length).
     #[default]
     Portable,
+    /// onnxruntime's fused `com.microsoft.MoE` where the block's semantics fit it exactly
+    /// (others stay portable, with the reason in the report).
+    OrtFused,
 }
 
 /// What a rewrite did to one block.
@@ -26,7 +30,7 @@ pub struct BlockRewrite {
     pub block: String,
     /// Whether it was replaced.
     pub rewritten: bool,
-    /// Why not, when it was not.
+    /// Why not (or why not in the requested form).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
     /// Nodes removed and added.
@@ -38,9 +42,9 @@ pub struct BlockRewrite {
 /// Replaces every identified block of `det` by its canonical emission with the same
 /// experts (`--method none`): outputs must not change.
 pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<BlockRewrite>> {
-    let EmitForm::Portable = form;
     let opset = model.default_opset();
     let mut out = Vec::new();
+    let mut fused_used = false;
     for (block, &identified) in det.blocks.iter().zip(&det.identified) {
         if !identified || block.experts.len() < block.router.num_experts {
             let why = "experts missing from the export cannot be re-emitted exactly".to_string();
@@ -63,7 +67,19 @@ pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<
             })
             .collect();
         let mut em = Emitter::new(&model.graph, &format!("smoe/{}", block.name), opset);
-        portable::emit(&mut em, block, &targets)?;
+        let mut note = None;
+        match (form, fused::unfit(block)) {
+            (EmitForm::OrtFused, None) => {
+                fused::emit(&mut em, block)?;
+                fused_used = true;
+            }
+            (EmitForm::OrtFused, Some(why)) => {
+                log::warn!("{}: written in portable form: {why}", block.name);
+                note = Some(format!("portable: {why}"));
+                portable::emit(&mut em, block, &targets)?;
+            }
+            (EmitForm::Portable, _) => portable::emit(&mut em, block, &targets)?,
+        }
         let mut patch = Patch::new(format!("reemit {}", block.name));
         for &id in &block.nodes {
             patch.remove_node(id);
@@ -79,10 +95,13 @@ pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<
         out.push(BlockRewrite {
             block: block.name.clone(),
             rewritten: true,
-            skipped: None,
+            skipped: note,
             nodes_removed: block.nodes.len(),
             nodes_added: added,
         });
+    }
+    if fused_used {
+        model.import_opset("com.microsoft", 1);
     }
     let p = prune(&model.graph, "prune");
     if !p.is_empty() {

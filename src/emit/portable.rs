@@ -44,10 +44,10 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<()
     let h = block.hidden() as i64;
     let n = r.num_experts;
     let x2 = em.reshape(&block.input, &[-1, h]);
-    let wr = linear_weight(em, &r.weight)?;
+    let wr = router_weight(em, block)?;
     let mut logits = em.op("MatMul", &[&x2, &wr], vec![]);
     if let Some(b) = &r.bias {
-        let bv = vector(em_graph(em), b)?;
+        let bv = vector(em.graph(), b)?;
         let bn = em.floats("router_bias", &[bv.len() as i64], &bv);
         logits = em.op("Add", &[&logits, &bn], vec![]);
     }
@@ -157,18 +157,29 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<()
         acc = em.op("Add", &[&acc, &scattered], vec![]);
     }
     for s in &block.shared {
-        let mut out = ffn(em, &s.ffn, &x2)?;
-        if let Some(g) = &s.gate {
-            let gw = linear_weight(em, g)?;
-            let gl = em.op("MatMul", &[&x2, &gw], vec![]);
-            let gs = em.op("Sigmoid", &[&gl], vec![]);
-            out = em.op("Mul", &[&out, &gs], vec![]);
-        }
+        let out = shared_expert(em, s, &x2)?;
         acc = em.op("Add", &[&acc, &out], vec![]);
     }
     let shape_x = em.op("Shape", &[&block.input], vec![]);
     em.op_into("Reshape", &[&acc, &shape_x], &block.output, vec![]);
     Ok(())
+}
+
+/// The router weight as `[H, N]` for `MatMul(x, W)`.
+pub fn router_weight(em: &mut Emitter, block: &MoeBlock) -> Result<String> {
+    linear_weight(em, &block.router.weight)
+}
+
+/// A shared expert on `x2` ([T, H]), scaled by its sigmoid gate when it has one.
+pub fn shared_expert(em: &mut Emitter, s: &crate::moe::SharedExpert, x2: &str) -> Result<String> {
+    let mut out = ffn(em, &s.ffn, x2)?;
+    if let Some(g) = &s.gate {
+        let gw = linear_weight(em, g)?;
+        let gl = em.op("MatMul", &[x2, &gw], vec![]);
+        let gs = em.op("Sigmoid", &[&gl], vec![]);
+        out = em.op("Mul", &[&out, &gs], vec![]);
+    }
+    Ok(out)
 }
 
 fn topk_attrs() -> Vec<crate::onnx::proto::AttributeProto> {
@@ -177,10 +188,6 @@ fn topk_attrs() -> Vec<crate::onnx::proto::AttributeProto> {
         attr_int("largest", 1),
         attr_int("sorted", 1),
     ]
-}
-
-fn em_graph<'g>(em: &Emitter<'g>) -> &'g crate::ir::Graph {
-    em.graph()
 }
 
 /// The `[in, out]` weight for `MatMul(x, W)`: the original initializer when it is stored

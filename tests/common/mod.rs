@@ -8,18 +8,22 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Every committed test model: (name, folder).
+/// Every committed test model (testdata/models and testdata/variants): (name, folder).
 pub fn models() -> Vec<(String, PathBuf)> {
-    let dir = root().join("testdata/models");
-    let mut v: Vec<_> = std::fs::read_dir(&dir)
-        .expect("testdata/models")
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("model.onnx").exists())
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
-        .collect();
+    let mut v = Vec::new();
+    for sub in ["testdata/models", "testdata/variants"] {
+        let dir = root().join(sub);
+        v.extend(
+            std::fs::read_dir(&dir)
+                .expect(sub)
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().join("model.onnx").exists())
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())),
+        );
+    }
     v.sort();
     assert!(
-        v.len() >= 10,
+        v.len() >= 30,
         "expected the committed test models, found {}",
         v.len()
     );
