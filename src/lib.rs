@@ -16,6 +16,7 @@ pub mod moe;
 pub mod onnx;
 pub mod pipeline;
 pub mod progress;
+pub mod runtime;
 
 #[path = "../passes/mod.rs"]
 pub mod passes;

@@ -75,6 +75,30 @@ impl Model {
         self.external.files()
     }
 
+    /// The whole model encoded as one protobuf with all tensor data inline (for runtimes
+    /// loading from memory). Fails above the 2 GiB protobuf limit.
+    pub fn to_inline_bytes(&self) -> crate::Result<Vec<u8>> {
+        use prost::Message;
+        let mut p = self.to_proto();
+        let path = self.path.clone().unwrap_or_default();
+        let mut store = self.external.clone();
+        let mut inline = |t: &mut crate::onnx::proto::TensorProto| -> crate::Result<()> {
+            if crate::onnx::tensor::is_external(t) {
+                t.raw_data = Some(store.resolve(&path, t)?);
+                t.data_location = None;
+                t.external_data.clear();
+            }
+            Ok(())
+        };
+        crate::onnx::walk::model_tensors_mut(&mut p, &mut inline)?;
+        if p.encoded_len() as u64 > crate::onnx::PROTOBUF_LIMIT {
+            return Err(crate::Error::Usage(
+                "the model exceeds 2 GiB and cannot be passed inline".into(),
+            ));
+        }
+        Ok(p.encode_to_vec())
+    }
+
     /// The whole model as a proto (external tensors still reference their files).
     pub fn to_proto(&self) -> ModelProto {
         let mut p = self.proto.clone();

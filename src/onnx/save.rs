@@ -4,7 +4,6 @@
 use super::proto::tensor_proto::DataLocation;
 use super::proto::{StringStringEntryProto, TensorProto};
 use super::tensor::{inline_bytes, is_external};
-use super::walk::{graph_tensors_mut, nodes_tensors_mut};
 use crate::error::{Error, Result};
 use crate::fsutil::{same_file, AtomicFile};
 use crate::model::Model;
@@ -213,19 +212,5 @@ fn visit_all(
     proto: &mut super::proto::ModelProto,
     f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
 ) -> Result<()> {
-    if let Some(g) = proto.graph.as_mut() {
-        graph_tensors_mut(g, f)?;
-    }
-    for func in &mut proto.functions {
-        nodes_tensors_mut(&mut func.node, f)?;
-    }
-    for ti in &mut proto.training_info {
-        for g in [ti.initialization.as_mut(), ti.algorithm.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            graph_tensors_mut(g, f)?;
-        }
-    }
-    Ok(())
+    super::walk::model_tensors_mut(proto, f)
 }

@@ -67,3 +67,25 @@ fn attribute_tensors_mut(
     }
     Ok(())
 }
+
+/// Calls `f` on every tensor of a model: main graph, functions, training graphs.
+pub fn model_tensors_mut(
+    proto: &mut super::proto::ModelProto,
+    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+) -> Result<()> {
+    if let Some(g) = proto.graph.as_mut() {
+        graph_tensors_mut(g, f)?;
+    }
+    for func in &mut proto.functions {
+        nodes_tensors_mut(&mut func.node, f)?;
+    }
+    for ti in &mut proto.training_info {
+        for g in [ti.initialization.as_mut(), ti.algorithm.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            graph_tensors_mut(g, f)?;
+        }
+    }
+    Ok(())
+}
