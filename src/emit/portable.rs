@@ -6,13 +6,15 @@
 //! gid = Gather(lut, idx)            (only when experts were merged: N → M lookup)
 //! for each expert (or merged group) m:
 //!     w_m  = ReduceSum(vals · [gid == m], -1)          [T]   (two chosen in one group add)
-//!     rows = NonZero(ReduceMax([gid == m], -1))          tokens routed to m
-//!     acc += ScatterND(0, rows, FFN_m(x2[rows]) · w_m[rows])
+//!     rows = NonZero(ReduceSum([gid == m], -1))          tokens routed to m
+//!     c_m  = FFN_m(x2[rows]) · w_m[rows]
+//! acc = ScatterND(0, concat(rows), concat(c_m), reduction=add)   (opset ≥ 16; below it,
+//!       one ScatterND without reduction per target, added up)
 //! acc += σ(x2·g)·FFN_shared(x2)     (shared experts)
 //! Y = Reshape(acc, Shape(X))
 //! ```
-//! Sparse (each expert sees only its tokens), valid at every batch and sequence length,
-//! no reduction attributes (so tract < 0.23 and old opsets cannot silently misread it).
+//! Sparse (each expert sees only its tokens), valid at every batch and sequence length.
+//! The one reduction scatter needs tract ≥ 0.23 (earlier versions ignore `reduction`).
 use super::builder::Emitter;
 use crate::error::{Error, Result};
 use crate::ir::builder::{attr_int, attr_ints};
@@ -80,22 +82,22 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<()
     } else {
         vals
     };
-    // [T, k, 1] == [N] -> one-hot [T, k, N] of the chosen experts.
-    let idx3 = em.unsqueeze(&idx, &[-1]);
-    let range: Vec<i64> = (0..n as i64).collect();
-    let ar = em.ints("experts", &[n as i64], &range);
-    let onehot_b = em.op("Equal", &[&idx3, &ar], vec![]);
-    let onehot = em.op(
-        "Cast",
-        &[&onehot_b],
-        vec![attr_int("to", DataType::Float as i64)],
-    );
     if let Some(cap) = r.capacity {
         if r.top_k != 1 {
             return Err(fail(
                 "expert capacity is supported for top-1 routers only".into(),
             ));
         }
+        // One-hot [T, k, N] of the chosen experts ([T, k, 1] == [N]).
+        let idx3 = em.unsqueeze(&idx, &[-1]);
+        let range: Vec<i64> = (0..n as i64).collect();
+        let ar = em.ints("experts", &[n as i64], &range);
+        let onehot_b = em.op("Equal", &[&idx3, &ar], vec![]);
+        let onehot = em.op(
+            "Cast",
+            &[&onehot_b],
+            vec![attr_int("to", DataType::Float as i64)],
+        );
         // Per sequence, in token order: keep a token while its expert has taken <= cap tokens.
         let shape_x = em.op("Shape", &[&block.input], vec![]);
         let zero = em.ints("zero", &[1], &[0]);
@@ -128,15 +130,28 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<()
         )],
     );
     let zeros = acc.clone();
-    for (i, t) in targets.iter().enumerate() {
-        // Selector over N for this target: 1 at the router ids it answers.
-        let mut sel = vec![0f32; n];
-        for &e in &t.ids {
-            sel[e] = 1.0;
+    // Router id -> target index (-1: no target); skipped when it is the identity.
+    let identity = targets.len() == n && targets.iter().enumerate().all(|(i, t)| t.ids == [i]);
+    let gid = if identity {
+        idx.clone()
+    } else {
+        let mut lut = vec![-1i64; n];
+        for (i, t) in targets.iter().enumerate() {
+            for &e in &t.ids {
+                lut[e] = i as i64;
+            }
         }
-        let selc = em.floats(&format!("select{i}"), &[n as i64], &sel);
-        let m3 = em.op("Mul", &[&onehot, &selc], vec![]);
-        let m = em.reduce_sum(&m3, &[-1], false); // [T, k]
+        let l = em.ints("lut", &[n as i64], &lut);
+        em.op("Gather", &[&l, &idx], vec![attr_int("axis", 0)])
+    };
+    // From opset 16 one ScatterND(reduction=add) sums all contributions at the end.
+    let fused_scatter = em.opset >= 16;
+    let mut all_rows = Vec::new();
+    let mut all_contrib = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
+        let ti = em.ints(&format!("target{i}"), &[], &[i as i64]);
+        let eq = em.op("Equal", &[&gid, &ti], vec![]);
+        let m = em.op("Cast", &[&eq], vec![attr_int("to", DataType::Float as i64)]); // [T, k]
         let wm = em.op("Mul", &[&vals, &m], vec![]);
         let w = em.reduce_sum(&wm, &[-1], false); // [T]
         let hits = em.reduce_sum(&m, &[-1], false);
@@ -153,8 +168,24 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<()
         let ws2 = em.unsqueeze(&ws, &[-1]);
         let contrib = em.op("Mul", &[&out, &ws2], vec![]);
         let idx2 = em.op("Transpose", &[&nz], vec![attr_ints("perm", &[1, 0])]);
-        let scattered = em.op("ScatterND", &[&zeros, &idx2, &contrib], vec![]);
-        acc = em.op("Add", &[&acc, &scattered], vec![]);
+        if fused_scatter {
+            all_rows.push(idx2);
+            all_contrib.push(contrib);
+        } else {
+            let scattered = em.op("ScatterND", &[&zeros, &idx2, &contrib], vec![]);
+            acc = em.op("Add", &[&acc, &scattered], vec![]);
+        }
+    }
+    if fused_scatter && !targets.is_empty() {
+        let rows: Vec<&str> = all_rows.iter().map(String::as_str).collect();
+        let contribs: Vec<&str> = all_contrib.iter().map(String::as_str).collect();
+        let r_all = em.op("Concat", &rows, vec![attr_int("axis", 0)]);
+        let c_all = em.op("Concat", &contribs, vec![attr_int("axis", 0)]);
+        acc = em.op(
+            "ScatterND",
+            &[&zeros, &r_all, &c_all],
+            vec![crate::ir::builder::attr_string("reduction", "add")],
+        );
     }
     for s in &block.shared {
         let out = shared_expert(em, s, &x2)?;

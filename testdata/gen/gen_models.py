@@ -382,6 +382,27 @@ def gen_variants(out):
                torch_ref=lambda hidden_states: mod(hidden_states))
 
 
+def gen_bench(out):
+    """Mid-size single MoE blocks for benchmarks (not committed): Mixtral-style SwiGLU,
+    H=512, I=1408, N=8 and N=32, exported with TorchScript (loop over all experts)."""
+    from transformers import MixtralConfig
+    import transformers.models.mixtral.modeling_mixtral as mx
+    patch_expert_loop(mx.MixtralSparseMoeBlock)
+    for n, k in ((8, 2), (32, 4)):
+        torch.manual_seed(n)
+        cfg = MixtralConfig(hidden_size=512, intermediate_size=1408, num_local_experts=n, num_experts_per_tok=k)
+        mod = Block(mx.MixtralSparseMoeBlock(cfg)).eval()
+        init_weights(mod, n)
+        name = f"bench_mixtral_n{n}_k{k}"
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        x = torch.randn(1, 256, 512)
+        torch.onnx.export(mod, (x,), os.path.join(d, "model.onnx"), input_names=["hidden_states"], output_names=["out"],
+                          dynamic_axes={"hidden_states": {0: "batch", 1: "seq"}, "out": {0: "batch", 1: "seq"}},
+                          opset_version=17, dynamo=False)
+        print(name, os.path.getsize(os.path.join(d, "model.onnx")))
+
+
 # ---------------------------------------------------------------------------------------------
 # transformers v5: stacked 3-D expert weights
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +511,8 @@ if __name__ == "__main__":
     os.makedirs(a.out, exist_ok=True)
     if a.tf == 4 and a.only == "variants":
         gen_variants(a.out)
+    elif a.tf == 4 and a.only == "bench":
+        gen_bench(a.out)
     elif a.tf == 4:
         gen_v4(a.out)
     else:
