@@ -6,6 +6,6 @@ cargo build --release
 model=testdata/models/mixtral_v4_ts/model.onnx
 mkdir -p demo-out
 ./target/release/smoe-opt inspect "$model"
-./target/release/smoe-opt "$model" -o demo-out/model.onnx
+./target/release/smoe-opt "$model" -o demo-out/model.onnx --method none
 ./target/release/smoe-opt inspect demo-out/model.onnx --json > demo-out/inspect.json
 echo "wrote demo-out/model.onnx and demo-out/inspect.json"
