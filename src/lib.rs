@@ -6,6 +6,8 @@
 //! back inline or with external data ([`Model::save`]).
 #![warn(missing_docs)]
 
+#[cfg(feature = "tract")]
+pub mod calib;
 pub mod emit;
 pub mod error;
 pub mod fsutil;

@@ -55,6 +55,37 @@ struct RunArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run calibration data through the model and save each MoE layer's routing statistics
+    /// (JSON plus an .npz sidecar with mean outputs, input moments and routed samples).
+    Calibrate {
+        /// The ONNX model.
+        input: PathBuf,
+        /// Calibration inputs: .npz with the model's input names as keys, first axis = samples.
+        #[arg(
+            long,
+            conflicts_with = "calib_random",
+            required_unless_present = "calib_random"
+        )]
+        calib: Option<PathBuf>,
+        /// Use N random token-id sequences instead (weak: real text routes differently).
+        #[arg(long, value_name = "N")]
+        calib_random: Option<usize>,
+        /// Tokens per random sequence.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Samples per runtime call.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Routed input rows kept per expert.
+        #[arg(long, default_value_t = 256)]
+        reservoir: usize,
+        /// Seed of the reservoirs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Where to write the statistics (JSON; the sidecar goes beside it as .npz).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Summarise a model: opsets, inputs/outputs, op counts, initializers, external data.
     Inspect {
         /// The ONNX model.
@@ -125,6 +156,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if explain {
                     print!("{}", info.explain_text());
                 }
+            }
+            Ok(())
+        }
+        Some(Command::Calibrate {
+            input,
+            calib,
+            calib_random,
+            seq_len,
+            batch,
+            reservoir,
+            seed,
+            output,
+        }) => {
+            let model = Model::load(&input)?;
+            let det = smoe_opt::moe::detect(&model.graph);
+            for d in &det.diagnostics {
+                log::warn!("{d}");
+            }
+            let source = match (calib, calib_random) {
+                (Some(p), _) => smoe_opt::calib::Source::Npz(p),
+                (None, Some(n)) => smoe_opt::calib::Source::Random {
+                    samples: n,
+                    seq_len,
+                },
+                (None, None) => {
+                    return Err(smoe_opt::Error::Usage(
+                        "give --calib FILE.npz or --calib-random N".into(),
+                    )
+                    .into())
+                }
+            };
+            let opts = smoe_opt::calib::CalibOptions {
+                source,
+                batch,
+                stats: smoe_opt::calib::stats::StatsConfig {
+                    reservoir,
+                    seed,
+                    ..Default::default()
+                },
+                progress,
+            };
+            let t0 = std::time::Instant::now();
+            let stats = smoe_opt::calib::calibrate(&model, &det, &opts)?;
+            let side = smoe_opt::calib::save(&stats, &output)?;
+            let tokens: u64 = stats.layers.first().map_or(0, |l| l.tokens);
+            if !cli.quiet {
+                eprintln!(
+                    "smoe-opt: calibrated {} blocks on {} samples ({tokens} tokens, {:.0} tokens/s, {}) -> {} + {}",
+                    stats.layers.len(),
+                    stats.samples,
+                    tokens as f64 / t0.elapsed().as_secs_f64(),
+                    stats.runtime,
+                    output.display(),
+                    side.display()
+                );
             }
             Ok(())
         }

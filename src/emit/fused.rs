@@ -36,8 +36,9 @@ pub fn unfit(block: &MoeBlock) -> Option<String> {
     }
 }
 
-/// Emits `block` as router MatMul + `com.microsoft.MoE` (+ shared experts).
-pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<()> {
+/// Emits `block` as router MatMul + `com.microsoft.MoE` (+ shared experts). Returns the
+/// router-logits value.
+pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<String> {
     if let Some(why) = unfit(block) {
         return Err(Error::Graph {
             node: Some(block.name.clone()),
@@ -95,6 +96,7 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<()> {
         let bn = em.floats("router_bias", &[n as i64], &bv);
         logits = em.op("Add", &[&logits, &bn], vec![]);
     }
+    let logits_out = logits.clone();
     let w1 = em.floats("fc1", &[n as i64, rows1 as i64, h as i64], &fc1);
     let w2 = em.floats("fc2", &[n as i64, h as i64, inter as i64], &fc2);
     let b1n = if has_b1 {
@@ -132,5 +134,5 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<()> {
     }
     let shape_x = em.op("Shape", &[&block.input], vec![]);
     em.op_into("Reshape", &[&acc, &shape_x], &block.output, vec![]);
-    Ok(())
+    Ok(logits_out)
 }

@@ -37,6 +37,9 @@ pub struct BlockRewrite {
     pub nodes_removed: usize,
     /// Nodes added.
     pub nodes_added: usize,
+    /// The router-logits value of the new block.
+    #[serde(skip)]
+    pub logits: Option<String>,
 }
 
 /// Replaces every identified block of `det` by its canonical emission with the same
@@ -55,6 +58,7 @@ pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<
                 skipped: Some(why),
                 nodes_removed: 0,
                 nodes_added: 0,
+                logits: None,
             });
             continue;
         }
@@ -68,18 +72,18 @@ pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<
             .collect();
         let mut em = Emitter::new(&model.graph, &format!("smoe/{}", block.name), opset);
         let mut note = None;
-        match (form, fused::unfit(block)) {
+        let logits = match (form, fused::unfit(block)) {
             (EmitForm::OrtFused, None) => {
-                fused::emit(&mut em, block)?;
                 fused_used = true;
+                fused::emit(&mut em, block)?
             }
             (EmitForm::OrtFused, Some(why)) => {
                 log::warn!("{}: written in portable form: {why}", block.name);
                 note = Some(format!("portable: {why}"));
-                portable::emit(&mut em, block, &targets)?;
+                portable::emit(&mut em, block, &targets)?
             }
             (EmitForm::Portable, _) => portable::emit(&mut em, block, &targets)?,
-        }
+        };
         let mut patch = Patch::new(format!("reemit {}", block.name));
         for &id in &block.nodes {
             patch.remove_node(id);
@@ -98,6 +102,7 @@ pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<
             skipped: note,
             nodes_removed: block.nodes.len(),
             nodes_added: added,
+            logits: Some(logits),
         });
     }
     if fused_used {

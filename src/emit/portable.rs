@@ -31,7 +31,8 @@ pub struct Target<'a> {
 }
 
 /// Emits `block` computing `targets` into `em`; the last node writes `block.output`.
-pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<()> {
+/// Returns the name of the router-logits value.
+pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<String> {
     let fail = |reason: String| Error::Graph {
         node: Some(block.name.clone()),
         reason,
@@ -53,6 +54,7 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<()
         let bn = em.floats("router_bias", &[bv.len() as i64], &bv);
         logits = em.op("Add", &[&logits, &bn], vec![]);
     }
+    let logits_out = logits.clone();
     let k = em.ints("k", &[1], &[r.top_k as i64]);
     let (vals, idx) = match r.scoring {
         Scoring::Softmax | Scoring::Sigmoid => {
@@ -193,7 +195,7 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<()
     }
     let shape_x = em.op("Shape", &[&block.input], vec![]);
     em.op_into("Reshape", &[&acc, &shape_x], &block.output, vec![]);
-    Ok(())
+    Ok(logits_out)
 }
 
 /// The router weight as `[H, N]` for `MatMul(x, W)`.

@@ -21,6 +21,7 @@ pub struct Patch {
     remove_inits: Vec<String>,
     add_inits: Vec<Initializer>,
     replace_uses: Vec<(String, String)>,
+    add_outputs: Vec<String>,
 }
 
 impl Patch {
@@ -63,6 +64,12 @@ impl Patch {
         self
     }
 
+    /// Exposes an existing value as an extra graph output (type left for runtimes to infer).
+    pub fn add_output(&mut self, name: impl Into<String>) -> &mut Self {
+        self.add_outputs.push(name.into());
+        self
+    }
+
     /// Whether the patch changes nothing.
     pub fn is_empty(&self) -> bool {
         self.remove_nodes.is_empty()
@@ -70,6 +77,7 @@ impl Patch {
             && self.remove_inits.is_empty()
             && self.add_inits.is_empty()
             && self.replace_uses.is_empty()
+            && self.add_outputs.is_empty()
     }
 }
 
@@ -130,6 +138,14 @@ impl Graph {
                         }
                     }
                 }
+            }
+        }
+        for name in &patch.add_outputs {
+            if !g.is_output(name) {
+                g.header.output.push(crate::onnx::proto::ValueInfoProto {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                });
             }
         }
         g.toposort().map_err(|e| rejected(e.to_string()))?;

@@ -1,0 +1,433 @@
+//! Calibration: run data through a runtime and collect each MoE layer's routing statistics.
+//!
+//! The model is instrumented (each block's input hidden states and router logits become
+//! extra outputs), run batch by batch, and every batch is folded into streaming
+//! statistics ([`stats::LayerAcc`]). Expert outputs are computed here from the described
+//! weights, so the runtime only has to produce hidden states and logits.
+pub mod ffn;
+pub mod stats;
+
+use crate::error::{Error, Result};
+use crate::inspect::describe;
+use crate::ir::Patch;
+use crate::model::Model;
+use crate::moe::Detection;
+use crate::runtime::{read_npz, Session, Value};
+use ndarray::{ArrayD, Axis, IxDyn};
+use serde::Serialize;
+use stats::{LayerAcc, LayerStats, StatsConfig};
+use std::path::{Path, PathBuf};
+
+/// Where calibration data comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// An `.npz` whose keys are model input names; first axis = samples.
+    Npz(PathBuf),
+    /// `samples` random sequences of `seq_len` token ids (weak: says so).
+    Random {
+        /// Number of sequences.
+        samples: usize,
+        /// Tokens per sequence.
+        seq_len: usize,
+    },
+}
+
+/// Calibration options.
+#[derive(Debug, Clone)]
+pub struct CalibOptions {
+    /// The data.
+    pub source: Source,
+    /// Samples per runtime call.
+    pub batch: usize,
+    /// Statistics knobs.
+    pub stats: StatsConfig,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// Statistics of a whole model.
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibStats {
+    /// The runtime used.
+    pub runtime: String,
+    /// Description of the data.
+    pub source: String,
+    /// Samples run.
+    pub samples: usize,
+    /// Per MoE block.
+    pub layers: Vec<LayerStats>,
+}
+
+/// Calibrates `model`'s detected blocks (those with every expert identified).
+pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<CalibStats> {
+    let blocks: Vec<_> = det
+        .blocks
+        .iter()
+        .zip(&det.identified)
+        .filter(|(_, &i)| i)
+        .map(|(b, _)| b)
+        .collect();
+    if blocks.is_empty() {
+        return Err(Error::Usage(
+            "no calibratable MoE block was detected".into(),
+        ));
+    }
+    let reemitted = || -> Result<(crate::runtime::tract::TractSession, Vec<String>)> {
+        let mut re = model.clone();
+        let rw = crate::emit::reemit(&mut re, det, crate::emit::EmitForm::Portable)?;
+        let names: Vec<String> = det
+            .blocks
+            .iter()
+            .zip(&rw)
+            .filter(|(b, _)| blocks.iter().any(|x| x.name == b.name))
+            .map(|(_, r)| {
+                r.logits
+                    .clone()
+                    .ok_or_else(|| Error::Usage(format!("{} was not re-emitted", r.block)))
+            })
+            .collect::<Result<_>>()?;
+        Ok((instrumented_session(&re, &blocks, &names)?, names))
+    };
+    let original: Vec<String> = blocks.iter().map(|b| b.router.logits.clone()).collect();
+    // tract cannot run some exporter graphs (e.g. Switch's boolean-mask reshapes), and
+    // shape-specialised exports fail on other inputs: the re-emitted blocks are exact and
+    // portable, so calibration falls back to them.
+    let mut switched = false;
+    let (mut session, mut logits) = match instrumented_session(model, &blocks, &original) {
+        Ok(s) => (s, original),
+        Err(e) => {
+            log::info!("tract cannot run the exported graph ({e}); calibrating through smoe-opt's exact re-emission");
+            switched = true;
+            reemitted()?
+        }
+    };
+    let data = load_inputs(model, &opts.source)?;
+    let samples = data.first().map(|(_, v)| v.shape()[0]).unwrap_or(0);
+    let mut accs = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, b)| LayerAcc::new(&model.graph, b, opts.stats.clone(), i))
+        .collect::<Result<Vec<_>>>()?;
+    let bar = crate::progress::bytes_bar(opts.progress, samples as u64, "calibrating");
+    let batch = opts.batch.max(1);
+    for start in (0..samples).step_by(batch) {
+        let end = (start + batch).min(samples);
+        let feed: Vec<(String, Value)> = data
+            .iter()
+            .map(|(n, v)| (n.clone(), slice(v, start, end)))
+            .collect();
+        let out = match session.run(&feed) {
+            Ok(o) => o,
+            Err(e) if !switched => {
+                log::info!("the exported graph failed on batch {start}..{end} ({e}); continuing through smoe-opt's exact re-emission");
+                switched = true;
+                (session, logits) = reemitted()?;
+                session.run(&feed)?
+            }
+            Err(e) => return Err(e),
+        };
+        let get = |name: &str| -> Result<ArrayD<f32>> {
+            out.iter()
+                .chain(feed.iter())
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.to_f32())
+                .ok_or_else(|| Error::Usage(format!("runtime returned no '{name}'")))
+        };
+        let mask = feed
+            .iter()
+            .find(|(n, _)| n == "attention_mask")
+            .map(|(_, v)| v.to_f32());
+        for (li, (acc, b)) in accs.iter_mut().zip(&blocks).enumerate() {
+            let x = get(&b.input)?;
+            let z = get(&logits[li])?;
+            let h = b.hidden();
+            let seq_len = if x.ndim() == 3 {
+                x.shape()[1]
+            } else {
+                x.shape()[0]
+            };
+            let rows = x.len() / h;
+            let x2 = x
+                .into_shape_with_order((rows, h))
+                .map_err(|e| Error::Usage(e.to_string()))?;
+            let n = b.router.num_experts;
+            let z2 = z
+                .into_shape_with_order((rows, n))
+                .map_err(|e| Error::Usage(format!("router logits: {e}")))?;
+            let keep: Vec<bool> = match &mask {
+                Some(m) if m.len() == rows => m.iter().map(|&v| v != 0.0).collect(),
+                _ => vec![true; rows],
+            };
+            acc.update(x2.view(), z2.view(), &keep, seq_len);
+        }
+        bar.set_position(end as u64);
+    }
+    bar.finish_and_clear();
+    let source = match &opts.source {
+        Source::Npz(p) => format!("npz {}", p.display()),
+        Source::Random { samples, seq_len } => format!("random token ids: {samples} x {seq_len}"),
+    };
+    Ok(CalibStats {
+        runtime: session.runtime().into(),
+        source,
+        samples,
+        layers: accs.into_iter().map(LayerAcc::finish).collect(),
+    })
+}
+
+fn instrumented_session(
+    model: &Model,
+    blocks: &[&crate::moe::MoeBlock],
+    logits: &[String],
+) -> Result<crate::runtime::tract::TractSession> {
+    let mut inst = model.clone();
+    let mut p = Patch::new("calibration outputs");
+    for (b, l) in blocks.iter().zip(logits) {
+        // A block input that is a graph input is read from the feed instead.
+        if !model.graph.is_input(&b.input) {
+            p.add_output(b.input.clone());
+        }
+        p.add_output(l.clone());
+    }
+    inst.graph.apply(p)?;
+    crate::runtime::tract::TractSession::from_model(&inst)
+}
+
+fn slice(v: &Value, start: usize, end: usize) -> Value {
+    match v {
+        Value::F32(a) => Value::F32(a.slice_axis(Axis(0), (start..end).into()).to_owned()),
+        Value::I64(a) => Value::I64(a.slice_axis(Axis(0), (start..end).into()).to_owned()),
+    }
+}
+
+/// The model's inputs (non-initializer graph inputs) as `name dtype [dims]`.
+fn expected(model: &Model) -> Vec<String> {
+    model
+        .graph
+        .inputs()
+        .iter()
+        .filter(|v| {
+            model
+                .graph
+                .initializer(v.name.as_deref().unwrap_or(""))
+                .is_none()
+        })
+        .map(|v| {
+            let d = describe(v);
+            let dims: Vec<String> = d
+                .shape
+                .unwrap_or_default()
+                .iter()
+                .map(|x| x.to_string().trim_matches('"').to_string())
+                .collect();
+            format!("{} {} [{}]", d.name, d.dtype, dims.join(", "))
+        })
+        .collect()
+}
+
+fn load_inputs(model: &Model, source: &Source) -> Result<Vec<(String, Value)>> {
+    let inputs: Vec<_> = model
+        .graph
+        .inputs()
+        .iter()
+        .filter(|v| {
+            model
+                .graph
+                .initializer(v.name.as_deref().unwrap_or(""))
+                .is_none()
+        })
+        .map(describe)
+        .collect();
+    match source {
+        Source::Npz(path) => {
+            let all = read_npz(path)?;
+            let mut out = Vec::new();
+            for i in &inputs {
+                let Some((_, v)) = all.iter().find(|(n, _)| *n == i.name) else {
+                    return Err(Error::Usage(format!(
+                        "{}: no array '{}'; the model expects: {}",
+                        path.display(),
+                        i.name,
+                        expected(model).join("; ")
+                    )));
+                };
+                let ok_type = matches!(
+                    (v, i.dtype.as_str()),
+                    (Value::F32(_), "float") | (Value::I64(_), "int64")
+                );
+                let rank = i.shape.as_ref().map_or(v.shape().len(), Vec::len);
+                if !ok_type || rank != v.shape().len() {
+                    return Err(Error::Usage(format!(
+                        "{}: array '{}' has shape {:?} ({}); the model expects: {}",
+                        path.display(),
+                        i.name,
+                        v.shape(),
+                        if matches!(v, Value::F32(_)) {
+                            "float"
+                        } else {
+                            "int64"
+                        },
+                        expected(model).join("; ")
+                    )));
+                }
+                out.push((i.name.clone(), v.clone()));
+            }
+            let n0 = out.first().map(|(_, v)| v.shape()[0]);
+            if out.iter().any(|(_, v)| Some(v.shape()[0]) != n0) {
+                return Err(Error::Usage(format!(
+                    "{}: arrays disagree on the number of samples",
+                    path.display()
+                )));
+            }
+            for (n, _) in &all {
+                if !inputs.iter().any(|i| i.name == *n) {
+                    log::info!(
+                        "{}: ignoring array '{n}' (not a model input)",
+                        path.display()
+                    );
+                }
+            }
+            Ok(out)
+        }
+        Source::Random { samples, seq_len } => {
+            log::warn!(
+                "calibrating on random token ids: routing statistics of real text will differ"
+            );
+            let mut rng = 0x853C49E6748FEA9Bu64;
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let (b, s) = (*samples, *seq_len);
+            let mut out = Vec::new();
+            for i in &inputs {
+                let v =
+                    match (i.name.as_str(), i.dtype.as_str()) {
+                        ("attention_mask", _) => Value::I64(ArrayD::from_elem(IxDyn(&[b, s]), 1)),
+                        ("position_ids", _) => {
+                            Value::I64(ArrayD::from_shape_fn(IxDyn(&[b, s]), |d| d[1] as i64))
+                        }
+                        (_, "int64") => {
+                            let vocab = vocab_size(model, &i.name).ok_or_else(|| {
+                                Error::Usage(format!(
+                                "cannot tell the vocabulary size of input '{}' for --calib-random",
+                                i.name
+                            ))
+                            })?;
+                            Value::I64(ArrayD::from_shape_fn(IxDyn(&[b, s]), |_| {
+                                (next() % vocab) as i64
+                            }))
+                        }
+                        (_, "float") => {
+                            let dims: Vec<usize> =
+                                i.shape
+                                    .as_ref()
+                                    .map(|d| {
+                                        d.iter()
+                                            .enumerate()
+                                            .map(|(k, x)| {
+                                                x.as_u64()
+                                                    .map(|v| v as usize)
+                                                    .unwrap_or(if k == 0 { b } else { s })
+                                            })
+                                            .collect()
+                                    })
+                                    .unwrap_or_else(|| vec![b, s]);
+                            Value::F32(ArrayD::from_shape_fn(IxDyn(&dims), |_| {
+                                // Box–Muller from two uniforms.
+                                let u1 = ((next() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                                let u2 = (next() >> 11) as f64 / (1u64 << 53) as f64;
+                                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
+                                    as f32
+                            }))
+                        }
+                        (n, t) => {
+                            return Err(Error::Usage(format!(
+                                "cannot make random data for input '{n}' of type {t}"
+                            )))
+                        }
+                    };
+                out.push((i.name.clone(), v));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// The vocabulary size of a token-id input: rows of the embedding table it gathers from
+/// (following reshapes and casts).
+fn vocab_size(model: &Model, input: &str) -> Option<u64> {
+    let g = &model.graph;
+    let mut frontier = vec![input.to_string()];
+    let mut steps = 0;
+    while let Some(v) = frontier.pop() {
+        steps += 1;
+        if steps > 64 {
+            return None;
+        }
+        for &c in g.consumers(&v) {
+            let n = g.node(c)?;
+            match n.op_type.as_deref() {
+                Some("Gather") if n.input.get(1) == Some(&v) => {
+                    let d = crate::moe::consts::const_dims(g, &n.input[0])?;
+                    if d.len() == 2 {
+                        return Some(d[0] as u64);
+                    }
+                }
+                Some("Reshape" | "Cast" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity")
+                    if n.input[0] == v =>
+                {
+                    frontier.push(n.output[0].clone())
+                }
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
+/// Writes statistics as JSON plus an `.npz` sidecar (`<json stem>.npz`) with the big arrays.
+pub fn save(stats: &CalibStats, json: &Path) -> Result<PathBuf> {
+    let side = json.with_extension("npz");
+    let mut tmp = crate::fsutil::AtomicFile::create(&side)?;
+    {
+        let f = tmp.file().try_clone().map_err(|e| Error::io(&side, e))?;
+        let mut w = ndarray_npy::NpzWriter::new_compressed(f);
+        let io = |e: ndarray_npy::WriteNpzError| Error::Write {
+            path: side.clone(),
+            reason: e.to_string(),
+        };
+        for l in &stats.layers {
+            w.add_array(format!("{}.mean_output", l.block), &l.mean_output)
+                .map_err(io)?;
+            let h = l.mean_output.ncols();
+            let mut m = ndarray::Array3::<f64>::zeros((l.input_moments.len(), h, h));
+            for (i, mm) in l.input_moments.iter().enumerate() {
+                m.index_axis_mut(Axis(0), i).assign(mm);
+            }
+            w.add_array(format!("{}.input_moments", l.block), &m)
+                .map_err(io)?;
+            for (e, rows) in l.samples.iter().enumerate() {
+                let a = ndarray::Array2::from_shape_vec((rows.len(), h), rows.concat())
+                    .expect("rows of H");
+                w.add_array(format!("{}.samples.{e}", l.block), &a)
+                    .map_err(io)?;
+            }
+        }
+        w.finish().map_err(io)?;
+    }
+    tmp.commit()?;
+    let mut j = serde_json::to_value(stats).map_err(|e| Error::Usage(e.to_string()))?;
+    j["sidecar"] = serde_json::Value::from(
+        side.file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    let text = serde_json::to_string_pretty(&j).map_err(|e| Error::Usage(e.to_string()))?;
+    let mut f = crate::fsutil::AtomicFile::create(json)?;
+    std::io::Write::write_all(f.file(), text.as_bytes()).map_err(|e| Error::io(json, e))?;
+    f.commit()?;
+    Ok(side)
+}

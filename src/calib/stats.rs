@@ -1,0 +1,311 @@
+//! Streaming routing statistics of one MoE layer: everything is a sum over tokens (or a
+//! seeded reservoir), so batching never changes the result beyond float rounding, and no
+//! activations are kept beyond the bounded reservoirs.
+use super::ffn::DenseFfn;
+use crate::error::Result;
+use crate::ir::Graph;
+use crate::moe::{MoeBlock, Scoring};
+use ndarray::{Array2, ArrayView2, Axis};
+use serde::Serialize;
+
+/// Knobs of the statistics.
+#[derive(Debug, Clone)]
+pub struct StatsConfig {
+    /// Routed-input rows kept per expert (reservoir sampling).
+    pub reservoir: usize,
+    /// Seed of the reservoirs.
+    pub seed: u64,
+    /// Accumulate per-expert input second moments (H×H per expert).
+    pub moments: bool,
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        StatsConfig {
+            reservoir: 256,
+            seed: 0,
+            moments: true,
+        }
+    }
+}
+
+/// SplitMix64: a tiny seeded generator (reservoir decisions only).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Accumulates statistics of one block.
+pub struct LayerAcc {
+    block: MoeBlock,
+    ffns: Vec<(usize, DenseFfn)>,
+    cfg: StatsConfig,
+    tokens: u64,
+    counts: Vec<u64>,
+    weight_sum: Vec<f64>,
+    reap_sum: Vec<f64>,
+    gram: Array2<f64>,
+    out_sum: Array2<f64>,
+    moments: Vec<Array2<f64>>,
+    reservoir: Vec<Vec<Vec<f32>>>,
+    seen: Vec<u64>,
+    rng: Rng,
+}
+
+/// One token's routing: chosen experts and their weights (dropped slots have weight 0 and
+/// `kept = false`).
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Expert index per slot.
+    pub experts: Vec<usize>,
+    /// Routing weight per slot.
+    pub weights: Vec<f32>,
+    /// Whether the slot survived the capacity limit.
+    pub kept: Vec<bool>,
+}
+
+/// Routes tokens from router logits exactly as the block does: scoring, top-k (ties to the
+/// lower index), renormalisation, and Switch capacity per sequence of `seq_len` tokens.
+pub fn route(block: &MoeBlock, logits: ArrayView2<f32>, seq_len: usize) -> Vec<Route> {
+    let r = &block.router;
+    let n = r.num_experts;
+    let mut routes = Vec::with_capacity(logits.nrows());
+    for z in logits.rows() {
+        let scores: Vec<f32> = match r.scoring {
+            Scoring::Softmax => {
+                let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let e: Vec<f32> = z.iter().map(|v| (v - m).exp()).collect();
+                let s: f32 = e.iter().sum();
+                e.iter().map(|v| v / s).collect()
+            }
+            Scoring::Sigmoid => z.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
+            Scoring::SoftmaxAfterTopk => z.to_vec(),
+        };
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        let experts: Vec<usize> = order[..r.top_k].to_vec();
+        let mut weights: Vec<f32> = experts.iter().map(|&e| scores[e]).collect();
+        if r.scoring == Scoring::SoftmaxAfterTopk {
+            let m = weights.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            weights.iter_mut().for_each(|w| *w = (*w - m).exp());
+            let s: f32 = weights.iter().sum();
+            weights.iter_mut().for_each(|w| *w /= s);
+        } else if r.renormalize {
+            let s: f32 = weights.iter().sum();
+            weights.iter_mut().for_each(|w| *w /= s);
+        }
+        routes.push(Route {
+            kept: vec![true; experts.len()],
+            experts,
+            weights,
+        });
+    }
+    if let Some(cap) = r.capacity {
+        for seq in routes.chunks_mut(seq_len.max(1)) {
+            let mut used = vec![0usize; n];
+            for t in seq.iter_mut() {
+                for (slot, &e) in t.experts.iter().enumerate() {
+                    used[e] += 1;
+                    if used[e] > cap {
+                        t.kept[slot] = false;
+                        t.weights[slot] = 0.0;
+                    }
+                }
+            }
+        }
+    }
+    routes
+}
+
+impl LayerAcc {
+    /// A fresh accumulator for `block` (expert weights read from `g`).
+    pub fn new(g: &Graph, block: &MoeBlock, cfg: StatsConfig, layer: usize) -> Result<Self> {
+        let n = block.router.num_experts;
+        let h = block.hidden();
+        let ffns = block
+            .experts
+            .iter()
+            .map(|e| DenseFfn::load(g, &e.ffn).map(|f| (e.index, f)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LayerAcc {
+            block: block.clone(),
+            ffns,
+            tokens: 0,
+            counts: vec![0; n],
+            weight_sum: vec![0.0; n],
+            reap_sum: vec![0.0; n],
+            gram: Array2::zeros((n, n)),
+            out_sum: Array2::zeros((n, h)),
+            moments: if cfg.moments {
+                vec![Array2::zeros((h, h)); n]
+            } else {
+                vec![]
+            },
+            reservoir: vec![Vec::new(); n],
+            seen: vec![0; n],
+            rng: Rng(cfg.seed ^ (layer as u64).wrapping_mul(0x2545F4914F6CDD1D)),
+            cfg,
+        })
+    }
+
+    /// Adds a batch: block inputs `x` [T, H], router logits [T, N], which tokens count
+    /// (`keep`, false for padding), and the sequence length (for capacity).
+    pub fn update(
+        &mut self,
+        x: ArrayView2<f32>,
+        logits: ArrayView2<f32>,
+        keep: &[bool],
+        seq_len: usize,
+    ) {
+        let routes = route(&self.block, logits, seq_len);
+        let idx: Vec<usize> = (0..x.nrows()).filter(|&t| keep[t]).collect();
+        if idx.is_empty() {
+            return;
+        }
+        let xk = x.select(Axis(0), &idx);
+        let zk = logits.select(Axis(0), &idx).mapv(f64::from);
+        self.gram += &zk.t().dot(&zk);
+        self.tokens += idx.len() as u64;
+        for &(e, ref f) in &self.ffns {
+            let out = f.forward(xk.view());
+            for (j, row) in out.rows().into_iter().enumerate() {
+                let t = idx[j];
+                let rt = &routes[t];
+                if let Some(slot) = rt.experts.iter().position(|&c| c == e) {
+                    if rt.kept[slot] {
+                        let w = rt.weights[slot] as f64;
+                        let norm = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+                        self.reap_sum[e] += w * norm;
+                    }
+                }
+            }
+            let s = out.sum_axis(Axis(0)).mapv(f64::from);
+            let mut dst = self.out_sum.row_mut(e);
+            dst += &s;
+        }
+        for (j, &t) in idx.iter().enumerate() {
+            let rt = &routes[t];
+            for (slot, &e) in rt.experts.iter().enumerate() {
+                if !rt.kept[slot] {
+                    continue;
+                }
+                self.counts[e] += 1;
+                self.weight_sum[e] += rt.weights[slot] as f64;
+                let row = xk.row(j);
+                if !self.moments.is_empty() {
+                    let r = row.mapv(f64::from);
+                    let outer = r
+                        .view()
+                        .insert_axis(Axis(1))
+                        .dot(&r.view().insert_axis(Axis(0)));
+                    self.moments[e] += &outer;
+                }
+                self.seen[e] += 1;
+                let cap = self.cfg.reservoir;
+                if self.reservoir[e].len() < cap {
+                    self.reservoir[e].push(row.to_vec());
+                } else if cap > 0 {
+                    let k = (self.rng.next() % self.seen[e]) as usize;
+                    if k < cap {
+                        self.reservoir[e][k] = row.to_vec();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The finished statistics.
+    pub fn finish(self) -> LayerStats {
+        let n = self.counts.len();
+        let total: u64 = self.counts.iter().sum();
+        let per = |v: &Vec<f64>| -> Vec<f64> {
+            v.iter()
+                .zip(&self.counts)
+                .map(|(s, &c)| if c > 0 { s / c as f64 } else { 0.0 })
+                .collect()
+        };
+        let cos: Vec<Vec<f64>> = (0..n)
+            .map(|i| {
+                (0..n)
+                    .map(|j| {
+                        let d = (self.gram[[i, i]] * self.gram[[j, j]]).sqrt();
+                        if d > 0.0 {
+                            self.gram[[i, j]] / d
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let tokens = self.tokens.max(1) as f64;
+        LayerStats {
+            block: self.block.name.clone(),
+            num_experts: n,
+            top_k: self.block.router.top_k,
+            tokens: self.tokens,
+            counts: self.counts.clone(),
+            frequency: self
+                .counts
+                .iter()
+                .map(|&c| {
+                    if total > 0 {
+                        c as f64 / total as f64
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+            mean_weight: per(&self.weight_sum),
+            reap: per(&self.reap_sum),
+            logit_cosine: cos,
+            mean_output: self.out_sum.mapv(|v| v / tokens),
+            input_moments: self
+                .moments
+                .into_iter()
+                .zip(&self.counts)
+                .map(|(m, &c)| m / (c.max(1) as f64))
+                .collect(),
+            samples: self.reservoir,
+        }
+    }
+}
+
+/// Finished statistics of one block.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerStats {
+    /// Block name.
+    pub block: String,
+    /// N.
+    pub num_experts: usize,
+    /// Top-k.
+    pub top_k: usize,
+    /// Tokens counted (padding excluded).
+    pub tokens: u64,
+    /// Times each expert was in a token's top-k (after capacity).
+    pub counts: Vec<u64>,
+    /// counts / Σ counts.
+    pub frequency: Vec<f64>,
+    /// Mean routing weight when chosen.
+    pub mean_weight: Vec<f64>,
+    /// REAP saliency: mean over routed tokens of weight × ‖expert output‖.
+    pub reap: Vec<f64>,
+    /// Cosine similarity of router-logit columns over tokens (N×N).
+    pub logit_cosine: Vec<Vec<f64>>,
+    /// Each expert's mean output over all counted tokens (N×H; sidecar).
+    #[serde(skip)]
+    pub mean_output: Array2<f64>,
+    /// Per expert, E[x xᵀ] over its routed inputs (H×H each; sidecar).
+    #[serde(skip)]
+    pub input_moments: Vec<Array2<f64>>,
+    /// Per expert, a reservoir of routed input rows (sidecar).
+    #[serde(skip)]
+    pub samples: Vec<Vec<Vec<f32>>>,
+}

@@ -1,0 +1,108 @@
+"""Independent numpy implementation of MoE block semantics from a smoe-opt block
+description (JSON): weights, routing (scoring, top-k, renormalisation, capacity), experts."""
+from math import erf
+
+import numpy as np
+from onnx import numpy_helper
+
+
+def constants(m):
+    c = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            c[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return c
+
+
+class Block:
+    def __init__(self, desc, consts):
+        self.d, self.c = desc, consts
+
+    def weight(self, r):
+        t = self.c[r["tensor"]].astype(np.float64)
+        if r.get("expert") is not None:
+            t = t[r["expert"]]
+        if r["transpose"]:
+            t = t.T
+        if r.get("rows"):
+            t = t[r["rows"]["start"]::r["rows"]["step"]]
+        out, inp = r["shape"]
+        assert t.shape[1] == inp, (t.shape, r)
+        return t[:out]
+
+    def bias(self, r):
+        if r is None:
+            return 0.0
+        t = self.c[r["tensor"]].astype(np.float64)
+        t = t.reshape(-1) if r.get("expert") is None else t[r["expert"]]
+        if r.get("rows"):
+            t = t[r["rows"]["start"]::r["rows"]["step"]]
+        return t[: r["len"]]
+
+    @staticmethod
+    def act(x, kind):
+        if kind == "silu":
+            return x / (1 + np.exp(-x))
+        if kind == "relu":
+            return np.maximum(x, 0)
+        if kind == "gelu":
+            return 0.5 * x * (1 + np.vectorize(erf)(x / np.sqrt(2)))
+        if kind == "gelu-tanh":
+            return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+        if kind == "identity":
+            return x
+        raise ValueError(kind)
+
+    def ffn(self, f, x):
+        up = x @ self.weight(f["up"]).T + self.bias(f["up_bias"])
+        if f["gate"] is not None:
+            h = self.act(x @ self.weight(f["gate"]).T + self.bias(f["gate_bias"]), f["act"]) * up
+        else:
+            h = self.act(up, f["act"])
+        return h @ self.weight(f["down"]).T + self.bias(f["down_bias"])
+
+    def logits(self, x):
+        r = self.d["router"]
+        return x @ self.weight(r["weight"]).T + self.bias(r["bias"])
+
+    def route(self, logits, seq_len):
+        """(idx [T,k], w [T,k], kept [T,k]) exactly as the block routes."""
+        r = self.d["router"]
+        k = r["top_k"]
+        if r["scoring"] == "softmax":
+            p = np.exp(logits - logits.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+        elif r["scoring"] == "sigmoid":
+            p = 1 / (1 + np.exp(-logits))
+        else:
+            p = logits
+        idx = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+        w = np.take_along_axis(p, idx, -1)
+        if r["scoring"] == "softmax-after-topk":
+            w = np.exp(w - w.max(-1, keepdims=True)); w /= w.sum(-1, keepdims=True)
+        elif r["renormalize"]:
+            w = w / w.sum(-1, keepdims=True)
+        kept = np.ones(idx.shape, bool)
+        if r.get("capacity") is not None:
+            for s0 in range(0, len(idx), seq_len):
+                used = np.zeros(r["num_experts"], int)
+                for t in range(s0, min(s0 + seq_len, len(idx))):
+                    for j in range(k):
+                        used[idx[t, j]] += 1
+                        if used[idx[t, j]] > r["capacity"]:
+                            kept[t, j] = False
+        w = np.where(kept, w, 0.0)
+        return idx, w, kept
+
+    def forward(self, x, seq_len):
+        idx, w, kept = self.route(self.logits(x), seq_len)
+        y = np.zeros_like(x)
+        for e in self.d["experts"]:
+            rows, slot = np.nonzero((idx == e["index"]) & kept)
+            if len(rows):
+                y[rows] += w[rows, slot][:, None] * self.ffn(e["ffn"], x[rows])
+        for s in self.d["shared"]:
+            out = self.ffn(s["ffn"], x)
+            if s["gate"] is not None:
+                out = out / (1 + np.exp(-(x @ self.weight(s["gate"]).T)))
+            y += out
+        return y
