@@ -85,6 +85,12 @@ enum Command {
         /// Where to write the statistics (JSON; the sidecar goes beside it as .npz).
         #[arg(short, long)]
         output: PathBuf,
+        /// Runtime: auto (tract when it can run the model, else onnxruntime), tract, ort.
+        #[arg(long, value_enum, default_value_t = smoe_opt::calib::Runtime::Auto)]
+        runtime: smoe_opt::calib::Runtime,
+        /// onnxruntime execution provider.
+        #[arg(long, value_enum, default_value_t = smoe_opt::runtime::ort::Ep::Cpu)]
+        ort_ep: smoe_opt::runtime::ort::Ep,
     },
     /// Summarise a model: opsets, inputs/outputs, op counts, initializers, external data.
     Inspect {
@@ -168,6 +174,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             reservoir,
             seed,
             output,
+            runtime,
+            ort_ep,
         }) => {
             let model = Model::load(&input)?;
             let det = smoe_opt::moe::detect(&model.graph);
@@ -188,6 +196,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             let opts = smoe_opt::calib::CalibOptions {
+                runtime,
+                ep: ort_ep,
                 source,
                 batch,
                 stats: smoe_opt::calib::stats::StatsConfig {

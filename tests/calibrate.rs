@@ -1,4 +1,4 @@
-//! Calibration statistics (tract) against an independent onnxruntime + numpy reference:
+//! Calibration statistics (tract and onnxruntime) against an independent onnxruntime + numpy reference:
 //! counts exactly, floats within 1e-4 relative (tract vs onnxruntime hidden states differ
 //! by ~1e-7; the statistics are sums of O(1) terms); padding excluded; batch size does not
 //! change the statistics.
@@ -9,11 +9,16 @@ use serde_json::Value;
 use smoe_opt::Model;
 
 fn calibrate(dir: &std::path::Path, out: &std::path::Path, batch: usize) {
+    calibrate_with(dir, out, batch, "auto")
+}
+
+fn calibrate_with(dir: &std::path::Path, out: &std::path::Path, batch: usize, runtime: &str) {
     let o = bin()
         .arg("calibrate")
         .arg(dir.join("model.onnx"))
         .arg("--calib")
         .arg(dir.join("io.npz"))
+        .args(["--runtime", runtime])
         .args(["--batch", &batch.to_string(), "-o"])
         .arg(out)
         .output()
@@ -40,30 +45,35 @@ fn statistics_match_the_numpy_reference() {
             .filter(|(_, &i)| i)
             .map(|(b, _)| b)
             .collect();
-        if blocks.is_empty() || name.contains("dynamo") {
-            // mixtral_v5_dynamo: tract cannot run its attention (see tests/tract.rs).
+        if blocks.is_empty() {
             continue;
         }
-        let stats = tmp.path().join(format!("{name}.json"));
-        calibrate(&dir, &stats, 1);
         let bj = tmp.path().join(format!("{name}.blocks.json"));
         std::fs::write(&bj, serde_json::to_string(&blocks).unwrap()).unwrap();
-        let r = run_py(
-            &py,
-            "calib_ref.py",
-            &[
-                dir.join("model.onnx").to_str().unwrap(),
-                bj.to_str().unwrap(),
-                dir.join("io.npz").to_str().unwrap(),
-                stats.to_str().unwrap(),
-            ],
-        );
-        assert!(
-            r.status.success(),
-            "{name}: {}{}",
-            String::from_utf8_lossy(&r.stdout),
-            String::from_utf8_lossy(&r.stderr)
-        );
+        for runtime in ["tract", "ort"] {
+            if runtime == "tract" && name.contains("dynamo") {
+                // mixtral_v5_dynamo: tract cannot run its attention (see tests/tract.rs).
+                continue;
+            }
+            let stats = tmp.path().join(format!("{name}.{runtime}.json"));
+            calibrate_with(&dir, &stats, 1, runtime);
+            let r = run_py(
+                &py,
+                "calib_ref.py",
+                &[
+                    dir.join("model.onnx").to_str().unwrap(),
+                    bj.to_str().unwrap(),
+                    dir.join("io.npz").to_str().unwrap(),
+                    stats.to_str().unwrap(),
+                ],
+            );
+            assert!(
+                r.status.success(),
+                "{name} ({runtime}): {}{}",
+                String::from_utf8_lossy(&r.stdout),
+                String::from_utf8_lossy(&r.stderr)
+            );
+        }
     }
 }
 

@@ -32,9 +32,26 @@ pub enum Source {
     },
 }
 
+/// Which runtime runs the calibration data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Runtime {
+    /// tract when it can run the model, else onnxruntime (else tract on the re-emitted blocks).
+    #[default]
+    Auto,
+    /// tract (embedded).
+    Tract,
+    /// onnxruntime (shared library found at run time).
+    Ort,
+}
+
 /// Calibration options.
 #[derive(Debug, Clone)]
 pub struct CalibOptions {
+    /// The runtime.
+    pub runtime: Runtime,
+    /// onnxruntime execution provider.
+    #[cfg(feature = "ort")]
+    pub ep: crate::runtime::ort::Ep,
     /// The data.
     pub source: Source,
     /// Samples per runtime call.
@@ -72,7 +89,7 @@ pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<
             "no calibratable MoE block was detected".into(),
         ));
     }
-    let reemitted = || -> Result<(crate::runtime::tract::TractSession, Vec<String>)> {
+    let reemitted = || -> Result<(Box<dyn Session>, Vec<String>)> {
         let mut re = model.clone();
         let rw = crate::emit::reemit(&mut re, det, crate::emit::EmitForm::Portable)?;
         let names: Vec<String> = det
@@ -86,19 +103,60 @@ pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<
                     .ok_or_else(|| Error::Usage(format!("{} was not re-emitted", r.block)))
             })
             .collect::<Result<_>>()?;
-        Ok((instrumented_session(&re, &blocks, &names)?, names))
+        let s: Box<dyn Session> = match opts.runtime {
+            #[cfg(feature = "ort")]
+            Runtime::Ort => Box::new(crate::runtime::ort::OrtSession::from_model(
+                &instrument(&re, &blocks, &names)?,
+                opts.ep,
+            )?),
+            _ => Box::new(crate::runtime::tract::TractSession::from_model(
+                &instrument(&re, &blocks, &names)?,
+            )?),
+        };
+        Ok((s, names))
     };
     let original: Vec<String> = blocks.iter().map(|b| b.router.logits.clone()).collect();
     // tract cannot run some exporter graphs (e.g. Switch's boolean-mask reshapes), and
     // shape-specialised exports fail on other inputs: the re-emitted blocks are exact and
     // portable, so calibration falls back to them.
     let mut switched = false;
-    let (mut session, mut logits) = match instrumented_session(model, &blocks, &original) {
-        Ok(s) => (s, original),
-        Err(e) => {
-            log::info!("tract cannot run the exported graph ({e}); calibrating through smoe-opt's exact re-emission");
-            switched = true;
-            reemitted()?
+    let inst = instrument(model, &blocks, &original)?;
+    let (mut session, mut logits): (Box<dyn Session>, Vec<String>) = match opts.runtime {
+        #[cfg(feature = "ort")]
+        Runtime::Ort => (
+            Box::new(crate::runtime::ort::OrtSession::from_model(&inst, opts.ep)?),
+            original,
+        ),
+        #[cfg(not(feature = "ort"))]
+        Runtime::Ort => {
+            return Err(Error::Usage(
+                "this build has no onnxruntime support (feature 'ort')".into(),
+            ))
+        }
+        Runtime::Tract | Runtime::Auto => {
+            match crate::runtime::tract::TractSession::from_model(&inst) {
+                Ok(s) => {
+                    log::info!("calibrating with tract");
+                    (Box::new(s), original)
+                }
+                Err(e) => match opts.runtime {
+                    #[cfg(feature = "ort")]
+                    Runtime::Auto if crate::runtime::ort::find_library().is_ok() => {
+                        log::info!(
+                            "tract cannot run this model ({e}); calibrating with onnxruntime"
+                        );
+                        (
+                            Box::new(crate::runtime::ort::OrtSession::from_model(&inst, opts.ep)?),
+                            original,
+                        )
+                    }
+                    _ => {
+                        log::info!("tract cannot run the exported graph ({e}); calibrating through smoe-opt's exact re-emission");
+                        switched = true;
+                        reemitted()?
+                    }
+                },
+            }
         }
     };
     let data = load_inputs(model, &opts.source)?;
@@ -175,11 +233,7 @@ pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<
     })
 }
 
-fn instrumented_session(
-    model: &Model,
-    blocks: &[&crate::moe::MoeBlock],
-    logits: &[String],
-) -> Result<crate::runtime::tract::TractSession> {
+fn instrument(model: &Model, blocks: &[&crate::moe::MoeBlock], logits: &[String]) -> Result<Model> {
     let mut inst = model.clone();
     let mut p = Patch::new("calibration outputs");
     for (b, l) in blocks.iter().zip(logits) {
@@ -190,7 +244,7 @@ fn instrumented_session(
         p.add_output(l.clone());
     }
     inst.graph.apply(p)?;
-    crate::runtime::tract::TractSession::from_model(&inst)
+    Ok(inst)
 }
 
 fn slice(v: &Value, start: usize, end: usize) -> Value {

@@ -1,5 +1,7 @@
 //! Runtimes that execute models: tract (embedded, default) and onnxruntime (planned,
 //! through `ort`). Passes never call a runtime; calibration and verification do.
+#[cfg(feature = "ort")]
+pub mod ort;
 #[cfg(feature = "tract")]
 pub mod tract;
 
