@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import onnx, onnxruntime, numpy' 2>/dev/null; then
+if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 fi
+.venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 export SMOE_PYTHON="$PWD/.venv/bin/python"
 cargo test --all-targets "$@"

@@ -61,14 +61,19 @@ enum Command {
         /// The ONNX model.
         input: PathBuf,
         /// Calibration inputs: .npz with the model's input names as keys, first axis = samples.
-        #[arg(
-            long,
-            conflicts_with = "calib_random",
-            required_unless_present = "calib_random"
-        )]
+        #[arg(long, group = "data")]
         calib: Option<PathBuf>,
+        /// Calibration text, cut into --seq-len token windows by --tokenizer.
+        #[arg(long, group = "data", requires = "tokenizer")]
+        calib_text: Option<PathBuf>,
+        /// A Hugging Face tokenizer.json for --calib-text.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// No data: statistics from the weights only (uniform frequencies; weak).
+        #[arg(long, group = "data")]
+        data_free: bool,
         /// Use N random token-id sequences instead (weak: real text routes differently).
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", group = "data")]
         calib_random: Option<usize>,
         /// Tokens per random sequence.
         #[arg(long, default_value_t = 128)]
@@ -168,6 +173,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Calibrate {
             input,
             calib,
+            calib_text,
+            tokenizer,
+            data_free,
             calib_random,
             seq_len,
             batch,
@@ -182,18 +190,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for d in &det.diagnostics {
                 log::warn!("{d}");
             }
-            let source = match (calib, calib_random) {
-                (Some(p), _) => smoe_opt::calib::Source::Npz(p),
-                (None, Some(n)) => smoe_opt::calib::Source::Random {
+            let source = if let Some(p) = calib {
+                smoe_opt::calib::Source::Npz(p)
+            } else if let Some(text) = calib_text {
+                smoe_opt::calib::Source::Text {
+                    text,
+                    tokenizer: tokenizer.expect("clap requires --tokenizer"),
+                    seq_len,
+                }
+            } else if let Some(n) = calib_random {
+                smoe_opt::calib::Source::Random {
                     samples: n,
                     seq_len,
-                },
-                (None, None) => {
-                    return Err(smoe_opt::Error::Usage(
-                        "give --calib FILE.npz or --calib-random N".into(),
-                    )
-                    .into())
                 }
+            } else if data_free {
+                smoe_opt::calib::Source::DataFree
+            } else {
+                return Err(smoe_opt::Error::Usage(
+                    "give calibration data: --calib FILE.npz, --calib-text FILE --tokenizer tokenizer.json, \
+                     --calib-random N, or --data-free"
+                        .into(),
+                )
+                .into());
             };
             let opts = smoe_opt::calib::CalibOptions {
                 runtime,
@@ -207,16 +225,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 progress,
             };
-            let t0 = std::time::Instant::now();
             let stats = smoe_opt::calib::calibrate(&model, &det, &opts)?;
             let side = smoe_opt::calib::save(&stats, &output)?;
             let tokens: u64 = stats.layers.first().map_or(0, |l| l.tokens);
             if !cli.quiet {
                 eprintln!(
-                    "smoe-opt: calibrated {} blocks on {} samples ({tokens} tokens, {:.0} tokens/s, {}) -> {} + {}",
+                    "smoe-opt: calibrated {} blocks on {} samples ({tokens} tokens, {:.0} tokens/s after {:.1} s setup, {}) -> {} + {}",
                     stats.layers.len(),
                     stats.samples,
-                    tokens as f64 / t0.elapsed().as_secs_f64(),
+                    tokens as f64 / stats.seconds_run.max(1e-9),
+                    stats.seconds_setup,
                     stats.runtime,
                     output.display(),
                     side.display()

@@ -150,3 +150,81 @@ fn input_mismatch_lists_what_the_model_expects() {
     );
     assert!(!tmp.path().join("s.json").exists());
 }
+
+#[test]
+fn text_calibration_matches_the_python_tokenizer_and_reference() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = root().join("testdata/models/olmoe_v4_ts");
+    let text = root().join("testdata/text/calib.txt");
+    let tok = root().join("testdata/text/tokenizer.json");
+    let stats = tmp.path().join("s.json");
+    let o = bin()
+        .arg("calibrate")
+        .arg(dir.join("model.onnx"))
+        .arg("--calib-text")
+        .arg(&text)
+        .arg("--tokenizer")
+        .arg(&tok)
+        .args(["--seq-len", "48", "--batch", "16", "-o"])
+        .arg(&stats)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let data = tmp.path().join("d.npz");
+    let r = run_py(
+        &py,
+        "text_to_npz.py",
+        &[
+            text.to_str().unwrap(),
+            tok.to_str().unwrap(),
+            "48",
+            data.to_str().unwrap(),
+        ],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let model = Model::load(dir.join("model.onnx")).unwrap();
+    let det = smoe_opt::moe::detect(&model.graph);
+    let bj = tmp.path().join("b.json");
+    std::fs::write(&bj, serde_json::to_string(&det.blocks).unwrap()).unwrap();
+    let r = run_py(
+        &py,
+        "calib_ref.py",
+        &[
+            dir.join("model.onnx").to_str().unwrap(),
+            bj.to_str().unwrap(),
+            data.to_str().unwrap(),
+            stats.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        r.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
+#[test]
+fn data_free_statistics_are_uniform_and_say_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s.json");
+    let o = bin()
+        .arg("calibrate")
+        .arg(root().join("testdata/models/olmoe_v4_ts/model.onnx"))
+        .arg("--data-free")
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("data-free"));
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(j["runtime"], "none");
+    for l in j["layers"].as_array().unwrap() {
+        for f in l["frequency"].as_array().unwrap() {
+            assert_eq!(f.as_f64().unwrap(), 1.0 / 16.0);
+        }
+        assert_eq!(l["logit_cosine"][3][3].as_f64().unwrap(), 1.0);
+    }
+}

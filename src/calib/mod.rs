@@ -23,6 +23,17 @@ use std::path::{Path, PathBuf};
 pub enum Source {
     /// An `.npz` whose keys are model input names; first axis = samples.
     Npz(PathBuf),
+    /// A text file cut into windows of `seq_len` tokens by a `tokenizer.json`.
+    Text {
+        /// The text.
+        text: PathBuf,
+        /// The tokenizer (Hugging Face `tokenizer.json`).
+        tokenizer: PathBuf,
+        /// Tokens per window.
+        seq_len: usize,
+    },
+    /// No data: statistics from the weights alone (uniform frequencies; weak: says so).
+    DataFree,
     /// `samples` random sequences of `seq_len` token ids (weak: says so).
     Random {
         /// Number of sequences.
@@ -71,6 +82,10 @@ pub struct CalibStats {
     pub source: String,
     /// Samples run.
     pub samples: usize,
+    /// Seconds spent loading/compiling the model in the runtime.
+    pub seconds_setup: f64,
+    /// Seconds spent running batches and folding statistics.
+    pub seconds_run: f64,
     /// Per MoE block.
     pub layers: Vec<LayerStats>,
 }
@@ -88,6 +103,27 @@ pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<
         return Err(Error::Usage(
             "no calibratable MoE block was detected".into(),
         ));
+    }
+    if let Source::DataFree = opts.source {
+        log::warn!(
+            "--data-free: no data; frequencies are uniform and similarities come from router weights only"
+        );
+        let layers = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                Ok(LayerAcc::new(&model.graph, b, opts.stats.clone(), i)?
+                    .finish_data_free(&model.graph))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(CalibStats {
+            runtime: "none".into(),
+            source: "data-free (weights only)".into(),
+            samples: 0,
+            seconds_setup: 0.0,
+            seconds_run: 0.0,
+            layers,
+        });
     }
     let reemitted = || -> Result<(Box<dyn Session>, Vec<String>)> {
         let mut re = model.clone();
@@ -119,6 +155,7 @@ pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<
     // tract cannot run some exporter graphs (e.g. Switch's boolean-mask reshapes), and
     // shape-specialised exports fail on other inputs: the re-emitted blocks are exact and
     // portable, so calibration falls back to them.
+    let t_setup = std::time::Instant::now();
     let mut switched = false;
     let inst = instrument(model, &blocks, &original)?;
     let (mut session, mut logits): (Box<dyn Session>, Vec<String>) = match opts.runtime {
@@ -160,6 +197,8 @@ pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<
         }
     };
     let data = load_inputs(model, &opts.source)?;
+    let seconds_setup = t_setup.elapsed().as_secs_f64();
+    let t_run = std::time::Instant::now();
     let samples = data.first().map(|(_, v)| v.shape()[0]).unwrap_or(0);
     let mut accs = blocks
         .iter()
@@ -224,11 +263,17 @@ pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<
     let source = match &opts.source {
         Source::Npz(p) => format!("npz {}", p.display()),
         Source::Random { samples, seq_len } => format!("random token ids: {samples} x {seq_len}"),
+        Source::Text { text, seq_len, .. } => {
+            format!("text {} in windows of {seq_len} tokens", text.display())
+        }
+        Source::DataFree => unreachable!("handled above"),
     };
     Ok(CalibStats {
         runtime: session.runtime().into(),
         source,
         samples,
+        seconds_setup,
+        seconds_run: t_run.elapsed().as_secs_f64(),
         layers: accs.into_iter().map(LayerAcc::finish).collect(),
     })
 }
@@ -340,6 +385,72 @@ fn load_inputs(model: &Model, source: &Source) -> Result<Vec<(String, Value)>> {
                         path.display()
                     );
                 }
+            }
+            Ok(out)
+        }
+        Source::DataFree => Ok(vec![]),
+        Source::Text {
+            text,
+            tokenizer,
+            seq_len,
+        } => {
+            let tok = tokenizers::Tokenizer::from_file(tokenizer).map_err(|e| {
+                Error::Usage(format!(
+                    "{}: not a tokenizer.json: {e}",
+                    tokenizer.display()
+                ))
+            })?;
+            let body = std::fs::read_to_string(text).map_err(|e| Error::io(text, e))?;
+            let enc = tok
+                .encode(body.as_str(), false)
+                .map_err(|e| Error::Usage(format!("{}: tokenizing failed: {e}", text.display())))?;
+            let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+            let l = (*seq_len).max(1);
+            if ids.is_empty() {
+                return Err(Error::Usage(format!("{}: no tokens", text.display())));
+            }
+            let n = ids.len().div_ceil(l);
+            let pad = tok
+                .token_to_id("[PAD]")
+                .or_else(|| tok.token_to_id("<pad>"))
+                .unwrap_or(0) as i64;
+            let mut input_ids = ArrayD::from_elem(IxDyn(&[n, l]), pad);
+            let mut mask = ArrayD::from_elem(IxDyn(&[n, l]), 0i64);
+            for (k, &id) in ids.iter().enumerate() {
+                input_ids[[k / l, k % l]] = id;
+                mask[[k / l, k % l]] = 1;
+            }
+            log::info!(
+                "{}: {} tokens in {n} windows of {l}",
+                text.display(),
+                ids.len()
+            );
+            let mut out = Vec::new();
+            for i in &inputs {
+                let v = match i.name.as_str() {
+                    "attention_mask" => Value::I64(mask.clone()),
+                    "position_ids" => {
+                        Value::I64(ArrayD::from_shape_fn(IxDyn(&[n, l]), |d| d[1] as i64))
+                    }
+                    _ if i.dtype == "int64" => {
+                        if let Some(v) = vocab_size(model, &i.name) {
+                            if let Some(bad) = ids.iter().find(|&&t| t as u64 >= v) {
+                                return Err(Error::Usage(format!(
+                                    "token id {bad} from {} is outside the model's vocabulary of {v}",
+                                    tokenizer.display()
+                                )));
+                            }
+                        }
+                        Value::I64(input_ids.clone())
+                    }
+                    _ => {
+                        return Err(Error::Usage(format!(
+                            "text calibration needs token-id inputs; the model expects: {}",
+                            expected(model).join("; ")
+                        )))
+                    }
+                };
+                out.push((i.name.clone(), v));
             }
             Ok(out)
         }

@@ -190,35 +190,59 @@ impl LayerAcc {
             let mut dst = self.out_sum.row_mut(e);
             dst += &s;
         }
+        // Rows of `xk` routed to each expert, in token order.
+        let mut routed: Vec<Vec<usize>> = vec![Vec::new(); self.counts.len()];
         for (j, &t) in idx.iter().enumerate() {
             let rt = &routes[t];
             for (slot, &e) in rt.experts.iter().enumerate() {
-                if !rt.kept[slot] {
-                    continue;
+                if rt.kept[slot] {
+                    self.counts[e] += 1;
+                    self.weight_sum[e] += rt.weights[slot] as f64;
+                    routed[e].push(j);
                 }
-                self.counts[e] += 1;
-                self.weight_sum[e] += rt.weights[slot] as f64;
-                let row = xk.row(j);
-                if !self.moments.is_empty() {
-                    let r = row.mapv(f64::from);
-                    let outer = r
-                        .view()
-                        .insert_axis(Axis(1))
-                        .dot(&r.view().insert_axis(Axis(0)));
-                    self.moments[e] += &outer;
-                }
+            }
+        }
+        for (e, rows) in routed.iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            if !self.moments.is_empty() {
+                let xe = xk.select(Axis(0), rows).mapv(f64::from);
+                self.moments[e] += &xe.t().dot(&xe);
+            }
+            let cap = self.cfg.reservoir;
+            for &j in rows {
                 self.seen[e] += 1;
-                let cap = self.cfg.reservoir;
                 if self.reservoir[e].len() < cap {
-                    self.reservoir[e].push(row.to_vec());
+                    self.reservoir[e].push(xk.row(j).to_vec());
                 } else if cap > 0 {
                     let k = (self.rng.next() % self.seen[e]) as usize;
                     if k < cap {
-                        self.reservoir[e][k] = row.to_vec();
+                        self.reservoir[e][k] = xk.row(j).to_vec();
                     }
                 }
             }
         }
+    }
+
+    /// Statistics from the weights alone: uniform frequencies, router-weight row cosines.
+    pub fn finish_data_free(self, g: &Graph) -> LayerStats {
+        let n = self.counts.len();
+        let w = crate::moe::weights::matrix(g, &self.block.router.weight).unwrap_or_default();
+        let h = self.block.hidden();
+        let mut gram = Array2::<f64>::zeros((n, n));
+        if w.len() == n * h {
+            let m = Array2::from_shape_vec((n, h), w.iter().map(|&v| f64::from(v)).collect())
+                .expect("n x h");
+            gram = m.dot(&m.t());
+        }
+        let mut s = self;
+        s.gram = gram;
+        let k = s.block.router.top_k as f64;
+        let mut out = s.finish();
+        out.frequency = vec![1.0 / n as f64; n];
+        out.mean_weight = vec![1.0 / k; n];
+        out
     }
 
     /// The finished statistics.

@@ -501,6 +501,25 @@ def gen_ort_fused(out):
     print(f"ort_moe_swiglu: numpy vs onnxruntime rel err {err:.2e}")
 
 
+def gen_tokenizer(out):
+    """A small BPE tokenizer (vocab 256, matching the test models) trained with the
+    `tokenizers` package on CPython's LICENSE text (shipped with every CPython), plus that
+    text as a calibration file. For `smoe-opt calibrate --calib-text` tests."""
+    import sysconfig
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    text = open(os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt"), encoding="utf-8").read()
+    d = os.path.join(out, "text")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "calib.txt"), "w", encoding="utf-8") as f:
+        f.write(text[:12000])
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["[PAD]", "[UNK]"])
+    tok.train_from_iterator([text], trainer)
+    tok.save(os.path.join(d, "tokenizer.json"))
+    print("tokenizer:", tok.get_vocab_size(), "tokens")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--tf", type=int, required=True)
@@ -515,6 +534,8 @@ if __name__ == "__main__":
         gen_bench(a.out)
     elif a.tf == 4:
         gen_v4(a.out)
+    elif a.only == "tokenizer":
+        gen_tokenizer(a.out)
     else:
         gen_v5(a.out)
         gen_ort_fused(a.out)

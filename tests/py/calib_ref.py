@@ -53,6 +53,7 @@ for b in blocks:
         keep = feed["attention_mask"].reshape(-1) != 0
     z = blk.logits(x)
     idx, w, kept = blk.route(z, seq_len)
+    routed = [[] for _ in range(N)]
     counts = np.zeros(N, int)
     wsum = np.zeros(N)
     reap = np.zeros(N)
@@ -66,6 +67,7 @@ for b in blocks:
             if kept[t, s]:
                 e = idx[t, s]
                 counts[e] += 1
+                routed[e].append(x[t])
                 wsum[e] += w[t, s]
                 reap[e] += w[t, s] * np.linalg.norm(outs[e][j])
     zk = z[keep]
@@ -82,4 +84,14 @@ for b in blocks:
     close(st["logit_cosine"], cos, f"{b['name']} logit_cosine")
     side = np.load(os.path.join(os.path.dirname(a.stats), json.load(open(a.stats))["sidecar"]))
     close(side[f"{b['name']}.mean_output"], mean_out, f"{b['name']} mean_output")
+    moments = side[f"{b['name']}.input_moments"]
+    for e in range(N):
+        if routed[e]:
+            xe = np.array(routed[e])
+            close(moments[e], xe.T @ xe / len(xe), f"{b['name']} input_moments[{e}]")
+            samples = side[f"{b['name']}.samples.{e}"]
+            # Every reservoir row is one of the expert's routed inputs (tract/ORT rounding aside).
+            for row in samples:
+                if np.abs(xe - row).max(axis=1).min() > 1e-4 * (np.abs(xe).max() + 1e-12):
+                    raise SystemExit(f"{b['name']}: reservoir row of expert {e} is not a routed input")
 print(json.dumps({"ok": True, "blocks": len(blocks)}))
