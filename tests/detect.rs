@@ -30,6 +30,7 @@ fn detection_matches_generator_truth() {
             "per-expert" | "per-expert-3d" => "per-expert",
             "batched-3d" => "batched3d",
             "ort-fused" => "ort-fused",
+            "dense-all" => "dense-all",
             "dense" => "none",
             f => panic!("{name}: unknown truth form {f}"),
         };

@@ -15,6 +15,9 @@ pub enum Form {
     Batched3d,
     /// onnxruntime's fused `com.microsoft.MoE`.
     OrtFused,
+    /// Dense all-experts: every expert runs on every token, outputs scaled by a [T, N]
+    /// weight matrix that is zero outside the top-k ("dense fallback" exports).
+    DenseAll,
 }
 
 /// How router logits become routing scores.

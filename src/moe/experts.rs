@@ -60,6 +60,7 @@ pub fn extract(v: &View, region: &[NodeId], r: &FoundRouter, x: &str) -> Result<
     let mut shared_uses = Vec::new();
     let mut by_expert: BTreeMap<usize, Vec<Linear>> = BTreeMap::new();
     let mut specialised = false;
+    let mut dense = false;
     for l in plain {
         let anc = v.ancestors(&l.data, &within, &stop);
         let routed = anc.iter().any(|a| sel_cone.contains(a));
@@ -68,6 +69,15 @@ pub fn extract(v: &View, region: &[NodeId], r: &FoundRouter, x: &str) -> Result<
             if let Some((e, spec)) = expert_index(v, a, &sel_values) {
                 ids.insert(e);
                 specialised |= spec;
+            }
+        }
+        if ids.is_empty() && !routed {
+            // Dense all-experts form: the expert runs on every token and its output is
+            // scaled by column e of a [T, N] routing-weight matrix.
+            if let Some(e) = dense_column_of(v, &within, &l.out, &sel_values) {
+                dense = true;
+                by_expert.entry(e).or_default().push(l);
+                continue;
             }
         }
         match (ids.len(), routed) {
@@ -137,7 +147,11 @@ pub fn extract(v: &View, region: &[NodeId], r: &FoundRouter, x: &str) -> Result<
         }
     }
     Ok(Extracted {
-        form: Form::PerExpert,
+        form: if dense {
+            Form::DenseAll
+        } else {
+            Form::PerExpert
+        },
         experts,
         shared,
         specialised,
@@ -305,6 +319,60 @@ fn expert_index(v: &View, a: NodeId, sel: &HashSet<&str>) -> Option<(usize, bool
                 .map(|e| (e, false))
         }
         _ => None,
+    }
+}
+
+/// If a Mul downstream of `value` scales it by one column of a routing-weight matrix
+/// derived from the selection (`Slice(w, e, e+1, axis 1)` or `Gather(w, e, axis 1)`), that
+/// column's index.
+fn dense_column_of(
+    v: &View,
+    within: &HashSet<NodeId>,
+    value: &str,
+    sel: &HashSet<&str>,
+) -> Option<usize> {
+    let mut found = HashSet::new();
+    for id in v.forward_cone(&[value], Some(within)) {
+        if v.op(id) != "Mul" {
+            continue;
+        }
+        for side in 0..2 {
+            let operand = v.skip_back(v.input(id, side), PASSTHROUGH);
+            let Some((p, op)) = v.producer(operand) else {
+                continue;
+            };
+            let data = v.input(p, 0);
+            if !sel.contains(data) {
+                continue;
+            }
+            let e = match op {
+                "Slice" => {
+                    let start = const_scalar_int(v.g, v.input(p, 1));
+                    let end = const_scalar_int(v.g, v.input(p, 2));
+                    let axis = if v.input(p, 3).is_empty() {
+                        Some(0)
+                    } else {
+                        const_scalar_int(v.g, v.input(p, 3))
+                    };
+                    match (start, end, axis) {
+                        (Some(s), Some(e), Some(1 | -1)) if e == s + 1 => Some(s),
+                        _ => None,
+                    }
+                }
+                "Gather" if matches!(v.attr_int(p, "axis"), Some(1 | -1)) => {
+                    const_scalar_int(v.g, v.input(p, 1))
+                }
+                _ => None,
+            };
+            if let Some(e) = e.and_then(|e| usize::try_from(e).ok()) {
+                found.insert(e);
+            }
+        }
+    }
+    if found.len() == 1 {
+        found.into_iter().next()
+    } else {
+        None
     }
 }
 

@@ -323,6 +323,33 @@ class BiasedMoE(torch.nn.Module):
         return out.view(b, s, h)
 
 
+class DenseMoE(torch.nn.Module):
+    """Dense all-experts form ("dense fallback" graphs, as optimum writes gpt-oss): every
+    expert runs on every token; outputs are weighted by a [T, N] matrix that is zero outside
+    the top-k (ScatterElements of the top-k weights into zeros) and summed."""
+
+    def __init__(self, h, i, n, k, gated):
+        super().__init__()
+        self.n, self.k, self.gated = n, k, gated
+        self.router = torch.nn.Linear(h, n, bias=False)
+        self.up = torch.nn.ModuleList(torch.nn.Linear(h, i, bias=False) for _ in range(n))
+        self.gate = torch.nn.ModuleList(torch.nn.Linear(h, i, bias=False) for _ in range(n)) if gated else None
+        self.down = torch.nn.ModuleList(torch.nn.Linear(i, h, bias=False) for _ in range(n))
+
+    def forward(self, x):
+        b, s, h = x.shape
+        x = x.view(-1, h)
+        p = torch.softmax(self.router(x), dim=-1)
+        w, idx = torch.topk(p, self.k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        dense = torch.zeros_like(p).scatter(1, idx, w)
+        out = torch.zeros_like(x)
+        for e in range(self.n):
+            hdn = torch.nn.functional.silu(self.gate[e](x)) * self.up[e](x) if self.gated else torch.relu(self.up[e](x))
+            out = out + dense[:, e:e + 1] * self.down[e](hdn)
+        return out.view(b, s, h)
+
+
 def gen_variants(out):
     from transformers import MixtralConfig, Qwen2MoeConfig
     import transformers.models.mixtral.modeling_mixtral as mx
@@ -344,6 +371,8 @@ def gen_variants(out):
     cases.append(("biased_geglu_tanh_n4_k2", "biased", dict(n=4, k=2, gated=True, act="gelu-tanh", truth_act="geglu")))
     cases.append(("sigmoid_router_n8_k2", "biased", dict(n=8, k=2, gated=True, act="silu", truth_act="swiglu",
                                                           scoring="sigmoid")))
+    cases.append(("dense_swiglu_n8_k2", "dense", dict(n=8, k=2, gated=True, truth_act="swiglu")))
+    cases.append(("dense_relu_n4_k1", "dense", dict(n=4, k=1, gated=False, truth_act="relu")))
     for seed, (name, kind, c) in enumerate(cases, start=100):
         torch.manual_seed(seed)
         n, k = c["n"], c["k"]
@@ -358,6 +387,9 @@ def gen_variants(out):
                                  num_experts=n, num_experts_per_tok=k, norm_topk_prob=False)
             mod = qm.Qwen2MoeSparseMoeBlock(cfg)
             act, shared, renorm = "swiglu", 1, False
+        elif kind == "dense":
+            mod = DenseMoE(h, i, n, k, c["gated"])
+            act = c["truth_act"]
         else:
             mod = BiasedMoE(h, i, n, k, c["gated"], c["act"], scoring)
             act, biases = c["truth_act"], True
@@ -378,7 +410,8 @@ def gen_variants(out):
                      router_scoring=scoring, experts_present=list(range(n)), shared_experts=shared,
                      expert_biases=biases, router_bias=biases)
         finish(name, out, mod, {"hidden_states": x},
-               dict(form="per-expert", exporter="torchscript", family=kind, patched_loop=True, layers=[layer]),
+               dict(form="dense-all" if kind == "dense" else "per-expert", exporter="torchscript", family=kind,
+                    patched_loop=True, layers=[layer]),
                torch_ref=lambda hidden_states: mod(hidden_states))
 
 
