@@ -31,3 +31,17 @@ fn draw_target(enabled: bool) -> ProgressDrawTarget {
         ProgressDrawTarget::hidden()
     }
 }
+
+/// A count progress bar (`what` per second shown), hidden unless `enabled` and stderr is a
+/// terminal.
+pub fn count_bar(enabled: bool, total: u64, what: &'static str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), draw_target(enabled));
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {what} ({{per_sec}}) eta {{eta}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}

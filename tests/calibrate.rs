@@ -228,3 +228,36 @@ fn data_free_statistics_are_uniform_and_say_so() {
         assert_eq!(l["logit_cosine"][3][3].as_f64().unwrap(), 1.0);
     }
 }
+
+#[test]
+fn saved_statistics_load_back_exactly() {
+    let dir = root().join("testdata/models/qwen2moe_v4_ts");
+    let model = Model::load(dir.join("model.onnx")).unwrap();
+    let det = smoe_opt::moe::detect(&model.graph);
+    let opts = smoe_opt::calib::CalibOptions {
+        runtime: smoe_opt::calib::Runtime::Tract,
+        ep: Default::default(),
+        source: smoe_opt::calib::Source::Npz(dir.join("io.npz")),
+        batch: 2,
+        stats: smoe_opt::calib::stats::StatsConfig {
+            reservoir: 5,
+            ..Default::default()
+        },
+        progress: false,
+    };
+    let stats = smoe_opt::calib::calibrate(&model, &det, &opts).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("stats.json");
+    smoe_opt::calib::save(&stats, &json).unwrap();
+    let back = smoe_opt::calib::load(&json).unwrap();
+    assert_eq!(back.layers.len(), stats.layers.len());
+    for (a, b) in stats.layers.iter().zip(&back.layers) {
+        assert_eq!(a.counts, b.counts);
+        assert_eq!(a.frequency, b.frequency);
+        assert_eq!(a.logit_cosine, b.logit_cosine);
+        assert_eq!(a.mean_output, b.mean_output);
+        assert_eq!(a.input_moments, b.input_moments);
+        assert_eq!(a.samples, b.samples);
+        assert!(a.samples.iter().all(|s| s.len() <= 5), "reservoir cap");
+    }
+}

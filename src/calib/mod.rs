@@ -74,7 +74,7 @@ pub struct CalibOptions {
 }
 
 /// Statistics of a whole model.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct CalibStats {
     /// The runtime used.
     pub runtime: String,
@@ -205,7 +205,9 @@ pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<
         .enumerate()
         .map(|(i, b)| LayerAcc::new(&model.graph, b, opts.stats.clone(), i))
         .collect::<Result<Vec<_>>>()?;
-    let bar = crate::progress::bytes_bar(opts.progress, samples as u64, "calibrating");
+    let bar = crate::progress::count_bar(opts.progress, samples as u64, "samples");
+    bar.set_message("calibrating");
+    let mut tokens_seen = 0usize;
     let batch = opts.batch.max(1);
     for start in (0..samples).step_by(batch) {
         let end = (start + batch).min(samples);
@@ -255,9 +257,16 @@ pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<
                 Some(m) if m.len() == rows => m.iter().map(|&v| v != 0.0).collect(),
                 _ => vec![true; rows],
             };
+            if li == 0 {
+                tokens_seen += keep.iter().filter(|&&k| k).count();
+            }
             acc.update(x2.view(), z2.view(), &keep, seq_len);
         }
         bar.set_position(end as u64);
+        bar.set_message(format!(
+            "calibrating ({:.0} tokens/s)",
+            tokens_seen as f64 / t_run.elapsed().as_secs_f64().max(1e-9)
+        ));
     }
     bar.finish_and_clear();
     let source = match &opts.source {
@@ -595,4 +604,45 @@ pub fn save(stats: &CalibStats, json: &Path) -> Result<PathBuf> {
     std::io::Write::write_all(f.file(), text.as_bytes()).map_err(|e| Error::io(json, e))?;
     f.commit()?;
     Ok(side)
+}
+
+/// Reads statistics written by [`save`]: the JSON and its `.npz` sidecar.
+pub fn load(json: &Path) -> Result<CalibStats> {
+    let text = std::fs::read_to_string(json).map_err(|e| Error::io(json, e))?;
+    let bad = |reason: String| Error::Decode {
+        path: json.to_path_buf(),
+        reason,
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut stats: CalibStats = serde_json::from_value(v.clone())
+        .map_err(|e| bad(format!("not smoe-opt statistics: {e}")))?;
+    let side_name = v["sidecar"]
+        .as_str()
+        .ok_or_else(|| bad("no 'sidecar' entry".into()))?;
+    let side = crate::fsutil::parent_dir(json).join(side_name);
+    let f = std::fs::File::open(&side).map_err(|e| Error::io(&side, e))?;
+    let mut npz = ndarray_npy::NpzReader::new(f).map_err(|e| Error::Decode {
+        path: side.clone(),
+        reason: e.to_string(),
+    })?;
+    let sbad = |what: String, e: ndarray_npy::ReadNpzError| Error::Decode {
+        path: side.clone(),
+        reason: format!("{what}: {e}"),
+    };
+    for l in &mut stats.layers {
+        let key = format!("{}.mean_output", l.block);
+        l.mean_output = npz.by_name(&key).map_err(|e| sbad(key.clone(), e))?;
+        let key = format!("{}.input_moments", l.block);
+        let m: ndarray::Array3<f64> = npz.by_name(&key).map_err(|e| sbad(key.clone(), e))?;
+        l.input_moments = m.outer_iter().map(|a| a.to_owned()).collect();
+        l.samples = (0..l.num_experts)
+            .map(|e| {
+                let key = format!("{}.samples.{e}", l.block);
+                let a: ndarray::Array2<f32> =
+                    npz.by_name(&key).map_err(|err| sbad(key.clone(), err))?;
+                Ok(a.outer_iter().map(|r| r.to_vec()).collect())
+            })
+            .collect::<Result<_>>()?;
+    }
+    Ok(stats)
 }

@@ -303,7 +303,7 @@ impl LayerAcc {
 }
 
 /// Finished statistics of one block.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct LayerStats {
     /// Block name.
     pub block: String,
