@@ -1,9 +1,12 @@
-//! The pass catalogue: one file per pass, each opening with a header that says what it
-//! does, its preconditions and limits.
+//! The pass catalogue: one file per pass, named verb_object.rs, each opening with a header
+//! that says what it does, its preconditions and limits.
 //!
-//! The foundation release has no transforming pass yet: the pipeline loads, verifies and
-//! saves. Passes (MoE detection, grouping, alignment, merging, compression) are added
-//! here one file each, and registered in [`PASSES`].
+//! Passes are pure functions of the graph, the detected blocks and calibration statistics;
+//! they never call a runtime. So far: the MC-SMoE planning steps (budget, grouping). The
+//! alignment, merge and compression passes and the named pipelines come with issue 5.
 
-/// Names of the passes the pipeline knows, in pipeline order.
-pub const PASSES: &[&str] = &[];
+pub mod group_experts;
+pub mod plan_budget;
+
+/// Names of the passes, in pipeline order.
+pub const PASSES: &[&str] = &["plan_budget", "group_experts"];

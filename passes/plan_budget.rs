@@ -1,0 +1,67 @@
+//! plan_budget — MC-SMoE's adaptive merging ratio: how many groups each MoE layer keeps.
+//!
+//! What: given each layer's expert usage frequencies and an average target of `g` groups
+//! per merged layer, give every merged layer its own group count `M_l` so that layers with
+//! concentrated routing keep few groups and flat layers keep more.
+//! How (mc-smoe.md §2, with the reference's weaknesses fixed): each merged layer's most-used
+//! expert counts as frequency 1.0 (every layer keeps at least one group); all (layer, expert)
+//! pairs are ranked by frequency (ties: earlier layer, then lower expert index) and the first
+//! `g · L_m` pairs are kept; `M_l` is the number kept in layer `l`. The total is hit exactly
+//! and the result is deterministic on ties (the reference's strict `>` threshold lost groups).
+//! Preconditions: every frequency vector is non-empty; `g` ≥ 1.
+//! Limits: pure function of frequencies; unmerged layers are simply not passed in.
+//!
+//! Before/after: `[[.7,.1,.1,.1], [.25,.25,.25,.25]]`, g = 2 → `[1, 3]`.
+
+/// Groups to keep per layer (same order as `freqs`), summing to `min(g · layers, Σ N_l)`.
+pub fn plan_budget(freqs: &[Vec<f64>], g: usize) -> Vec<usize> {
+    let layers = freqs.len();
+    let total: usize = (g.max(1) * layers).min(freqs.iter().map(Vec::len).sum());
+    let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
+    for (l, f) in freqs.iter().enumerate() {
+        let top = (0..f.len()).max_by(|&a, &b| f[a].total_cmp(&f[b]).then(b.cmp(&a)));
+        for (e, &v) in f.iter().enumerate() {
+            let v = if Some(e) == top { 1.0 } else { v };
+            pairs.push((v, l, e));
+        }
+    }
+    pairs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut m = vec![0usize; layers];
+    for &(_, l, _) in pairs.iter().take(total) {
+        m[l] += 1;
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_budget;
+
+    #[test]
+    fn concentrated_layers_keep_fewer_groups() {
+        let f = vec![vec![0.7, 0.1, 0.1, 0.1], vec![0.25, 0.25, 0.25, 0.25]];
+        assert_eq!(plan_budget(&f, 2), vec![1, 3]);
+    }
+
+    #[test]
+    fn total_is_exact_even_with_ties() {
+        let f = vec![
+            vec![0.25; 8],
+            vec![0.125; 8],
+            vec![0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        ];
+        for g in 1..=8 {
+            let m = plan_budget(&f, g);
+            assert_eq!(m.iter().sum::<usize>(), 3 * g, "g = {g}: {m:?}");
+            assert!(m.iter().all(|&x| (1..=8).contains(&x)), "{m:?}");
+            assert_eq!(m, plan_budget(&f, g), "deterministic");
+        }
+    }
+
+    #[test]
+    fn full_budget_keeps_everything() {
+        let f = vec![vec![0.4, 0.3, 0.2, 0.1]; 3];
+        assert_eq!(plan_budget(&f, 4), vec![4, 4, 4]);
+        assert_eq!(plan_budget(&f, 9), vec![4, 4, 4]);
+    }
+}
