@@ -2,11 +2,13 @@
 //! that says what it does, its preconditions and limits.
 //!
 //! Passes are pure functions of the graph, the detected blocks and calibration statistics;
-//! they never call a runtime. So far: the MC-SMoE planning steps (budget, grouping). The
-//! alignment, merge and compression passes and the named pipelines come with issue 5.
+//! they never call a runtime. So far: the MC-SMoE building blocks (budget, grouping,
+//! weighted merge, permutation). Alignment, compression, emission of merged experts and the
+//! named pipelines come with issue 5.
 
 pub mod group_experts;
+pub mod merge_experts;
 pub mod plan_budget;
 
 /// Names of the passes, in pipeline order.
-pub const PASSES: &[&str] = &["plan_budget", "group_experts"];
+pub const PASSES: &[&str] = &["plan_budget", "group_experts", "merge_experts"];
