@@ -275,7 +275,7 @@ pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<
         Source::Text { text, seq_len, .. } => {
             format!("text {} in windows of {seq_len} tokens", text.display())
         }
-        Source::DataFree => unreachable!("handled above"),
+        Source::DataFree => "data-free (weights only)".to_string(),
     };
     Ok(CalibStats {
         runtime: session.runtime().into(),
