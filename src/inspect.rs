@@ -224,12 +224,7 @@ pub fn inspect(model: &Model) -> Inspection {
                 version: o.version.unwrap_or(0),
             })
             .collect(),
-        inputs: g
-            .inputs()
-            .iter()
-            .filter(|v| g.initializer(v.name.as_deref().unwrap_or("")).is_none())
-            .map(describe)
-            .collect(),
+        inputs: g.data_inputs().map(describe).collect(),
         outputs: g.outputs().iter().map(describe).collect(),
         nodes: g.node_count(),
         ops,

@@ -38,13 +38,7 @@ fn statistics_match_the_numpy_reference() {
     for (name, dir) in models() {
         let model = Model::load(dir.join("model.onnx")).unwrap();
         let det = smoe_opt::moe::detect(&model.graph);
-        let blocks: Vec<_> = det
-            .blocks
-            .iter()
-            .zip(&det.identified)
-            .filter(|(_, &i)| i)
-            .map(|(b, _)| b)
-            .collect();
+        let blocks = det.identified_blocks();
         if blocks.is_empty() {
             continue;
         }

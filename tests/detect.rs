@@ -102,13 +102,7 @@ fn detected_blocks_compute_what_the_model_computes() {
     for (name, dir) in models() {
         let model = Model::load(dir.join("model.onnx")).unwrap();
         let det = smoe_opt::moe::detect(&model.graph);
-        let blocks: Vec<_> = det
-            .blocks
-            .iter()
-            .zip(&det.identified)
-            .filter(|(_, &ok)| ok)
-            .map(|(b, _)| b)
-            .collect();
+        let blocks = det.identified_blocks();
         if blocks.is_empty() {
             continue;
         }

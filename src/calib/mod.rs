@@ -92,13 +92,7 @@ pub struct CalibStats {
 
 /// Calibrates `model`'s detected blocks (those with every expert identified).
 pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<CalibStats> {
-    let blocks: Vec<_> = det
-        .blocks
-        .iter()
-        .zip(&det.identified)
-        .filter(|(_, &i)| i)
-        .map(|(b, _)| b)
-        .collect();
+    let blocks = det.identified_blocks();
     if blocks.is_empty() {
         return Err(Error::Usage(
             "no calibratable MoE block was detected".into(),
@@ -312,14 +306,7 @@ fn slice(v: &Value, start: usize, end: usize) -> Value {
 fn expected(model: &Model) -> Vec<String> {
     model
         .graph
-        .inputs()
-        .iter()
-        .filter(|v| {
-            model
-                .graph
-                .initializer(v.name.as_deref().unwrap_or(""))
-                .is_none()
-        })
+        .data_inputs()
         .map(|v| {
             let d = describe(v);
             let dims: Vec<String> = d
@@ -334,18 +321,7 @@ fn expected(model: &Model) -> Vec<String> {
 }
 
 fn load_inputs(model: &Model, source: &Source) -> Result<Vec<(String, Value)>> {
-    let inputs: Vec<_> = model
-        .graph
-        .inputs()
-        .iter()
-        .filter(|v| {
-            model
-                .graph
-                .initializer(v.name.as_deref().unwrap_or(""))
-                .is_none()
-        })
-        .map(describe)
-        .collect();
+    let inputs: Vec<_> = model.graph.data_inputs().map(describe).collect();
     match source {
         Source::Npz(path) => {
             let all = read_npz(path)?;

@@ -131,6 +131,14 @@ impl Graph {
         &self.header.input
     }
 
+    /// Graph inputs the caller must feed (initializers listed as inputs excluded).
+    pub fn data_inputs(&self) -> impl Iterator<Item = &ValueInfoProto> + '_ {
+        self.header
+            .input
+            .iter()
+            .filter(|v| self.initializer(v.name.as_deref().unwrap_or("")).is_none())
+    }
+
     /// Graph outputs.
     pub fn outputs(&self) -> &[ValueInfoProto] {
         &self.header.output

@@ -34,6 +34,18 @@ pub struct Detection {
     pub identified: Vec<bool>,
 }
 
+impl Detection {
+    /// The blocks whose experts are all identified (safe to calibrate and rewrite).
+    pub fn identified_blocks(&self) -> Vec<&MoeBlock> {
+        self.blocks
+            .iter()
+            .zip(&self.identified)
+            .filter(|(_, &i)| i)
+            .map(|(b, _)| b)
+            .collect()
+    }
+}
+
 /// Runs every recogniser over `g`.
 pub fn detect(g: &Graph) -> Detection {
     let v = View::new(g);

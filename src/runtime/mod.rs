@@ -48,6 +48,15 @@ pub trait Session {
     fn run(&mut self, inputs: &[(String, Value)]) -> Result<Vec<(String, Value)>>;
 }
 
+/// The value named `name` among `inputs` (for a session feeding its declared inputs).
+pub fn input<'a>(inputs: &'a [(String, Value)], name: &str) -> Result<&'a Value> {
+    inputs
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
+        .ok_or_else(|| Error::Usage(format!("input '{name}' was not given")))
+}
+
 /// Reads every array of an `.npz` file (float32, float64 → f32, int64, int32 → i64,
 /// bool/uint8 → i64), keyed by name without `.npy`.
 pub fn read_npz(path: &Path) -> Result<Vec<(String, Value)>> {

@@ -155,11 +155,7 @@ impl Session for OrtSession {
     fn run(&mut self, inputs: &[(String, Value)]) -> Result<Vec<(String, Value)>> {
         let mut feed: Vec<(String, ort::value::DynValue)> = Vec::new();
         for name in &self.inputs {
-            let v = inputs
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v)
-                .ok_or_else(|| Error::Usage(format!("input '{name}' was not given")))?;
+            let v = super::input(inputs, name)?;
             let t = match v {
                 Value::F32(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
                 Value::I64(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),

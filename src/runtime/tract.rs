@@ -81,11 +81,7 @@ impl Session for TractSession {
     fn run(&mut self, inputs: &[(String, Value)]) -> Result<Vec<(String, Value)>> {
         let mut feed = TVec::new();
         for name in &self.inputs {
-            let v = inputs
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v)
-                .ok_or_else(|| Error::Usage(format!("input '{name}' was not given")))?;
+            let v = super::input(inputs, name)?;
             let t: Tensor = match v {
                 Value::F32(a) => a.clone().into(),
                 Value::I64(a) => a.clone().into(),
