@@ -39,6 +39,36 @@ pub fn logit_similarity(cos: &[Vec<f64>]) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// Expert-weight similarity (cos + 1) / 2 of the experts' concatenated, flattened matrices
+/// (the reference code's "weight" basis; unaligned, so it sees neuron order too).
+pub fn weight_similarity(experts: &[&super::merge_experts::ExpertParams]) -> Vec<Vec<f64>> {
+    let flat: Vec<Vec<f64>> = experts
+        .iter()
+        .map(|e| {
+            let mut v: Vec<f64> = e.up.iter().map(|&x| f64::from(x)).collect();
+            if let Some(g) = &e.gate {
+                v.extend(g.iter().map(|&x| f64::from(x)));
+            }
+            v.extend(e.down.iter().map(|&x| f64::from(x)));
+            v
+        })
+        .collect();
+    let norm: Vec<f64> = flat
+        .iter()
+        .map(|v| v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-30))
+        .collect();
+    (0..flat.len())
+        .map(|i| {
+            (0..flat.len())
+                .map(|j| {
+                    let dot: f64 = flat[i].iter().zip(&flat[j]).map(|(a, b)| a * b).sum();
+                    (dot / (norm[i] * norm[j]) + 1.0) / 2.0
+                })
+                .collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{group_experts, logit_similarity};

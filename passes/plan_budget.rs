@@ -1,22 +1,23 @@
 //! plan_budget — MC-SMoE's adaptive merging ratio: how many groups each MoE layer keeps.
 //!
-//! What: given each layer's expert usage frequencies and an average target of `g` groups
-//! per merged layer, give every merged layer its own group count `M_l` so that layers with
+//! What: given each layer's expert usage frequencies and a total number of groups to keep
+//! over the merged layers (`g · L_m` for an average of `g` per layer), give every merged layer its own group count `M_l` so that layers with
 //! concentrated routing keep few groups and flat layers keep more.
 //! How (mc-smoe.md §2, with the reference's weaknesses fixed): each merged layer's most-used
 //! expert counts as frequency 1.0 (every layer keeps at least one group); all (layer, expert)
 //! pairs are ranked by frequency (ties: earlier layer, then lower expert index) and the first
-//! `g · L_m` pairs are kept; `M_l` is the number kept in layer `l`. The total is hit exactly
+//! `total` pairs are kept; `M_l` is the number kept in layer `l`. The total is hit exactly
 //! and the result is deterministic on ties (the reference's strict `>` threshold lost groups).
-//! Preconditions: every frequency vector is non-empty; `g` ≥ 1.
+//! Preconditions: every frequency vector is non-empty; `total` ≥ number of layers.
 //! Limits: pure function of frequencies; unmerged layers are simply not passed in.
 //!
-//! Before/after: `[[.7,.1,.1,.1], [.25,.25,.25,.25]]`, g = 2 → `[1, 3]`.
+//! Before/after: `[[.7,.1,.1,.1], [.25,.25,.25,.25]]`, total = 4 → `[1, 3]`.
 
-/// Groups to keep per layer (same order as `freqs`), summing to `min(g · layers, Σ N_l)`.
-pub fn plan_budget(freqs: &[Vec<f64>], g: usize) -> Vec<usize> {
+/// Groups to keep per layer (same order as `freqs`), summing to
+/// `clamp(total, layers, Σ N_l)`; every layer keeps at least one.
+pub fn plan_budget(freqs: &[Vec<f64>], total: usize) -> Vec<usize> {
     let layers = freqs.len();
-    let total: usize = (g.max(1) * layers).min(freqs.iter().map(Vec::len).sum());
+    let total: usize = total.max(layers).min(freqs.iter().map(Vec::len).sum());
     let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
     for (l, f) in freqs.iter().enumerate() {
         let top = (0..f.len()).max_by(|&a, &b| f[a].total_cmp(&f[b]).then(b.cmp(&a)));
@@ -40,7 +41,7 @@ mod tests {
     #[test]
     fn concentrated_layers_keep_fewer_groups() {
         let f = vec![vec![0.7, 0.1, 0.1, 0.1], vec![0.25, 0.25, 0.25, 0.25]];
-        assert_eq!(plan_budget(&f, 2), vec![1, 3]);
+        assert_eq!(plan_budget(&f, 4), vec![1, 3]);
     }
 
     #[test]
@@ -51,17 +52,17 @@ mod tests {
             vec![0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
         ];
         for g in 1..=8 {
-            let m = plan_budget(&f, g);
+            let m = plan_budget(&f, 3 * g);
             assert_eq!(m.iter().sum::<usize>(), 3 * g, "g = {g}: {m:?}");
             assert!(m.iter().all(|&x| (1..=8).contains(&x)), "{m:?}");
-            assert_eq!(m, plan_budget(&f, g), "deterministic");
+            assert_eq!(m, plan_budget(&f, 3 * g), "deterministic");
         }
     }
 
     #[test]
     fn full_budget_keeps_everything() {
         let f = vec![vec![0.4, 0.3, 0.2, 0.1]; 3];
-        assert_eq!(plan_budget(&f, 4), vec![4, 4, 4]);
-        assert_eq!(plan_budget(&f, 9), vec![4, 4, 4]);
+        assert_eq!(plan_budget(&f, 12), vec![4, 4, 4]);
+        assert_eq!(plan_budget(&f, 27), vec![4, 4, 4]);
     }
 }

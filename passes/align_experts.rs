@@ -1,0 +1,259 @@
+//! align_experts — permutation alignment of one expert's intermediate neurons to a reference
+//! expert (mc-smoe.md §3), so that averaging the two is meaningful.
+//!
+//! What: an FFN's function does not change when its intermediate neurons are permuted (rows of
+//! gate/up and their biases, columns of down, together). Two experts trained from different
+//! starts compute similar features in different neuron orders; averaging them unaligned mixes
+//! unrelated neurons. This pass finds the permutation π of the target's neurons that best matches
+//! the reference's and applies it.
+//! How:
+//! - weight matching: similarity `C = U_r U_tᵀ + G_r G_tᵀ + D_rᵀ D_t (+ b_r b_tᵀ per bias)`
+//!   (I×I); for gated (SwiGLU/GeGLU) experts the gate, up and down terms move together — the
+//!   reference code never aligned gated experts;
+//! - activation matching: Pearson correlation of the two experts' intermediate activations on the
+//!   same calibration inputs (tokens routed to either);
+//! - then the exact linear sum assignment maximising Σ C[a, π(a)] (Jonker–Volgenant, `lapjv`).
+//!
+//! Preconditions: both experts have the same shapes and gating. Limits: cost O(I²·H) to build,
+//! O(I³) worst case to solve; per-pair work is single-threaded (callers parallelise over pairs).
+//! Before/after: a target that is an exact neuron-permuted copy of the reference aligns to
+//! distance 0.
+
+use super::merge_experts::{permute, ExpertParams};
+use ndarray::{Array2, ArrayView2, Axis};
+
+/// Weight-matching similarity `[I, I]`: entry (a, b) compares reference neuron a with target
+/// neuron b through every matrix (and bias) that touches the neuron.
+pub fn weight_cost(r: &ExpertParams, t: &ExpertParams) -> Array2<f64> {
+    let mut c = r.up.dot(&t.up.t());
+    if let (Some(gr), Some(gt)) = (&r.gate, &t.gate) {
+        c += &gr.dot(&gt.t());
+    }
+    c += &r.down.t().dot(&t.down);
+    let mut c = c.mapv(f64::from);
+    for (br, bt) in [(&r.up_bias, &t.up_bias), (&r.gate_bias, &t.gate_bias)] {
+        if let (Some(br), Some(bt)) = (br, bt) {
+            for (a, &x) in br.iter().enumerate() {
+                for (b, &y) in bt.iter().enumerate() {
+                    c[[a, b]] += f64::from(x) * f64::from(y);
+                }
+            }
+        }
+    }
+    c
+}
+
+/// Activation-matching similarity `[I, I]`: Pearson correlation between the reference's
+/// neuron a and the target's neuron b over the same rows (`[rows, I]` each). Constant
+/// neurons correlate 0 with everything.
+pub fn activation_cost(hr: ArrayView2<f32>, ht: ArrayView2<f32>) -> Array2<f64> {
+    let z = |h: ArrayView2<f32>| {
+        let mut h = h.mapv(f64::from);
+        for mut col in h.axis_iter_mut(Axis(1)) {
+            let mean = col.mean().unwrap_or(0.0);
+            col.mapv_inplace(|v| v - mean);
+            let norm = col.dot(&col).sqrt();
+            if norm > 1e-12 {
+                col.mapv_inplace(|v| v / norm);
+            } else {
+                col.fill(0.0);
+            }
+        }
+        h
+    };
+    z(hr).t().dot(&z(ht))
+}
+
+/// The exact assignment maximising `Σ_a c[a, perm[a]]` for a square similarity matrix.
+/// Errors on non-square or non-finite input.
+pub fn solve_max(c: &Array2<f64>) -> Result<Vec<usize>, String> {
+    let (n, m) = c.dim();
+    if n != m {
+        return Err(format!("assignment matrix is {n}x{m}, not square"));
+    }
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    if c.iter().any(|v| !v.is_finite()) {
+        return Err("assignment matrix has non-finite entries".into());
+    }
+    let max = c.iter().copied().fold(f64::MIN, f64::max);
+    // lapjv minimises a non-negative cost.
+    let cost = ndarray016::Array2::from_shape_fn((n, n), |(a, b)| max - c[[a, b]]);
+    let (row_to_col, _) = lapjv::lapjv(&cost).map_err(|e| format!("assignment failed: {e:?}"))?;
+    Ok(row_to_col)
+}
+
+/// Frobenius distance between two experts over every matrix and bias.
+pub fn distance(a: &ExpertParams, b: &ExpertParams) -> f64 {
+    fn sq<'x, I: Iterator<Item = (&'x f32, &'x f32)>>(it: I) -> f64 {
+        it.map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+            .sum()
+    }
+    let mut s = sq(a.up.iter().zip(b.up.iter())) + sq(a.down.iter().zip(b.down.iter()));
+    if let (Some(x), Some(y)) = (&a.gate, &b.gate) {
+        s += sq(x.iter().zip(y.iter()));
+    }
+    for (x, y) in [
+        (&a.up_bias, &b.up_bias),
+        (&a.gate_bias, &b.gate_bias),
+        (&a.down_bias, &b.down_bias),
+    ] {
+        if let (Some(x), Some(y)) = (x, y) {
+            s += sq(x.iter().zip(y.iter()));
+        }
+    }
+    s.sqrt()
+}
+
+/// A target aligned to its reference.
+#[derive(Debug, Clone)]
+pub struct Aligned {
+    /// The permuted target.
+    pub params: ExpertParams,
+    /// New neuron a is old neuron `perm[a]`.
+    pub perm: Vec<usize>,
+    /// Weight distance to the reference before alignment.
+    pub before: f64,
+    /// Weight distance to the reference after alignment.
+    pub after: f64,
+}
+
+/// Aligns `t` to `r` with the permutation that maximises `similarity`.
+pub fn align(
+    r: &ExpertParams,
+    t: &ExpertParams,
+    similarity: &Array2<f64>,
+) -> Result<Aligned, String> {
+    let perm = solve_max(similarity)?;
+    let params = permute(t, &perm);
+    Ok(Aligned {
+        before: distance(r, t),
+        after: distance(r, &params),
+        params,
+        perm,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array, Array1};
+
+    struct Rng(u64);
+    impl Rng {
+        fn f(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % 20001) as f32 / 10000.0 - 1.0
+        }
+        fn perm(&mut self, n: usize) -> Vec<usize> {
+            let mut p: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                let j = (self.0 % (i as u64 + 1)) as usize;
+                self.f();
+                p.swap(i, j);
+            }
+            p
+        }
+    }
+
+    fn expert(rng: &mut Rng, h: usize, i: usize, gated: bool) -> ExpertParams {
+        ExpertParams {
+            gate: gated.then(|| Array::from_shape_fn((i, h), |_| rng.f())),
+            up: Array::from_shape_fn((i, h), |_| rng.f()),
+            down: Array::from_shape_fn((h, i), |_| rng.f()),
+            gate_bias: None,
+            up_bias: Some(Array1::from_shape_fn(i, |_| rng.f())),
+            down_bias: Some(Array1::from_shape_fn(h, |_| rng.f())),
+        }
+    }
+
+    fn noisy(e: &ExpertParams, rng: &mut Rng, s: f32) -> ExpertParams {
+        let mut e = e.clone();
+        e.up.mapv_inplace(|v| v + s * rng.f());
+        e.down.mapv_inplace(|v| v + s * rng.f());
+        if let Some(g) = &mut e.gate {
+            g.mapv_inplace(|v| v + s * rng.f());
+        }
+        e
+    }
+
+    #[test]
+    fn weight_matching_recovers_planted_permutations() {
+        let mut rng = Rng(7);
+        for gated in [false, true] {
+            let r = expert(&mut rng, 16, 48, gated);
+            let p = rng.perm(48);
+            let t = noisy(&permute(&r, &p), &mut rng, 0.05);
+            let a = align(&r, &t, &weight_cost(&r, &t)).unwrap();
+            // permute(r, p)[a] = r[p[a]] -> aligning back needs the inverse.
+            let mut inv = vec![0; 48];
+            for (k, &x) in p.iter().enumerate() {
+                inv[x] = k;
+            }
+            assert_eq!(a.perm, inv, "gated={gated}");
+            assert!(a.after < 0.2 * a.before, "{} vs {}", a.after, a.before);
+        }
+    }
+
+    #[test]
+    fn activation_matching_recovers_planted_permutations() {
+        let mut rng = Rng(11);
+        let hr = Array::from_shape_fn((200, 24), |_| rng.f());
+        let p = rng.perm(24);
+        let ht = hr.select(Axis(1), &p).mapv(|v| 2.0 * v + 0.01 * rng.f());
+        let c = activation_cost(hr.view(), ht.view());
+        let perm = solve_max(&c).unwrap();
+        for (a, &b) in perm.iter().enumerate() {
+            assert_eq!(p[b], a);
+        }
+    }
+
+    #[test]
+    fn solver_is_exact_against_brute_force() {
+        let mut rng = Rng(3);
+        fn perms(n: usize) -> Vec<Vec<usize>> {
+            if n == 0 {
+                return vec![vec![]];
+            }
+            let mut out = vec![];
+            for p in perms(n - 1) {
+                for k in 0..n {
+                    let mut q = p.clone();
+                    q.insert(k, n - 1);
+                    out.push(q);
+                }
+            }
+            out
+        }
+        for n in 1..=7 {
+            let all = perms(n);
+            for _ in 0..20 {
+                let c = Array2::from_shape_fn((n, n), |_| f64::from(rng.f()));
+                let best = all
+                    .iter()
+                    .map(|p| p.iter().enumerate().map(|(a, &b)| c[[a, b]]).sum::<f64>())
+                    .fold(f64::MIN, f64::max);
+                let got: f64 = solve_max(&c)
+                    .unwrap()
+                    .iter()
+                    .enumerate()
+                    .map(|(a, &b)| c[[a, b]])
+                    .sum();
+                assert!((got - best).abs() < 1e-9, "n={n}: {got} vs {best}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_matrices_are_errors() {
+        assert!(solve_max(&Array2::zeros((2, 3))).is_err());
+        assert!(solve_max(&Array2::from_elem((2, 2), f64::NAN)).is_err());
+        assert_eq!(
+            solve_max(&Array2::zeros((0, 0))).unwrap(),
+            Vec::<usize>::new()
+        );
+    }
+}
