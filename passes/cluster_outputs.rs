@@ -17,15 +17,16 @@ use ndarray::ArrayView2;
 pub fn cluster_outputs(outputs: ArrayView2<f64>, f: &[f64], m: usize) -> Vec<usize> {
     let n = outputs.nrows();
     let m = m.clamp(1, n.max(1));
-    let mut d = vec![vec![0f64; n]; n];
-    for i in 0..n {
-        for j in 0..i {
-            let diff = &outputs.row(i) - &outputs.row(j);
-            let v = diff.dot(&diff).sqrt();
-            d[i][j] = v;
-            d[j][i] = v;
-        }
-    }
+    let d: Vec<Vec<f64>> = (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| {
+                    let diff = &outputs.row(i) - &outputs.row(j);
+                    diff.dot(&diff).sqrt()
+                })
+                .collect()
+        })
+        .collect();
     let mut clusters: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
     while clusters.len() > m {
         let mut best = (f64::INFINITY, 0, 0);

@@ -66,6 +66,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The rewritten model moved further from the original than allowed (`--max-error`).
+    #[error("{0}")]
+    Quality(String),
     /// The caller asked for something invalid (flags, paths).
     #[error("{0}")]
     Usage(String),

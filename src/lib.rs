@@ -10,14 +10,22 @@
 pub mod calib;
 pub mod emit;
 pub mod error;
+#[cfg(feature = "tract")]
+pub mod eval;
+#[cfg(feature = "tract")]
+pub mod fidelity;
 pub mod fsutil;
 pub mod inspect;
 pub mod ir;
+#[cfg(feature = "tract")]
+pub mod merge;
 mod model;
 pub mod moe;
 pub mod onnx;
 pub mod pipeline;
 pub mod progress;
+#[cfg(feature = "tract")]
+pub mod reduce;
 pub mod runtime;
 
 #[path = "../passes/mod.rs"]

@@ -45,12 +45,168 @@ struct RunArgs {
     #[arg(long)]
     external_data: bool,
     /// What to do to the MoE blocks: `none` re-emits each in canonical form with the same
-    /// experts (exact). Without --method the model is copied through unchanged.
+    /// experts (exact); the others reduce experts (default with --experts/--keep: m-smoe).
+    /// Without --method, --experts or --keep the model is copied through unchanged.
     #[arg(long, value_enum)]
     method: Option<pipeline::Method>,
-    /// Form of re-emitted blocks.
+    /// Form of rewritten blocks: portable (standard ops, exact merged semantics) or ort-fused
+    /// (com.microsoft.MoE where it fits; merged layers then use the router-merging variant).
     #[arg(long, value_enum, default_value_t = smoe_opt::emit::EmitForm::Portable)]
     emit: smoe_opt::emit::EmitForm,
+    /// Keep on average M experts per reduced MoE layer.
+    #[arg(long, value_name = "M", conflicts_with = "keep")]
+    experts: Option<usize>,
+    /// Keep this fraction of each reduced layer's experts (0 < F <= 1).
+    #[arg(long, value_name = "F", value_parser = parse_fraction)]
+    keep: Option<f64>,
+    /// Neuron alignment before averaging (default: weight for m-smoe, none otherwise).
+    #[arg(long, value_enum)]
+    align: Option<smoe_opt::merge::Align>,
+    /// How experts are grouped (default: router-logits; outputs for hc-smoe).
+    #[arg(long, value_enum)]
+    grouping: Option<smoe_opt::merge::Grouping>,
+    /// MoE layers to reduce, as numbered by `inspect` (e.g. 0,2-3); default all.
+    #[arg(long, value_parser = parse_layers)]
+    layers: Option<Vec<usize>>,
+    /// Routing statistics from `smoe-opt calibrate` instead of calibrating here.
+    #[arg(long, value_name = "STATS.json")]
+    stats: Option<PathBuf>,
+    /// Held-out inputs (.npz) for the fidelity measurement; default: --holdout of the
+    /// calibration samples, kept out of fitting.
+    #[arg(long, value_name = "FILE.npz")]
+    eval_data: Option<PathBuf>,
+    /// Fraction of calibration samples held out for the fidelity measurement.
+    #[arg(long, default_value_t = 0.25, value_parser = parse_holdout)]
+    holdout: f64,
+    /// Fail (exit 1, nothing written) when the held-out relative L2 error exceeds this.
+    #[arg(long, value_name = "X")]
+    max_error: Option<f64>,
+    /// Write the report as JSON here.
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
+    #[command(flatten)]
+    calib: CalibArgs,
+}
+
+/// Calibration data and runtime (shared by `calibrate` and the main job).
+#[derive(Args, Debug, Clone)]
+struct CalibArgs {
+    /// Calibration inputs: .npz with the model's input names as keys, first axis = samples.
+    #[arg(long, group = "data")]
+    calib: Option<PathBuf>,
+    /// Calibration text, cut into --seq-len token windows by --tokenizer.
+    #[arg(long, group = "data", requires = "tokenizer")]
+    calib_text: Option<PathBuf>,
+    /// A Hugging Face tokenizer.json for --calib-text.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// No data: statistics from the weights only (uniform frequencies; weak).
+    #[arg(long, group = "data")]
+    data_free: bool,
+    /// Use N random token-id sequences instead (weak: real text routes differently).
+    #[arg(long, value_name = "N", group = "data")]
+    calib_random: Option<usize>,
+    /// Tokens per random sequence.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Samples per runtime call.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Routed input rows kept per expert.
+    #[arg(long, default_value_t = 256)]
+    reservoir: usize,
+    /// Seed of the reservoirs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Runtime: auto (tract when it can run the model, else onnxruntime), tract, ort.
+    #[arg(long, value_enum, default_value_t = smoe_opt::calib::Runtime::Auto)]
+    runtime: smoe_opt::calib::Runtime,
+    /// onnxruntime execution provider.
+    #[arg(long, value_enum, default_value_t = smoe_opt::runtime::ort::Ep::Cpu)]
+    ort_ep: smoe_opt::runtime::ort::Ep,
+}
+
+impl CalibArgs {
+    fn source(&self) -> Option<smoe_opt::calib::Source> {
+        use smoe_opt::calib::Source;
+        if let Some(p) = &self.calib {
+            Some(Source::Npz(p.clone()))
+        } else if let Some(text) = &self.calib_text {
+            Some(Source::Text {
+                text: text.clone(),
+                tokenizer: self.tokenizer.clone().expect("clap requires --tokenizer"),
+                seq_len: self.seq_len,
+            })
+        } else if let Some(n) = self.calib_random {
+            Some(Source::Random {
+                samples: n,
+                seq_len: self.seq_len,
+            })
+        } else if self.data_free {
+            Some(Source::DataFree)
+        } else {
+            None
+        }
+    }
+
+    fn options(
+        &self,
+        source: smoe_opt::calib::Source,
+        progress: bool,
+    ) -> smoe_opt::calib::CalibOptions {
+        smoe_opt::calib::CalibOptions {
+            runtime: self.runtime,
+            ep: self.ort_ep,
+            source,
+            batch: self.batch,
+            stats: smoe_opt::calib::stats::StatsConfig {
+                reservoir: self.reservoir,
+                seed: self.seed,
+                ..Default::default()
+            },
+            progress,
+        }
+    }
+}
+
+/// Parses `--layers 0,2-3`.
+fn parse_layers(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("'{part}' is not a layer index or range like 2-5");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not in (0, 1]"))
+    }
+}
+
+fn parse_holdout(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not in [0, 1)"))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -60,42 +216,11 @@ enum Command {
     Calibrate {
         /// The ONNX model.
         input: PathBuf,
-        /// Calibration inputs: .npz with the model's input names as keys, first axis = samples.
-        #[arg(long, group = "data")]
-        calib: Option<PathBuf>,
-        /// Calibration text, cut into --seq-len token windows by --tokenizer.
-        #[arg(long, group = "data", requires = "tokenizer")]
-        calib_text: Option<PathBuf>,
-        /// A Hugging Face tokenizer.json for --calib-text.
-        #[arg(long)]
-        tokenizer: Option<PathBuf>,
-        /// No data: statistics from the weights only (uniform frequencies; weak).
-        #[arg(long, group = "data")]
-        data_free: bool,
-        /// Use N random token-id sequences instead (weak: real text routes differently).
-        #[arg(long, value_name = "N", group = "data")]
-        calib_random: Option<usize>,
-        /// Tokens per random sequence.
-        #[arg(long, default_value_t = 128)]
-        seq_len: usize,
-        /// Samples per runtime call.
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        /// Routed input rows kept per expert.
-        #[arg(long, default_value_t = 256)]
-        reservoir: usize,
-        /// Seed of the reservoirs.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        calib: CalibArgs,
         /// Where to write the statistics (JSON; the sidecar goes beside it as .npz).
         #[arg(short, long)]
         output: PathBuf,
-        /// Runtime: auto (tract when it can run the model, else onnxruntime), tract, ort.
-        #[arg(long, value_enum, default_value_t = smoe_opt::calib::Runtime::Auto)]
-        runtime: smoe_opt::calib::Runtime,
-        /// onnxruntime execution provider.
-        #[arg(long, value_enum, default_value_t = smoe_opt::runtime::ort::Ep::Cpu)]
-        ort_ep: smoe_opt::runtime::ort::Ep,
     },
     /// Summarise a model: opsets, inputs/outputs, op counts, initializers, external data.
     Inspect {
@@ -173,58 +298,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Calibrate {
             input,
             calib,
-            calib_text,
-            tokenizer,
-            data_free,
-            calib_random,
-            seq_len,
-            batch,
-            reservoir,
-            seed,
             output,
-            runtime,
-            ort_ep,
         }) => {
             let model = Model::load(&input)?;
             let det = smoe_opt::moe::detect(&model.graph);
             for d in &det.diagnostics {
                 log::warn!("{d}");
             }
-            let source = if let Some(p) = calib {
-                smoe_opt::calib::Source::Npz(p)
-            } else if let Some(text) = calib_text {
-                smoe_opt::calib::Source::Text {
-                    text,
-                    tokenizer: tokenizer.expect("clap requires --tokenizer"),
-                    seq_len,
-                }
-            } else if let Some(n) = calib_random {
-                smoe_opt::calib::Source::Random {
-                    samples: n,
-                    seq_len,
-                }
-            } else if data_free {
-                smoe_opt::calib::Source::DataFree
-            } else {
-                return Err(smoe_opt::Error::Usage(
+            let source = calib.source().ok_or_else(|| {
+                smoe_opt::Error::Usage(
                     "give calibration data: --calib FILE.npz, --calib-text FILE --tokenizer tokenizer.json, \
                      --calib-random N, or --data-free"
                         .into(),
                 )
-                .into());
-            };
-            let opts = smoe_opt::calib::CalibOptions {
-                runtime,
-                ep: ort_ep,
-                source,
-                batch,
-                stats: smoe_opt::calib::stats::StatsConfig {
-                    reservoir,
-                    seed,
-                    ..Default::default()
-                },
-                progress,
-            };
+            })?;
+            let opts = calib.options(source, progress);
             let stats = smoe_opt::calib::calibrate(&model, &det, &opts)?;
             let side = smoe_opt::calib::save(&stats, &output)?;
             let tokens: u64 = stats.layers.first().map_or(0, |l| l.tokens);
@@ -243,22 +331,85 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         None => {
-            let (Some(input), Some(output)) = (cli.run.input, cli.run.output) else {
+            let (Some(input), Some(output)) = (cli.run.input.clone(), cli.run.output.clone())
+            else {
                 return Err(smoe_opt::Error::Usage(
                     "an input model and -o OUTPUT are required".into(),
                 )
                 .into());
             };
+            let a = &cli.run;
+            let budget = match (a.experts, a.keep) {
+                (Some(0), _) => {
+                    return Err(
+                        smoe_opt::Error::Usage("--experts must be at least 1".into()).into(),
+                    )
+                }
+                (Some(m), _) => Some(smoe_opt::merge::Budget::Experts(m)),
+                (None, Some(f)) => Some(smoe_opt::merge::Budget::Keep(f)),
+                (None, None) => None,
+            };
+            let method = match (a.method, &budget) {
+                (None, Some(_)) => Some(pipeline::Method::MSmoe),
+                (m, _) => m,
+            };
+            let merge_method = match method {
+                Some(pipeline::Method::MSmoe) => Some(smoe_opt::merge::MergeMethod::MSmoe),
+                Some(pipeline::Method::HcSmoe) => Some(smoe_opt::merge::MergeMethod::HcSmoe),
+                Some(pipeline::Method::PruneFrequency) => {
+                    Some(smoe_opt::merge::MergeMethod::PruneFrequency)
+                }
+                Some(pipeline::Method::PruneReap) => Some(smoe_opt::merge::MergeMethod::PruneReap),
+                Some(pipeline::Method::Average) => Some(smoe_opt::merge::MergeMethod::Average),
+                Some(pipeline::Method::None) | None => None,
+            };
+            let reduce = match (merge_method, budget) {
+                (Some(m), Some(budget)) => {
+                    let source = a.calib.source();
+                    Some(smoe_opt::reduce::ReduceOptions {
+                        method: m,
+                        align: a.align,
+                        grouping: a.grouping,
+                        budget,
+                        layers: a.layers.clone(),
+                        stats: a.stats.clone(),
+                        calib: source.map(|s| a.calib.options(s, progress)),
+                        eval_data: a.eval_data.clone(),
+                        holdout: a.holdout,
+                        max_error: a.max_error,
+                        runtime: a.calib.runtime,
+                        ep: a.calib.ort_ep,
+                        batch: a.calib.batch,
+                        emit: a.emit,
+                    })
+                }
+                (Some(m), None) => {
+                    return Err(smoe_opt::Error::Usage(format!(
+                        "--method {} needs --experts M or --keep F",
+                        serde_json::to_value(m)?.as_str().unwrap_or("?")
+                    ))
+                    .into())
+                }
+                (None, _) => None,
+            };
             let opts = pipeline::PipelineOptions {
                 save: smoe_opt::onnx::SaveOptions {
-                    external_data: cli.run.external_data,
+                    external_data: a.external_data,
                     progress,
                     ..Default::default()
                 },
-                method: cli.run.method,
-                emit: cli.run.emit,
+                method,
+                emit: a.emit,
+                reduce,
             };
             let report = pipeline::run(&input, &output, &opts)?;
+            if let Some(path) = &cli.run.report {
+                let json = serde_json::to_vec_pretty(&report).context("serialising the report")?;
+                smoe_opt::fsutil::write_atomic(path, &json)?;
+            }
+            if !cli.quiet && report.reduce.is_some() {
+                eprint!("{}", report.to_text());
+            }
             log::info!(
                 "wrote {} ({} bytes{})",
                 report.saved.model_path.display(),

@@ -2,14 +2,25 @@
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::onnx::{SaveOptions, SaveSummary};
+use serde::Serialize;
 use std::path::Path;
 
 /// What to do to the detected MoE blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Re-emit every block in smoe-opt's canonical form with the same experts (exact).
     None,
+    /// MC-SMoE's merge step (router-logit groups, weight-matching alignment, frequency-weighted).
+    MSmoe,
+    /// HC-SMoE (average-linkage clusters of mean expert outputs).
+    HcSmoe,
+    /// Keep the most-used experts (router rows of the others deleted).
+    PruneFrequency,
+    /// Keep the experts with the highest REAP score.
+    PruneReap,
+    /// Uniform average of router-logit groups, no alignment.
+    Average,
 }
 
 /// Options of one pipeline run.
@@ -21,11 +32,28 @@ pub struct PipelineOptions {
     pub method: Option<Method>,
     /// Form of re-emitted blocks.
     pub emit: crate::emit::EmitForm,
+    /// Merging/pruning options (methods other than `none`).
+    #[cfg(feature = "tract")]
+    pub reduce: Option<crate::reduce::ReduceOptions>,
 }
 
 /// Result of a pipeline run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PipelineReport {
+    /// Input model.
+    pub input: String,
+    /// Output model.
+    pub output: String,
+    /// Method applied.
+    pub method: Option<Method>,
+    /// Parameters (initializer elements) before.
+    pub params_before: u64,
+    /// Parameters after.
+    pub params_after: u64,
+    /// Bytes on disk before (model + external data).
+    pub bytes_before: u64,
+    /// Bytes on disk after.
+    pub bytes_after: u64,
     /// What was written.
     pub saved: SaveSummary,
     /// Nodes before and after.
@@ -36,6 +64,10 @@ pub struct PipelineReport {
     pub blocks_detected: usize,
     /// What happened to each block.
     pub blocks: Vec<crate::emit::BlockRewrite>,
+    /// Calibration, per-layer groups and measured fidelity (merging/pruning).
+    #[cfg(feature = "tract")]
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub reduce: Option<crate::reduce::ReduceOutcome>,
 }
 
 /// Runs the pipeline from `input` to `output`.
@@ -48,22 +80,183 @@ pub fn run(input: &Path, output: &Path, opts: &PipelineOptions) -> Result<Pipeli
     }
     let mut model = Model::load(input)?;
     model.graph.verify()?;
+    let bytes_before = bytes_on_disk(input, &model);
+    let params_before = params(&model);
     let nodes_before = model.graph.node_count();
     let det = crate::moe::detect(&model.graph);
     for d in &det.diagnostics {
         log::warn!("{d}");
     }
+    #[cfg(feature = "tract")]
+    let mut reduced = None;
     let blocks = match opts.method {
         None => vec![],
         Some(Method::None) => crate::emit::reemit(&mut model, &det, opts.emit)?,
+        #[cfg(feature = "tract")]
+        Some(_) => {
+            let r = opts
+                .reduce
+                .as_ref()
+                .ok_or_else(|| Error::Usage("merging needs --experts M or --keep F".into()))?;
+            let out = crate::reduce::reduce(&mut model, &det, r)?;
+            let blocks = det
+                .blocks
+                .iter()
+                .map(|b| {
+                    let sem = out.semantics.iter().find(|(n, _)| *n == b.name);
+                    crate::emit::BlockRewrite {
+                        block: b.name.clone(),
+                        rewritten: sem.is_some(),
+                        skipped: sem
+                            .is_none()
+                            .then(|| "not selected or not identified".into()),
+                        nodes_removed: 0,
+                        nodes_added: 0,
+                        logits: None,
+                        semantics: sem.map(|(_, s)| s.clone()),
+                    }
+                })
+                .collect();
+            reduced = Some(out);
+            blocks
+        }
+        #[cfg(not(feature = "tract"))]
+        Some(_) => {
+            return Err(Error::Usage(
+                "merging needs the 'tract' feature (calibration)".into(),
+            ))
+        }
     };
     model.graph.verify()?;
     let saved = model.save(output, &opts.save)?;
     Ok(PipelineReport {
+        input: input.display().to_string(),
+        output: output.display().to_string(),
+        method: opts.method,
+        params_before,
+        params_after: params(&model),
+        bytes_before,
+        bytes_after: saved.total_bytes(),
         saved,
         nodes_before,
         nodes_after: model.graph.node_count(),
         blocks_detected: det.blocks.len(),
         blocks,
+        #[cfg(feature = "tract")]
+        reduce: reduced,
     })
+}
+
+/// Parameters (elements of every initializer) of a model.
+pub fn params(model: &Model) -> u64 {
+    model
+        .graph
+        .initializers()
+        .map(|i| {
+            i.proto
+                .dims
+                .iter()
+                .map(|&d| d.max(0) as u64)
+                .product::<u64>()
+        })
+        .sum()
+}
+
+/// Bytes of a model on disk: the file plus every external data file it references.
+pub fn bytes_on_disk(path: &Path, model: &Model) -> u64 {
+    let mut total = std::fs::metadata(path).map_or(0, |m| m.len());
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut seen = std::collections::BTreeSet::new();
+    for i in model.graph.initializers() {
+        for kv in &i.proto.external_data {
+            if kv.key.as_deref() == Some("location") {
+                if let Some(loc) = &kv.value {
+                    if seen.insert(loc.clone()) {
+                        total += std::fs::metadata(dir.join(loc)).map_or(0, |m| m.len());
+                    }
+                }
+            }
+        }
+    }
+    total
+}
+
+impl PipelineReport {
+    /// The printed summary table.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let pct = |a: u64, b: u64| 100.0 * (1.0 - b as f64 / a.max(1) as f64);
+        let _ = writeln!(
+            s,
+            "params  {:>12} -> {:>12}  ({:.1}% smaller)",
+            self.params_before,
+            self.params_after,
+            pct(self.params_before, self.params_after)
+        );
+        let _ = writeln!(
+            s,
+            "bytes   {:>12} -> {:>12}  ({:.1}% smaller)",
+            self.bytes_before,
+            self.bytes_after,
+            pct(self.bytes_before, self.bytes_after)
+        );
+        #[cfg(feature = "tract")]
+        if let Some(r) = &self.reduce {
+            let _ = writeln!(
+                s,
+                "calibration: {} samples fitted ({} tokens, {}), {} held out ({})",
+                r.calibration.samples_fit,
+                r.calibration.tokens,
+                r.calibration.runtime,
+                r.calibration.samples_heldout,
+                r.calibration.heldout_source
+            );
+            let _ = writeln!(
+                s,
+                "{:<10} {:>7} {:>7}  {:<10} groups",
+                "layer", "experts", "after", "align gain"
+            );
+            for l in &r.layers {
+                let groups: Vec<String> = l
+                    .groups
+                    .iter()
+                    .map(|g| {
+                        let m: Vec<String> = g.members.iter().map(usize::to_string).collect();
+                        format!("{{{}}}", m.join(","))
+                    })
+                    .collect();
+                let gain = l
+                    .alignment
+                    .as_ref()
+                    .map_or("-".to_string(), |a| format!("{:.1}%", 100.0 * a.gain));
+                let _ = writeln!(
+                    s,
+                    "{:<10} {:>7} {:>7}  {:<10} {}",
+                    l.block,
+                    l.experts_before,
+                    l.experts_after,
+                    gain,
+                    groups.join(" ")
+                );
+            }
+            match &r.fidelity {
+                Some(f) => {
+                    let _ = write!(
+                        s,
+                        "fidelity on {} held-out samples ({} positions, {}): rel_l2 {:.4}, cosine {:.4}",
+                        f.samples, f.positions, f.runtime, f.rel_l2, f.cosine
+                    );
+                    if let (Some(t), Some(k)) = (f.top1_agreement, f.kl) {
+                        let _ = write!(s, ", top-1 agreement {:.4}, KL {:.4}", t, k);
+                    }
+                    let _ = writeln!(s);
+                }
+                None => {
+                    let _ = writeln!(s, "fidelity: not measured (no held-out samples)");
+                }
+            }
+        }
+        s
+    }
 }

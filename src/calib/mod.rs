@@ -92,6 +92,21 @@ pub struct CalibStats {
 
 /// Calibrates `model`'s detected blocks (those with every expert identified).
 pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<CalibStats> {
+    let data = match opts.source {
+        Source::DataFree => vec![],
+        _ => load_inputs(model, &opts.source)?,
+    };
+    calibrate_on(model, det, opts, &data)
+}
+
+/// [`calibrate`] on inputs already loaded with [`load_inputs`] (first axis = samples), e.g.
+/// the part of the data kept apart from a held-out evaluation split.
+pub fn calibrate_on(
+    model: &Model,
+    det: &Detection,
+    opts: &CalibOptions,
+    data: &[(String, Value)],
+) -> Result<CalibStats> {
     let blocks = det.identified_blocks();
     if blocks.is_empty() {
         return Err(Error::Usage(
@@ -190,7 +205,6 @@ pub fn calibrate(model: &Model, det: &Detection, opts: &CalibOptions) -> Result<
             }
         }
     };
-    let data = load_inputs(model, &opts.source)?;
     let seconds_setup = t_setup.elapsed().as_secs_f64();
     let t_run = std::time::Instant::now();
     let samples = data.first().map(|(_, v)| v.shape()[0]).unwrap_or(0);
@@ -295,7 +309,8 @@ fn instrument(model: &Model, blocks: &[&crate::moe::MoeBlock], logits: &[String]
     Ok(inst)
 }
 
-fn slice(v: &Value, start: usize, end: usize) -> Value {
+/// Samples `start..end` (first axis) of a value.
+pub fn slice(v: &Value, start: usize, end: usize) -> Value {
     match v {
         Value::F32(a) => Value::F32(a.slice_axis(Axis(0), (start..end).into()).to_owned()),
         Value::I64(a) => Value::I64(a.slice_axis(Axis(0), (start..end).into()).to_owned()),
@@ -320,7 +335,8 @@ fn expected(model: &Model) -> Vec<String> {
         .collect()
 }
 
-fn load_inputs(model: &Model, source: &Source) -> Result<Vec<(String, Value)>> {
+/// The model's inputs for `source`, one array per model input (first axis = samples).
+pub fn load_inputs(model: &Model, source: &Source) -> Result<Vec<(String, Value)>> {
     let inputs: Vec<_> = model.graph.data_inputs().map(describe).collect();
     match source {
         Source::Npz(path) => {

@@ -109,6 +109,19 @@ impl<'g> Emitter<'g> {
         }
     }
 
+    /// Any ONNX reduction (`ReduceSum`, `ReduceLogSumExp`, …) over `axes`: axes are an input
+    /// from opset 13 for ReduceSum and from opset 18 for the others, an attribute before.
+    pub fn reduce(&mut self, op: &str, x: &str, axes: &[i64], keepdims: bool) -> String {
+        let from = if op == "ReduceSum" { 13 } else { 18 };
+        let kd = crate::ir::builder::attr_int("keepdims", i64::from(keepdims));
+        if self.opset >= from {
+            let a = self.ints("axes", &[axes.len() as i64], axes);
+            self.op(op, &[x, &a], vec![kd])
+        } else {
+            self.op(op, &[x], vec![attr_ints("axes", axes), kd])
+        }
+    }
+
     /// Unsqueeze at `axes`.
     pub fn unsqueeze(&mut self, x: &str, axes: &[i64]) -> String {
         if self.opset >= 13 {

@@ -10,8 +10,9 @@ use super::builder::Emitter;
 use super::portable;
 use crate::error::{Error, Result};
 use crate::ir::builder::{attr_float, attr_int, attr_string};
-use crate::moe::weights::{matrix, vector};
+use crate::moe::weights::{expert_params, vector};
 use crate::moe::{Act, MoeBlock, Scoring};
+use crate::passes::merge_experts::ExpertParams;
 
 /// Why a block cannot be written as the fused op (None when it can).
 pub fn unfit(block: &MoeBlock) -> Option<String> {
@@ -36,18 +37,45 @@ pub fn unfit(block: &MoeBlock) -> Option<String> {
     }
 }
 
-/// Emits `block` as router MatMul + `com.microsoft.MoE` (+ shared experts). Returns the
-/// router-logits value.
+/// Emits `block` as router MatMul + `com.microsoft.MoE` (+ shared experts) with its own
+/// experts. Returns the router-logits value.
 pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<String> {
+    let mut experts = Vec::with_capacity(block.experts.len());
+    for e in &block.experts {
+        experts.push(expert_params(em.graph(), &e.ffn)?);
+    }
+    emit_with(em, block, &experts, None, None)
+}
+
+/// Emits `block` as the fused op over `experts` (canonical weights). `router_rows`: router
+/// rows kept (pruning; the op then routes among them exactly). `groups`: router-merging
+/// variant — the op sees one logit per group, `log Σ_{i∈G} exp(z_i)` (the group's softmax
+/// mass), and takes its top-k over groups: NOT the exact merged semantics (which takes top-k
+/// over the original N experts), so the report names it.
+pub fn emit_with(
+    em: &mut Emitter,
+    block: &MoeBlock,
+    experts: &[ExpertParams],
+    router_rows: Option<&[usize]>,
+    groups: Option<&[Vec<usize>]>,
+) -> Result<String> {
     if let Some(why) = unfit(block) {
         return Err(Error::Graph {
             node: Some(block.name.clone()),
             reason: format!("cannot emit as com.microsoft.MoE: {why}"),
         });
     }
-    let g = em.graph();
     let r = &block.router;
-    let n = r.num_experts;
+    let n = experts.len();
+    if r.top_k > n {
+        return Err(Error::Graph {
+            node: Some(block.name.clone()),
+            reason: format!(
+                "the fused op's top-{} needs at least {} experts",
+                r.top_k, r.top_k
+            ),
+        });
+    }
     let h = block.hidden();
     let f0 = &block.experts[0].ffn;
     let inter = f0.intermediate();
@@ -59,20 +87,16 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<String> {
     let mut b2 = Vec::new();
     let has_b1 = f0.up_bias.is_some() || f0.gate_bias.is_some();
     let has_b2 = f0.down_bias.is_some();
-    for e in &block.experts {
-        let f = &e.ffn;
-        let up = matrix(g, &f.up)?;
-        let ub = match &f.up_bias {
-            Some(b) => vector(g, b)?,
-            None => vec![0.0; inter],
-        };
-        if let Some(gw) = &f.gate {
+    for e in experts {
+        let up = e.up.as_slice().expect("standard layout");
+        let ub = e.up_bias.as_ref().map_or(vec![0.0; inter], |b| b.to_vec());
+        if let Some(gm) = &e.gate {
             // Interleaved rows: g0, u0, g1, u1, …
-            let gm = matrix(g, gw)?;
-            let gb = match &f.gate_bias {
-                Some(b) => vector(g, b)?,
-                None => vec![0.0; inter],
-            };
+            let gm = gm.as_slice().expect("standard layout");
+            let gb = e
+                .gate_bias
+                .as_ref()
+                .map_or(vec![0.0; inter], |b| b.to_vec());
             for i in 0..inter {
                 fc1.extend_from_slice(&gm[i * h..(i + 1) * h]);
                 fc1.extend_from_slice(&up[i * h..(i + 1) * h]);
@@ -80,23 +104,48 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<String> {
                 b1.push(ub[i]);
             }
         } else {
-            fc1.extend_from_slice(&up);
+            fc1.extend_from_slice(up);
             b1.extend_from_slice(&ub);
         }
-        fc2.extend(matrix(g, &f.down)?);
-        if let Some(b) = &f.down_bias {
-            b2.extend(vector(g, b)?);
+        fc2.extend(e.down.iter().copied());
+        if let Some(b) = &e.down_bias {
+            b2.extend(b.iter().copied());
         }
     }
+    let g = em.graph();
     let x2 = em.reshape(&block.input, &[-1, h as i64]);
-    let wr = portable::router_weight(em, block)?;
-    let mut logits = em.op("MatMul", &[&x2, &wr], vec![]);
-    if let Some(b) = &r.bias {
-        let bv = vector(g, b)?;
-        let bn = em.floats("router_bias", &[n as i64], &bv);
-        logits = em.op("Add", &[&logits, &bn], vec![]);
-    }
-    let logits_out = logits.clone();
+    let (logits, logits_out) = match router_rows {
+        None => {
+            let wr = portable::router_weight(em, block)?;
+            let mut logits = em.op("MatMul", &[&x2, &wr], vec![]);
+            if let Some(b) = &r.bias {
+                let bv = vector(g, b)?;
+                let bn = em.floats("router_bias", &[bv.len() as i64], &bv);
+                logits = em.op("Add", &[&logits, &bn], vec![]);
+            }
+            (logits.clone(), logits)
+        }
+        Some(rows) => {
+            let logits = portable::router_logits(em, block, &x2, Some(rows))?;
+            (logits.clone(), logits)
+        }
+    };
+    let logits = match groups {
+        None => logits,
+        Some(groups) => {
+            let parts: Vec<String> = groups
+                .iter()
+                .map(|m| {
+                    let ids: Vec<i64> = m.iter().map(|&i| i as i64).collect();
+                    let ix = em.ints("group", &[ids.len() as i64], &ids);
+                    let z = em.op("Gather", &[&logits, &ix], vec![attr_int("axis", 1)]);
+                    em.reduce("ReduceLogSumExp", &z, &[-1], true)
+                })
+                .collect();
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            em.op("Concat", &refs, vec![attr_int("axis", 1)])
+        }
+    };
     let w1 = em.floats("fc1", &[n as i64, rows1 as i64, h as i64], &fc1);
     let w2 = em.floats("fc2", &[n as i64, h as i64, inter as i64], &fc2);
     let b1n = if has_b1 {

@@ -1,6 +1,8 @@
 //! Rewriting detected MoE blocks into smoe-opt's own subgraphs.
 pub mod builder;
 pub mod fused;
+#[cfg(feature = "tract")]
+pub mod merged;
 pub mod portable;
 
 use crate::error::{Error, Result};
@@ -40,6 +42,53 @@ pub struct BlockRewrite {
     /// The router-logits value of the new block.
     #[serde(skip)]
     pub logits: Option<String>,
+    /// Which routing semantics the written block computes (reduced blocks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semantics: Option<String>,
+}
+
+/// The nodes and initializers an [`Emitter`] built.
+pub(crate) type Built = (
+    Vec<crate::onnx::proto::NodeProto>,
+    Vec<crate::ir::Initializer>,
+);
+
+/// Takes what `em` built, releasing its borrow of the graph.
+pub(crate) fn built(mut em: Emitter) -> Built {
+    (std::mem::take(&mut em.nodes), std::mem::take(&mut em.inits))
+}
+
+/// Replaces `block`'s nodes by what an emitter built.
+pub(crate) fn splice(
+    model: &mut Model,
+    block: &crate::moe::MoeBlock,
+    built: Built,
+) -> Result<usize> {
+    let mut patch = Patch::new(format!("rewrite {}", block.name));
+    for &id in &block.nodes {
+        patch.remove_node(id);
+    }
+    let added = built.0.len();
+    for n in built.0 {
+        patch.add_node(n);
+    }
+    for i in built.1 {
+        patch.add_initializer(i);
+    }
+    model.graph.apply(patch)?;
+    Ok(added)
+}
+
+/// Removes what no output depends on any more (the replaced experts' weights).
+pub(crate) fn prune_dead(model: &mut Model) -> Result<()> {
+    let p = prune(&model.graph, "prune");
+    if !p.is_empty() {
+        model.graph.apply(p).map_err(|e| Error::Graph {
+            node: None,
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// Replaces every identified block of `det` by its canonical emission with the same
@@ -59,6 +108,7 @@ pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<
                 nodes_removed: 0,
                 nodes_added: 0,
                 logits: None,
+                semantics: None,
             });
             continue;
         }
@@ -66,7 +116,7 @@ pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<
             .experts
             .iter()
             .map(|e| Target {
-                ffn: &e.ffn,
+                ffn: portable::TargetFfn::Described(&e.ffn),
                 ids: vec![e.index],
             })
             .collect();
@@ -80,22 +130,11 @@ pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<
             (EmitForm::OrtFused, Some(why)) => {
                 log::warn!("{}: written in portable form: {why}", block.name);
                 note = Some(format!("portable: {why}"));
-                portable::emit(&mut em, block, &targets)?
+                portable::emit(&mut em, block, &targets, None)?
             }
-            (EmitForm::Portable, _) => portable::emit(&mut em, block, &targets)?,
+            (EmitForm::Portable, _) => portable::emit(&mut em, block, &targets, None)?,
         };
-        let mut patch = Patch::new(format!("reemit {}", block.name));
-        for &id in &block.nodes {
-            patch.remove_node(id);
-        }
-        let added = em.nodes.len();
-        for n in std::mem::take(&mut em.nodes) {
-            patch.add_node(n);
-        }
-        for i in std::mem::take(&mut em.inits) {
-            patch.add_initializer(i);
-        }
-        model.graph.apply(patch)?;
+        let added = splice(model, block, built(em))?;
         out.push(BlockRewrite {
             block: block.name.clone(),
             rewritten: true,
@@ -103,17 +142,12 @@ pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<
             nodes_removed: block.nodes.len(),
             nodes_added: added,
             logits: Some(logits),
+            semantics: None,
         });
     }
     if fused_used {
         model.import_opset("com.microsoft", 1);
     }
-    let p = prune(&model.graph, "prune");
-    if !p.is_empty() {
-        model.graph.apply(p).map_err(|e| Error::Graph {
-            node: None,
-            reason: e.to_string(),
-        })?;
-    }
+    prune_dead(model)?;
     Ok(out)
 }

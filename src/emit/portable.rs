@@ -21,18 +21,34 @@ use crate::ir::builder::{attr_int, attr_ints};
 use crate::moe::weights::{matrix, vector};
 use crate::moe::{Act, Ffn, MoeBlock, Scoring, WeightRef};
 use crate::onnx::proto::tensor_proto::DataType;
+use crate::passes::merge_experts::ExpertParams;
+use ndarray::{Array1, Array2};
+
+/// Where an emitted expert's weights come from.
+pub enum TargetFfn<'a> {
+    /// An expert of the model, as detected (its tensors are read from the graph).
+    Described(&'a Ffn),
+    /// New weights (a merged expert), written as new initializers.
+    Params(&'a ExpertParams, Act),
+}
 
 /// One expert (or merged group) to emit: its FFN, and the router expert ids it answers.
 pub struct Target<'a> {
     /// The network.
-    pub ffn: &'a Ffn,
-    /// Router expert indices routed to it.
+    pub ffn: TargetFfn<'a>,
+    /// Router expert indices routed to it (indices into the kept router rows).
     pub ids: Vec<usize>,
 }
 
 /// Emits `block` computing `targets` into `em`; the last node writes `block.output`.
+/// `router_rows`: the router rows kept (pruning; `None` keeps all N, and `ids` index them).
 /// Returns the name of the router-logits value.
-pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<String> {
+pub fn emit(
+    em: &mut Emitter,
+    block: &MoeBlock,
+    targets: &[Target],
+    router_rows: Option<&[usize]>,
+) -> Result<String> {
     let fail = |reason: String| Error::Graph {
         node: Some(block.name.clone()),
         reason,
@@ -45,15 +61,15 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<St
     }
     let r = &block.router;
     let h = block.hidden() as i64;
-    let n = r.num_experts;
-    let x2 = em.reshape(&block.input, &[-1, h]);
-    let wr = router_weight(em, block)?;
-    let mut logits = em.op("MatMul", &[&x2, &wr], vec![]);
-    if let Some(b) = &r.bias {
-        let bv = vector(em.graph(), b)?;
-        let bn = em.floats("router_bias", &[bv.len() as i64], &bv);
-        logits = em.op("Add", &[&logits, &bn], vec![]);
+    let n = router_rows.map_or(r.num_experts, <[usize]>::len);
+    if r.top_k > n {
+        return Err(fail(format!(
+            "top-{} routing needs at least {} experts, {n} kept",
+            r.top_k, r.top_k
+        )));
     }
+    let x2 = em.reshape(&block.input, &[-1, h]);
+    let logits = router_logits(em, block, &x2, router_rows)?;
     let logits_out = logits.clone();
     let k = em.ints("k", &[1], &[r.top_k as i64]);
     let (vals, idx) = match r.scoring {
@@ -165,7 +181,10 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<St
         let nz = em.op("NonZero", &[&hit], vec![]); // [1, n]
         let rows = em.reshape(&nz, &[-1]);
         let xs = em.op("Gather", &[&x2, &rows], vec![attr_int("axis", 0)]);
-        let out = ffn(em, t.ffn, &xs)?;
+        let out = match t.ffn {
+            TargetFfn::Described(f) => ffn(em, f, &xs)?,
+            TargetFfn::Params(p, a) => params_ffn(em, p, a, &xs),
+        };
         let ws = em.op("Gather", &[&w, &rows], vec![attr_int("axis", 0)]);
         let ws2 = em.unsqueeze(&ws, &[-1]);
         let contrib = em.op("Mul", &[&out, &ws2], vec![]);
@@ -196,6 +215,40 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock, targets: &[Target]) -> Result<St
     let shape_x = em.op("Shape", &[&block.input], vec![]);
     em.op_into("Reshape", &[&acc, &shape_x], &block.output, vec![]);
     Ok(logits_out)
+}
+
+/// Router logits `x2·Wᵀ (+ b)` over all router rows, or over the kept `rows` (pruning).
+pub fn router_logits(
+    em: &mut Emitter,
+    block: &MoeBlock,
+    x2: &str,
+    rows: Option<&[usize]>,
+) -> Result<String> {
+    let r = &block.router;
+    let h = block.hidden();
+    let wr = match rows {
+        None => router_weight(em, block)?,
+        Some(rows) => {
+            let m = matrix(em.graph(), &r.weight)?;
+            let mut t = vec![0f32; rows.len() * h];
+            for (c, &e) in rows.iter().enumerate() {
+                for j in 0..h {
+                    t[j * rows.len() + c] = m[e * h + j];
+                }
+            }
+            em.floats("router_w", &[h as i64, rows.len() as i64], &t)
+        }
+    };
+    let mut logits = em.op("MatMul", &[x2, &wr], vec![]);
+    if let Some(b) = &r.bias {
+        let mut bv = vector(em.graph(), b)?;
+        if let Some(rows) = rows {
+            bv = rows.iter().map(|&e| bv[e]).collect();
+        }
+        let bn = em.floats("router_bias", &[bv.len() as i64], &bv);
+        logits = em.op("Add", &[&logits, &bn], vec![]);
+    }
+    Ok(logits)
 }
 
 /// The router weight as `[H, N]` for `MatMul(x, W)`.
@@ -309,4 +362,33 @@ pub fn ffn(em: &mut Emitter, f: &Ffn, x: &str) -> Result<String> {
         None => act(em, &up, f.act),
     };
     linear(em, &h, &f.down, f.down_bias.as_ref())
+}
+
+/// `x·Wᵀ (+ b)` for a canonical `[out, in]` matrix, written as a new `[in, out]` initializer.
+fn params_linear(em: &mut Emitter, x: &str, w: &Array2<f32>, b: Option<&Array1<f32>>) -> String {
+    let (out, inp) = w.dim();
+    let t: Vec<f32> = w.t().iter().copied().collect();
+    let wn = em.floats("w", &[inp as i64, out as i64], &t);
+    let y = em.op("MatMul", &[x, &wn], vec![]);
+    match b {
+        Some(b) => {
+            let bn = em.floats("b", &[b.len() as i64], &b.to_vec());
+            em.op("Add", &[&y, &bn], vec![])
+        }
+        None => y,
+    }
+}
+
+/// Emits an FFN with new weights on `x` ([rows, H]).
+pub fn params_ffn(em: &mut Emitter, p: &ExpertParams, a: Act, x: &str) -> String {
+    let up = params_linear(em, x, &p.up, p.up_bias.as_ref());
+    let h = match &p.gate {
+        Some(g) => {
+            let gl = params_linear(em, x, g, p.gate_bias.as_ref());
+            let ga = act(em, &gl, a);
+            em.op("Mul", &[&ga, &up], vec![])
+        }
+        None => act(em, &up, a),
+    };
+    params_linear(em, &h, &p.down, p.down_bias.as_ref())
 }

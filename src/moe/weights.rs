@@ -95,3 +95,31 @@ pub fn vector(g: &Graph, b: &BiasRef) -> Result<Vec<f32>> {
     }
     Ok(v)
 }
+
+/// An expert's weights in canonical orientation.
+pub fn expert_params(
+    g: &Graph,
+    f: &super::Ffn,
+) -> Result<crate::passes::merge_experts::ExpertParams> {
+    let mat = |w: &super::WeightRef| -> Result<ndarray::Array2<f32>> {
+        ndarray::Array2::from_shape_vec((w.shape[0], w.shape[1]), matrix(g, w)?).map_err(|e| {
+            Error::Tensor {
+                tensor: w.tensor.clone(),
+                reason: e.to_string(),
+            }
+        })
+    };
+    let vec = |b: &Option<super::block::BiasRef>| -> Result<Option<ndarray::Array1<f32>>> {
+        b.as_ref()
+            .map(|b| vector(g, b).map(ndarray::Array1::from))
+            .transpose()
+    };
+    Ok(crate::passes::merge_experts::ExpertParams {
+        gate: f.gate.as_ref().map(mat).transpose()?,
+        up: mat(&f.up)?,
+        down: mat(&f.down)?,
+        gate_bias: vec(&f.gate_bias)?,
+        up_bias: vec(&f.up_bias)?,
+        down_bias: vec(&f.down_bias)?,
+    })
+}

@@ -1,0 +1,301 @@
+//! How far a rewritten model's outputs moved from the original's, measured by running both on
+//! held-out inputs (never the samples the statistics were fitted on).
+//!
+//! Over every float output both models produce, on the positions that are not padding
+//! (`attention_mask` = 0 rows are excluded when an output's leading dims are `[batch, seq]`):
+//! - `rel_l2` = ‖y' − y‖ / ‖y‖ over all those values;
+//! - `cosine` = the mean over positions of cos(y'ᵢ, yᵢ) of the last-axis vectors;
+//! - for language models (token-id input `input_ids`, a rank-3 output: next-token logits),
+//!   `top1_agreement` (argmax equal) and `kl` = mean KL(p ‖ p') of the next-token distributions.
+use crate::calib::{slice, Runtime};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::moe::Detection;
+use crate::runtime::{Session, Value};
+use ndarray::{ArrayD, Axis, Ix2};
+use serde::Serialize;
+
+/// The measured distance between two models.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fidelity {
+    /// Runtime that ran both models.
+    pub runtime: String,
+    /// How the original was run (itself, or its exact re-emission when the runtime cannot run
+    /// the exported graph).
+    pub reference: String,
+    /// Held-out samples.
+    pub samples: usize,
+    /// Positions compared (padding excluded).
+    pub positions: usize,
+    /// Outputs compared.
+    pub outputs: Vec<String>,
+    /// Relative L2 error of the outputs.
+    pub rel_l2: f64,
+    /// Mean per-position cosine similarity.
+    pub cosine: f64,
+    /// Next-token argmax agreement (language models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top1_agreement: Option<f64>,
+    /// Mean KL divergence of next-token distributions, original ‖ rewritten (language models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
+}
+
+/// Opens `model` in one runtime.
+pub fn open_in(
+    model: &Model,
+    rt: Runtime,
+    #[cfg(feature = "ort")] ep: crate::runtime::ort::Ep,
+) -> Result<Box<dyn Session>> {
+    Ok(match rt {
+        #[cfg(feature = "ort")]
+        Runtime::Ort => Box::new(crate::runtime::ort::OrtSession::from_model(model, ep)?),
+        #[cfg(not(feature = "ort"))]
+        Runtime::Ort => {
+            return Err(Error::Usage(
+                "this build has no onnxruntime support (feature 'ort')".into(),
+            ))
+        }
+        Runtime::Tract | Runtime::Auto => {
+            Box::new(crate::runtime::tract::TractSession::from_model(model)?)
+        }
+    })
+}
+
+/// The runtimes to try for a `--runtime` choice, in order.
+pub fn candidates(rt: Runtime) -> Vec<Runtime> {
+    match rt {
+        Runtime::Auto => vec![Runtime::Tract, Runtime::Ort],
+        r => vec![r],
+    }
+}
+
+/// Runs a session over `data` in batches of `batch` samples; returns every batch's outputs.
+fn run_all(
+    s: &mut dyn Session,
+    data: &[(String, Value)],
+    batch: usize,
+) -> Result<Vec<Vec<(String, Value)>>> {
+    let n = data.first().map_or(0, |(_, v)| v.shape()[0]);
+    let mut out = Vec::new();
+    for start in (0..n).step_by(batch.max(1)) {
+        let end = (start + batch.max(1)).min(n);
+        let feed: Vec<(String, Value)> = data
+            .iter()
+            .map(|(k, v)| (k.clone(), slice(v, start, end)))
+            .collect();
+        out.push(s.run(&feed)?);
+    }
+    Ok(out)
+}
+
+/// Runs `original` and `written` on `data` and measures the distance.
+pub fn measure(
+    original: &Model,
+    det: &Detection,
+    written: &Model,
+    data: &[(String, Value)],
+    rt: Runtime,
+    #[cfg(feature = "ort")] ep: crate::runtime::ort::Ep,
+    batch: usize,
+) -> Result<Fidelity> {
+    let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
+    if samples == 0 {
+        return Err(Error::Usage(
+            "no held-out samples to measure fidelity on".into(),
+        ));
+    }
+    let open = |m: &Model, r: Runtime| {
+        open_in(
+            m,
+            r,
+            #[cfg(feature = "ort")]
+            ep,
+        )
+    };
+    let mut last_err = None;
+    for r in candidates(rt) {
+        let mut new = match open(written, r) {
+            Ok(s) => s,
+            Err(e) => {
+                last_err = Some(e);
+                continue;
+            }
+        };
+        let new_out = match run_all(new.as_mut(), data, batch) {
+            Ok(o) => o,
+            Err(e) => {
+                last_err = Some(e);
+                continue;
+            }
+        };
+        // The original as exported, else its exact re-emission (e.g. tract cannot run Switch's
+        // boolean-mask reshapes; shape-specialised exports fail on other batch shapes).
+        let direct = open(original, r).and_then(|mut s| run_all(s.as_mut(), data, batch));
+        let (ref_out, reference) = match direct {
+            Ok(o) => (o, "original".to_string()),
+            Err(e) => {
+                let mut re = original.clone();
+                crate::emit::reemit(&mut re, det, crate::emit::EmitForm::Portable)?;
+                match open(&re, r).and_then(|mut s| run_all(s.as_mut(), data, batch)) {
+                    Ok(o) => (
+                        o,
+                        format!(
+                            "exact re-emission of the original (the exported graph failed: {e})"
+                        ),
+                    ),
+                    Err(e2) => {
+                        last_err = Some(e2);
+                        continue;
+                    }
+                }
+            }
+        };
+        let runtime = new.runtime().to_string();
+        return compare(data, &ref_out, &new_out, runtime, reference, samples);
+    }
+    Err(last_err.unwrap_or_else(|| Error::Usage("no runtime could run the models".into())))
+}
+
+fn compare(
+    data: &[(String, Value)],
+    a: &[Vec<(String, Value)>],
+    b: &[Vec<(String, Value)>],
+    runtime: String,
+    reference: String,
+    samples: usize,
+) -> Result<Fidelity> {
+    let mask: Option<ArrayD<f32>> = data
+        .iter()
+        .find(|(n, _)| n == "attention_mask")
+        .map(|(_, v)| v.to_f32());
+    let is_lm = data.iter().any(|(n, _)| n == "input_ids");
+    let (mut num, mut den) = (0f64, 0f64);
+    let (mut cos_sum, mut positions) = (0f64, 0usize);
+    let (mut agree, mut kl_sum, mut lm_pos) = (0usize, 0f64, 0usize);
+    let mut outputs: Vec<String> = Vec::new();
+    let mut offset = 0usize;
+    for (ba, bb) in a.iter().zip(b) {
+        let rows_in_batch = ba
+            .first()
+            .map_or(0, |(_, v)| v.shape().first().copied().unwrap_or(0));
+        for (name, va) in ba {
+            let (Value::F32(ya), Some((_, Value::F32(yb)))) =
+                (va, bb.iter().find(|(n, _)| n == name))
+            else {
+                continue;
+            };
+            if ya.shape() != yb.shape() || ya.ndim() == 0 {
+                return Err(Error::Usage(format!(
+                    "output '{name}' has shape {:?} in the original and {:?} in the rewritten model",
+                    ya.shape(),
+                    yb.shape()
+                )));
+            }
+            if !outputs.contains(name) {
+                outputs.push(name.clone());
+            }
+            let last = *ya.shape().last().expect("rank >= 1");
+            let rows = ya.len() / last.max(1);
+            let ya2 = ya
+                .view()
+                .into_shape_with_order((rows, last))
+                .map_err(|e| Error::Usage(e.to_string()))?;
+            let yb2 = yb
+                .view()
+                .into_shape_with_order((rows, last))
+                .map_err(|e| Error::Usage(e.to_string()))?;
+            // Which rows are real tokens.
+            let keep: Vec<bool> = match &mask {
+                Some(m) if ya.ndim() >= 3 && m.ndim() == 2 && ya.shape()[1] == m.shape()[1] => {
+                    let bsz = ya.shape()[0];
+                    let seq = m.shape()[1];
+                    let mm = m.slice_axis(Axis(0), (offset..offset + bsz).into());
+                    let mm = mm
+                        .into_dimensionality::<Ix2>()
+                        .map_err(|e| Error::Usage(e.to_string()))?;
+                    let per = rows / (bsz * seq).max(1);
+                    (0..rows)
+                        .map(|r| mm[[r / per / seq, (r / per) % seq]] != 0.0)
+                        .collect()
+                }
+                _ => vec![true; rows],
+            };
+            let lm = is_lm && ya.ndim() == 3;
+            for (r, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
+                let (x, y) = (ya2.row(r), yb2.row(r));
+                let (mut d, mut nx, mut ny, mut xy) = (0f64, 0f64, 0f64, 0f64);
+                for (&p, &q) in x.iter().zip(y.iter()) {
+                    let (p, q) = (f64::from(p), f64::from(q));
+                    d += (p - q) * (p - q);
+                    nx += p * p;
+                    ny += q * q;
+                    xy += p * q;
+                }
+                num += d;
+                den += nx;
+                cos_sum += if nx > 0.0 && ny > 0.0 {
+                    xy / (nx.sqrt() * ny.sqrt())
+                } else if nx == ny {
+                    1.0
+                } else {
+                    0.0
+                };
+                positions += 1;
+                if lm {
+                    let argmax = |v: &ndarray::ArrayView1<f32>| {
+                        v.iter()
+                            .enumerate()
+                            .fold(
+                                (0, f32::MIN),
+                                |acc, (i, &t)| if t > acc.1 { (i, t) } else { acc },
+                            )
+                            .0
+                    };
+                    agree += usize::from(argmax(&x) == argmax(&y));
+                    let lse = |v: &ndarray::ArrayView1<f32>| {
+                        let m = v.iter().copied().fold(f32::MIN, f32::max) as f64;
+                        m + v
+                            .iter()
+                            .map(|&t| (f64::from(t) - m).exp())
+                            .sum::<f64>()
+                            .ln()
+                    };
+                    let (la, lb) = (lse(&x), lse(&y));
+                    let kl: f64 = x
+                        .iter()
+                        .zip(y.iter())
+                        .map(|(&p, &q)| {
+                            let lp = f64::from(p) - la;
+                            let lq = f64::from(q) - lb;
+                            lp.exp() * (lp - lq)
+                        })
+                        .sum();
+                    kl_sum += kl.max(0.0);
+                    lm_pos += 1;
+                }
+            }
+        }
+        offset += rows_in_batch;
+    }
+    if outputs.is_empty() || positions == 0 {
+        return Err(Error::Usage(
+            "the models share no float output to compare".into(),
+        ));
+    }
+    Ok(Fidelity {
+        runtime,
+        reference,
+        samples,
+        positions,
+        outputs,
+        rel_l2: if den > 0.0 {
+            (num / den).sqrt()
+        } else {
+            num.sqrt()
+        },
+        cosine: cos_sum / positions as f64,
+        top1_agreement: (lm_pos > 0).then(|| agree as f64 / lm_pos as f64),
+        kl: (lm_pos > 0).then(|| kl_sum / lm_pos as f64),
+    })
+}

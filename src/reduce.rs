@@ -1,0 +1,227 @@
+//! The reducing job (`--method m-smoe|hc-smoe|prune-*|average`): calibrate on the fitting
+//! split, plan, rewrite, measure fidelity on the held-out split, refuse or write, report.
+use crate::calib::{self, CalibOptions, CalibStats, Source};
+use crate::error::{Error, Result};
+use crate::fidelity::{self, Fidelity};
+use crate::merge::{self, Align, Budget, Grouping, LayerReport, MergeMethod, MergeOptions};
+use crate::model::Model;
+use crate::moe::Detection;
+use crate::runtime::Value;
+use serde::Serialize;
+use std::path::PathBuf;
+
+/// Options of a reducing run.
+#[derive(Debug, Clone)]
+pub struct ReduceOptions {
+    /// The method.
+    pub method: MergeMethod,
+    /// Alignment override.
+    pub align: Option<Align>,
+    /// Grouping override.
+    pub grouping: Option<Grouping>,
+    /// Experts to keep.
+    pub budget: Budget,
+    /// MoE layers to reduce (all when `None`).
+    pub layers: Option<Vec<usize>>,
+    /// Statistics saved by `smoe-opt calibrate` (instead of calibrating here).
+    pub stats: Option<PathBuf>,
+    /// Calibration (runtime, data source, batch, statistics knobs). `source` is unused when
+    /// `stats` is given.
+    pub calib: Option<CalibOptions>,
+    /// Held-out evaluation inputs (.npz); else `holdout` of the calibration samples.
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of calibration samples held out for the fidelity measurement.
+    pub holdout: f64,
+    /// Fail (nothing written) when the held-out `rel_l2` exceeds this.
+    pub max_error: Option<f64>,
+    /// Runtime for the fidelity measurement.
+    pub runtime: calib::Runtime,
+    /// onnxruntime execution provider.
+    #[cfg(feature = "ort")]
+    pub ep: crate::runtime::ort::Ep,
+    /// Samples per runtime call.
+    pub batch: usize,
+    /// Form of the rewritten blocks.
+    pub emit: crate::emit::EmitForm,
+}
+
+/// Where the statistics came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrationReport {
+    /// Runtime used.
+    pub runtime: String,
+    /// Data description.
+    pub source: String,
+    /// Samples the statistics were fitted on.
+    pub samples_fit: usize,
+    /// Held-out samples (fidelity), never used to fit.
+    pub samples_heldout: usize,
+    /// Where the held-out samples came from.
+    pub heldout_source: String,
+    /// Tokens counted in the first layer (padding excluded).
+    pub tokens: u64,
+}
+
+/// What a reducing run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReduceOutcome {
+    /// Statistics provenance.
+    pub calibration: CalibrationReport,
+    /// Per reduced layer.
+    pub layers: Vec<LayerReport>,
+    /// Routing semantics written per layer (block name, semantics).
+    pub semantics: Vec<(String, String)>,
+    /// Held-out fidelity (None when there were no held-out samples).
+    pub fidelity: Option<Fidelity>,
+}
+
+fn samples(data: &[(String, Value)]) -> usize {
+    data.first().map_or(0, |(_, v)| v.shape()[0])
+}
+
+/// Named arrays, first axis = samples.
+type Data = Vec<(String, Value)>;
+
+fn split(data: &[(String, Value)], at: usize) -> (Data, Data) {
+    let n = samples(data);
+    let a = data
+        .iter()
+        .map(|(k, v)| (k.clone(), calib::slice(v, 0, at)))
+        .collect();
+    let b = data
+        .iter()
+        .map(|(k, v)| (k.clone(), calib::slice(v, at, n)))
+        .collect();
+    (a, b)
+}
+
+/// Reduces `model` in place; returns what was done. `original` stays untouched for the
+/// fidelity measurement.
+pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Result<ReduceOutcome> {
+    let original = model.clone();
+    // Statistics and the held-out split.
+    let eval_from_file = match &opts.eval_data {
+        Some(p) => Some(calib::load_inputs(model, &Source::Npz(p.clone()))?),
+        None => None,
+    };
+    let (stats, calibration, heldout): (CalibStats, CalibrationReport, Data) =
+        match (&opts.stats, &opts.calib) {
+            (Some(path), _) => {
+                let stats = calib::load(path)?;
+                let held = eval_from_file.clone().unwrap_or_default();
+                if held.is_empty() {
+                    log::warn!(
+                        "--stats without --eval-data: fidelity cannot be measured on held-out data"
+                    );
+                }
+                let rep = CalibrationReport {
+                    runtime: stats.runtime.clone(),
+                    source: format!("{} (statistics file {})", stats.source, path.display()),
+                    samples_fit: stats.samples,
+                    samples_heldout: samples(&held),
+                    heldout_source: opts
+                        .eval_data
+                        .as_ref()
+                        .map_or("none".into(), |p| p.display().to_string()),
+                    tokens: stats.layers.first().map_or(0, |l| l.tokens),
+                };
+                (stats, rep, held)
+            }
+            (None, Some(c)) => {
+                let all = match c.source {
+                    Source::DataFree => vec![],
+                    _ => calib::load_inputs(model, &c.source)?,
+                };
+                let n = samples(&all);
+                let (fit, held, held_src) = match &eval_from_file {
+                    Some(e) => (
+                        all,
+                        e.clone(),
+                        opts.eval_data
+                            .as_ref()
+                            .map_or(String::new(), |p| p.display().to_string()),
+                    ),
+                    None => {
+                        let h = if n >= 2 && opts.holdout > 0.0 {
+                            ((opts.holdout * n as f64).ceil() as usize).clamp(1, n - 1)
+                        } else {
+                            0
+                        };
+                        let (fit, held) = split(&all, n - h);
+                        let src = if h > 0 {
+                            format!("last {h} of {n} calibration samples (not used to fit)")
+                        } else {
+                            "none".into()
+                        };
+                        (fit, held, src)
+                    }
+                };
+                let stats = calib::calibrate_on(model, det, c, &fit)?;
+                let rep = CalibrationReport {
+                    runtime: stats.runtime.clone(),
+                    source: stats.source.clone(),
+                    samples_fit: stats.samples,
+                    samples_heldout: samples(&held),
+                    heldout_source: held_src,
+                    tokens: stats.layers.first().map_or(0, |l| l.tokens),
+                };
+                (stats, rep, held)
+            }
+            (None, None) => {
+                return Err(Error::Usage(
+                    "merging needs routing statistics: give calibration data (--calib FILE.npz, \
+                     --calib-text FILE --tokenizer tokenizer.json, --calib-random N, --data-free) \
+                     or --stats FILE from `smoe-opt calibrate`"
+                        .into(),
+                ))
+            }
+        };
+    if opts.max_error.is_some() && heldout.is_empty() {
+        return Err(Error::Usage(
+            "--max-error needs held-out samples: give --eval-data FILE.npz, or calibration data \
+             with at least 2 samples and --holdout > 0"
+                .into(),
+        ));
+    }
+    let mopts = MergeOptions {
+        method: opts.method,
+        align: opts.align,
+        grouping: opts.grouping,
+        budget: opts.budget,
+        layers: opts.layers.clone(),
+    };
+    let plans = merge::plan(&model.graph, det, &stats, &mopts)?;
+    let rewrites = crate::emit::merged::rewrite(model, det, &plans, opts.emit)?;
+    model.graph.verify()?;
+    let fidelity = if heldout.is_empty() {
+        None
+    } else {
+        Some(fidelity::measure(
+            &original,
+            det,
+            model,
+            &heldout,
+            opts.runtime,
+            #[cfg(feature = "ort")]
+            opts.ep,
+            opts.batch,
+        )?)
+    };
+    if let (Some(max), Some(f)) = (opts.max_error, &fidelity) {
+        if f.rel_l2.is_nan() || f.rel_l2 > max {
+            return Err(Error::Quality(format!(
+                "held-out rel_l2 {:.4} exceeds --max-error {max}; nothing was written",
+                f.rel_l2
+            )));
+        }
+    }
+    Ok(ReduceOutcome {
+        calibration,
+        layers: plans.into_iter().map(|p| p.report).collect(),
+        semantics: rewrites
+            .into_iter()
+            .map(|r| (r.block, r.semantics.unwrap_or_default()))
+            .collect(),
+        fidelity,
+    })
+}
