@@ -12,6 +12,11 @@ Examples:
                                                re-emit every MoE block in canonical form
   smoe-opt model.onnx -o out.onnx --external-data
                                                write weights to out.onnx.data
+  smoe-opt model.onnx -o small.onnx --keep 0.5 --calib-text corpus.txt --tokenizer tokenizer.json --report r.json
+                                               merge half of every MoE layer's experts (MC-SMoE)
+  smoe-opt model.onnx -o small.onnx --method prune-reap --experts 4 --calib data.npz --max-error 0.2
+                                               prune to 4 experts per layer; refuse if outputs move > 20%
+  smoe-opt eval model.onnx --data heldout.npz  held-out perplexity and top-1 accuracy
   smoe-opt inspect model.onnx                  summarise a model
   smoe-opt inspect model.onnx --json           the same, as JSON for tools
 
@@ -222,6 +227,26 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// A language model's held-out next-token perplexity and top-1 accuracy.
+    Eval {
+        /// The ONNX model (token ids in, [batch, seq, vocab] logits out).
+        input: PathBuf,
+        /// Evaluation inputs: .npz with input_ids (and attention_mask, position_ids).
+        #[arg(long)]
+        data: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Samples per runtime call.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Runtime: auto (tract, else onnxruntime), tract, ort.
+        #[arg(long, value_enum, default_value_t = smoe_opt::calib::Runtime::Auto)]
+        runtime: smoe_opt::calib::Runtime,
+        /// onnxruntime execution provider.
+        #[arg(long, value_enum, default_value_t = smoe_opt::runtime::ort::Ep::Cpu)]
+        ort_ep: smoe_opt::runtime::ort::Ep,
+    },
     /// Summarise a model: opsets, inputs/outputs, op counts, initializers, external data.
     Inspect {
         /// The ONNX model.
@@ -292,6 +317,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if explain {
                     print!("{}", info.explain_text());
                 }
+            }
+            Ok(())
+        }
+        Some(Command::Eval {
+            input,
+            data,
+            json,
+            batch,
+            runtime,
+            ort_ep,
+        }) => {
+            let model = Model::load(&input)?;
+            let inputs = smoe_opt::calib::load_inputs(&model, &smoe_opt::calib::Source::Npz(data))?;
+            let r = smoe_opt::eval::evaluate(&model, &inputs, runtime, ort_ep, batch)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{}: perplexity {:.4}, top-1 {:.4} over {} predictions in {} samples ({})",
+                    input.display(),
+                    r.perplexity,
+                    r.top1,
+                    r.predictions,
+                    r.samples,
+                    r.runtime
+                );
             }
             Ok(())
         }

@@ -4,8 +4,24 @@ use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::TensorProto;
 use crate::onnx::tensor::inline_bytes;
 
+/// The value a chain of `Identity` nodes starts from (exporters write one initializer for
+/// identical weights and alias the duplicates through `Identity`, e.g. TorchScript).
+pub fn through_identity<'g>(g: &'g Graph, value: &'g str) -> &'g str {
+    let mut v = value;
+    for _ in 0..16 {
+        match g.producer(v).and_then(|id| g.node(id)) {
+            Some(n) if n.op_type.as_deref() == Some("Identity") && !n.input.is_empty() => {
+                v = &n.input[0];
+            }
+            _ => break,
+        }
+    }
+    v
+}
+
 /// A constant's dims (the tensor proto, for `Constant` nodes the `value` attribute).
-pub fn const_proto<'g>(g: &'g Graph, value: &str) -> Option<&'g TensorProto> {
+pub fn const_proto<'g>(g: &'g Graph, value: &'g str) -> Option<&'g TensorProto> {
+    let value = through_identity(g, value);
     if let Some(i) = g.initializer(value) {
         return Some(&i.proto);
     }
@@ -21,6 +37,7 @@ pub fn const_proto<'g>(g: &'g Graph, value: &str) -> Option<&'g TensorProto> {
 
 /// Whether `value` is a constant (initializer or `Constant` node output).
 pub fn is_const(g: &Graph, value: &str) -> bool {
+    let value = through_identity(g, value);
     if g.initializer(value).is_some() {
         return true;
     }

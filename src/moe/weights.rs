@@ -11,7 +11,7 @@ fn tensor_f32(g: &Graph, name: &str) -> Result<(Vec<i64>, Vec<f32>)> {
         reason: reason.to_string(),
     };
     let t = const_proto(g, name).ok_or_else(|| bad("not a constant"))?;
-    let bytes = match g.initializer(name) {
+    let bytes = match g.initializer(super::consts::through_identity(g, name)) {
         Some(i) => i.bytes()?,
         None => inline_bytes(t)?,
     };

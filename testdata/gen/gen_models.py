@@ -415,6 +415,73 @@ def gen_variants(out):
                torch_ref=lambda hidden_states: mod(hidden_states))
 
 
+def gen_planted(out):
+    """Planted MoE blocks for merging tests: N = 8 experts that are neuron-permuted (and, in
+    the noisy cases, perturbed) copies of P = 4 prototypes, exported with TorchScript.
+    Expert e is a copy of prototype e % 4; its router row is the prototype's row plus noise
+    (so router logits of copies correlate), and the first copy of each prototype gets a
+    router-bias advantage (so it is the most used, i.e. the dominant expert). Top-1 routing.
+    truth.json: each expert's prototype, the permutations, the noise, and the noise floor:
+    rel_l2 between the block and the same block with every expert replaced by its clean
+    permuted prototype, on the held-out part of io.npz (the last 4 of 16 samples)."""
+    h, i, n, p_, k = 32, 64, 8, 4, 1
+    cases = [("planted_swiglu_exact", True, "silu", 0.0), ("planted_swiglu_noisy", True, "silu", 0.02),
+             ("planted_relu_plain_noisy", False, "relu", 0.02)]
+    for seed, (name, gated, act, noise) in enumerate(cases, start=300):
+        g = torch.Generator().manual_seed(seed)
+        mod = BiasedMoE(h, i, n, k, gated, act)
+        protos = []
+        for q in range(p_):
+            protos.append(dict(up=torch.randn(i, h, generator=g) / h ** 0.5, up_b=torch.randn(i, generator=g) * 0.1,
+                               gate=torch.randn(i, h, generator=g) / h ** 0.5, gate_b=torch.randn(i, generator=g) * 0.1,
+                               down=torch.randn(h, i, generator=g) / i ** 0.5, down_b=torch.randn(h, generator=g) * 0.1))
+        router = torch.linalg.qr(torch.randn(h, p_, generator=g))[0].T * 3.0  # orthogonal prototype rows
+        perms, clean = [], []
+        with torch.no_grad():
+            for e in range(n):
+                q = e % p_
+                pi = torch.randperm(i, generator=g)
+                perms.append(pi.tolist())
+                pr = protos[q]
+                w = dict(up=pr["up"][pi], up_b=pr["up_b"][pi], gate=pr["gate"][pi], gate_b=pr["gate_b"][pi],
+                         down=pr["down"][:, pi], down_b=pr["down_b"])
+                clean.append(w)
+                nz = lambda t: t + noise * t.abs().mean() * torch.randn(t.shape, generator=g)
+                mod.up[e].weight.copy_(nz(w["up"])); mod.up[e].bias.copy_(nz(w["up_b"]))
+                if gated:
+                    mod.gate[e].weight.copy_(nz(w["gate"])); mod.gate[e].bias.copy_(nz(w["gate_b"]))
+                mod.down[e].weight.copy_(nz(w["down"])); mod.down[e].bias.copy_(nz(w["down_b"]))
+                mod.router.weight[e].copy_(router[q] + 0.6 * torch.randn(h, generator=g) / h ** 0.5)
+                mod.router.bias[e] = 0.5 if e < p_ else 0.0
+        blk = Block(mod).eval()
+        x = torch.randn(16, 32, h, generator=g)
+        oracle = BiasedMoE(h, i, n, k, gated, act)
+        oracle.load_state_dict(mod.state_dict())
+        with torch.no_grad():
+            for e in range(n):
+                w = clean[e]
+                oracle.up[e].weight.copy_(w["up"]); oracle.up[e].bias.copy_(w["up_b"])
+                if gated:
+                    oracle.gate[e].weight.copy_(w["gate"]); oracle.gate[e].bias.copy_(w["gate_b"])
+                oracle.down[e].weight.copy_(w["down"]); oracle.down[e].bias.copy_(w["down_b"])
+            y, yo = blk(x[-4:]), Block(oracle).eval()(x[-4:])
+            floor = float((y - yo).norm() / y.norm())
+            counts = torch.bincount(torch.topk(mod.router(x.view(-1, h)), 1).indices.view(-1), minlength=n).tolist()
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        torch.onnx.export(blk, (x[:2],), os.path.join(d, "model.onnx"), input_names=["hidden_states"],
+                          output_names=["out"], opset_version=17, dynamo=False,
+                          dynamic_axes={"hidden_states": {0: "batch", 1: "seq"}, "out": {0: "batch", 1: "seq"}})
+        layer = dict(layer=0, experts=n, top_k=k, hidden=h, intermediate=i, activation="swiglu" if gated else act,
+                     renormalize=True, router_scoring="softmax", experts_present=list(range(n)), shared_experts=0,
+                     expert_biases=True, router_bias=True)
+        finish(name, out, blk, {"hidden_states": x},
+               dict(form="per-expert", exporter="torchscript", family="planted", layers=[layer],
+                    prototype=[e % p_ for e in range(n)], dominant=list(range(p_)), permutations=perms, noise=noise,
+                    noise_floor_rel_l2=floor, heldout="last 4 of 16 samples", top1_counts=counts),
+               torch_ref=lambda hidden_states: blk(hidden_states))
+
+
 def gen_bench(out):
     """Mid-size single MoE blocks for benchmarks (not committed): Mixtral-style SwiGLU,
     H=512, I=1408, N=8 and N=32, exported with TorchScript (loop over all experts)."""
@@ -565,6 +632,8 @@ if __name__ == "__main__":
         gen_variants(a.out)
     elif a.tf == 4 and a.only == "bench":
         gen_bench(a.out)
+    elif a.only == "planted":
+        gen_planted(a.out)
     elif a.tf == 4:
         gen_v4(a.out)
     elif a.only == "tokenizer":

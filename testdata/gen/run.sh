@@ -16,4 +16,6 @@ PYTHONPATH="$venv/tf4" "$venv/bin/python" "$here/gen_models.py" --tf 4 --out "$o
 PYTHONPATH="$venv/tf4" "$venv/bin/python" "$here/gen_models.py" --tf 4 --only variants --out "$here/../variants"
 "$venv/bin/python" "$here/gen_models.py" --tf 5 --out "$out"
 "$venv/bin/python" "$here/gen_models.py" --tf 5 --only tokenizer --out "$here/.."
-du -sh "$out" "$here/../variants"
+"$venv/bin/python" "$here/gen_models.py" --tf 5 --only planted --out "$here/../planted"
+PYTHONPATH="$venv/tf4" "$venv/bin/python" "$here/train_lm.py" --out "$here/../lm"
+du -sh "$out" "$here/../variants" "$here/../planted" "$here/../lm"

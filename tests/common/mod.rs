@@ -11,7 +11,7 @@ pub fn root() -> PathBuf {
 /// Every committed test model (testdata/models and testdata/variants): (name, folder).
 pub fn models() -> Vec<(String, PathBuf)> {
     let mut v = Vec::new();
-    for sub in ["testdata/models", "testdata/variants"] {
+    for sub in ["testdata/models", "testdata/variants", "testdata/planted"] {
         let dir = root().join(sub);
         v.extend(
             std::fs::read_dir(&dir)
