@@ -72,7 +72,7 @@ struct RunArgs {
     grouping: Option<smoe_opt::merge::Grouping>,
     /// MoE layers to reduce, as numbered by `inspect` (e.g. 0,2-3); default all.
     #[arg(long, value_parser = parse_layers)]
-    layers: Option<Vec<usize>>,
+    layers: Option<Layers>,
     /// Routing statistics from `smoe-opt calibrate` instead of calibrating here.
     #[arg(long, value_name = "STATS.json")]
     stats: Option<PathBuf>,
@@ -174,8 +174,12 @@ impl CalibArgs {
     }
 }
 
+/// MoE layer indices from `--layers`.
+#[derive(Debug, Clone)]
+struct Layers(Vec<usize>);
+
 /// Parses `--layers 0,2-3`.
-fn parse_layers(s: &str) -> Result<Vec<usize>, String> {
+fn parse_layers(s: &str) -> Result<Layers, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || format!("'{part}' is not a layer index or range like 2-5");
@@ -193,7 +197,7 @@ fn parse_layers(s: &str) -> Result<Vec<usize>, String> {
     }
     out.sort_unstable();
     out.dedup();
-    Ok(out)
+    Ok(Layers(out))
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -422,7 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         align: a.align,
                         grouping: a.grouping,
                         budget,
-                        layers: a.layers.clone(),
+                        layers: a.layers.as_ref().map(|l| l.0.clone()),
                         stats: a.stats.clone(),
                         calib: source.map(|s| a.calib.options(s, progress)),
                         eval_data: a.eval_data.clone(),

@@ -216,6 +216,8 @@ pub fn calibrate_on(
     let bar = crate::progress::count_bar(opts.progress, samples as u64, "samples");
     bar.set_message("calibrating");
     let mut tokens_seen = 0usize;
+    #[cfg(feature = "ort")]
+    let mut tried_ort = false;
     let batch = opts.batch.max(1);
     for start in (0..samples).step_by(batch) {
         let end = (start + batch).min(samples);
@@ -223,15 +225,32 @@ pub fn calibrate_on(
             .iter()
             .map(|(n, v)| (n.clone(), slice(v, start, end)))
             .collect();
-        let out = match session.run(&feed) {
-            Ok(o) => o,
-            Err(e) if !switched => {
-                log::info!("the exported graph failed on batch {start}..{end} ({e}); continuing through smoe-opt's exact re-emission");
-                switched = true;
-                (session, logits) = reemitted()?;
-                session.run(&feed)?
+        // On failure: tract → onnxruntime (auto), then → the exact re-emission.
+        let out = loop {
+            match session.run(&feed) {
+                Ok(o) => break o,
+                Err(e) => {
+                    #[cfg(feature = "ort")]
+                    if !tried_ort
+                        && !switched
+                        && opts.runtime == Runtime::Auto
+                        && session.runtime() == "tract"
+                        && crate::runtime::ort::find_library().is_ok()
+                    {
+                        tried_ort = true;
+                        log::info!("tract failed on batch {start}..{end} ({e}); continuing with onnxruntime");
+                        session =
+                            Box::new(crate::runtime::ort::OrtSession::from_model(&inst, opts.ep)?);
+                        continue;
+                    }
+                    if switched {
+                        return Err(e);
+                    }
+                    switched = true;
+                    log::info!("the exported graph failed on batch {start}..{end} ({e}); continuing through smoe-opt's exact re-emission");
+                    (session, logits) = reemitted()?;
+                }
             }
-            Err(e) => return Err(e),
         };
         let get = |name: &str| -> Result<ArrayD<f32>> {
             out.iter()

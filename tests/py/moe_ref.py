@@ -11,6 +11,11 @@ def constants(m):
     for n in m.graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             c[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    # Exporters alias identical weights through Identity nodes (TorchScript's dedup).
+    for _ in range(4):
+        for n in m.graph.node:
+            if n.op_type == "Identity" and n.input[0] in c:
+                c.setdefault(n.output[0], c[n.input[0]])
     return c
 
 

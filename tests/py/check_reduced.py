@@ -1,0 +1,45 @@
+"""Independent check of a reduced model: onnx.checker (full), onnxruntime runs it, and the
+held-out relative L2 error against the original recomputed here.
+
+usage: check_reduced.py ORIGINAL WRITTEN IO.npz START OUT.npz
+Prints JSON {rel_l2, cosine, positions}; samples START.. are the held-out ones (padding rows
+excluded for [batch, seq, ...] outputs, as smoe-opt does). Writes the written model's
+onnxruntime outputs on all samples to OUT.npz (for the tract comparison)."""
+import json, sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+orig, written, io, start, out = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+onnx.checker.check_model(onnx.load(written), full_check=True)
+d = np.load(io)
+so = ort.SessionOptions()
+so.log_severity_level = 3
+
+
+def run(path):
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    feed = {i.name: d[i.name] for i in s.get_inputs()}
+    return {o.name: v for o, v in zip(s.get_outputs(), s.run(None, feed))}
+
+
+a, b = run(orig), run(written)
+np.savez(out, **b)
+num = den = cos = 0.0
+n = 0
+mask = d["attention_mask"] if "attention_mask" in d.files else None
+for name, ya in a.items():
+    if name not in b or ya.dtype != np.float32:
+        continue
+    ya, yb = ya[start:].astype(np.float64), b[name][start:].astype(np.float64)
+    keep = np.ones(ya.shape[:-1], dtype=bool)
+    if mask is not None and ya.ndim >= 3 and ya.shape[1] == mask.shape[1]:
+        keep = np.broadcast_to(mask[start:].reshape(mask[start:].shape + (1,) * (ya.ndim - 3)) != 0, ya.shape[:-1])
+    xa, xb = ya[keep], yb[keep]
+    num += ((xa - xb) ** 2).sum()
+    den += (xa ** 2).sum()
+    na, nb = np.linalg.norm(xa, axis=-1), np.linalg.norm(xb, axis=-1)
+    cos += ((xa * xb).sum(-1) / np.maximum(na * nb, 1e-300)).sum()
+    n += xa.shape[0]
+print(json.dumps(dict(rel_l2=float(np.sqrt(num / den)), cosine=float(cos / n), positions=n)))
