@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Builds smoe-opt and runs the main job on the bundled example model (tract runtime, no GPU).
+# Builds smoe-opt and runs the main job on the bundled example model (tract runtime, no GPU):
+# the trained MoE language model of testdata/lm, half of its experts merged (MC-SMoE), with
+# held-out fidelity and perplexity before/after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release
-model=testdata/models/mixtral_v4_ts/model.onnx
+bin=./target/release/smoe-opt
+lm=testdata/lm
 mkdir -p demo-out
-./target/release/smoe-opt inspect "$model"
-./target/release/smoe-opt "$model" -o demo-out/model.onnx --method none
-./target/release/smoe-opt inspect demo-out/model.onnx --json > demo-out/inspect.json
-./target/release/smoe-opt calibrate "$model" --calib-text testdata/text/calib.txt \
-    --tokenizer testdata/text/tokenizer.json --seq-len 64 --runtime tract -o demo-out/stats.json
-echo "wrote demo-out/model.onnx, demo-out/inspect.json, demo-out/stats.json (+ stats.npz)"
+$bin inspect "$lm/model.onnx"
+$bin "$lm/model.onnx" -o demo-out/model.onnx --keep 0.75 \
+    --calib-text "$lm/calib.txt" --tokenizer "$lm/tokenizer.json" --seq-len 128 --runtime tract \
+    --eval-data "$lm/eval.npz" --report demo-out/report.json
+$bin eval "$lm/model.onnx" --data "$lm/eval.npz" --runtime tract
+$bin eval demo-out/model.onnx --data "$lm/eval.npz" --runtime tract
+$bin calibrate "$lm/model.onnx" --calib-text "$lm/calib.txt" --tokenizer "$lm/tokenizer.json" \
+    --seq-len 128 --runtime tract -o demo-out/stats.json
+echo "wrote demo-out/model.onnx, demo-out/report.json, demo-out/stats.json (+ stats.npz)"

@@ -73,6 +73,21 @@ pub struct ReduceOutcome {
     pub semantics: Vec<(String, String)>,
     /// Held-out fidelity (None when there were no held-out samples).
     pub fidelity: Option<Fidelity>,
+    /// Wall time of each stage.
+    pub seconds: StageSeconds,
+}
+
+/// Wall time of each stage of a reducing run, in seconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageSeconds {
+    /// Loading data and calibrating (or loading statistics).
+    pub calibrate: f64,
+    /// Grouping, alignment and merging.
+    pub plan: f64,
+    /// Writing the new blocks into the graph.
+    pub emit: f64,
+    /// Running both models on the held-out samples.
+    pub fidelity: f64,
 }
 
 fn samples(data: &[(String, Value)]) -> usize {
@@ -99,6 +114,8 @@ fn split(data: &[(String, Value)], at: usize) -> (Data, Data) {
 /// fidelity measurement.
 pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Result<ReduceOutcome> {
     let original = model.clone();
+    let mut seconds = StageSeconds::default();
+    let t = std::time::Instant::now();
     // Statistics and the held-out split.
     let eval_from_file = match &opts.eval_data {
         Some(p) => Some(calib::load_inputs(model, &Source::Npz(p.clone()))?),
@@ -190,9 +207,15 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
         budget: opts.budget,
         layers: opts.layers.clone(),
     };
+    seconds.calibrate = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
     let plans = merge::plan(&model.graph, det, &stats, &mopts)?;
+    seconds.plan = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
     let rewrites = crate::emit::merged::rewrite(model, det, &plans, opts.emit)?;
     model.graph.verify()?;
+    seconds.emit = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
     let fidelity = if heldout.is_empty() {
         None
     } else {
@@ -207,6 +230,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             opts.batch,
         )?)
     };
+    seconds.fidelity = t.elapsed().as_secs_f64();
     if let (Some(max), Some(f)) = (opts.max_error, &fidelity) {
         if f.rel_l2.is_nan() || f.rel_l2 > max {
             return Err(Error::Quality(format!(
@@ -223,5 +247,6 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             .map(|r| (r.block, r.semantics.unwrap_or_default()))
             .collect(),
         fidelity,
+        seconds,
     })
 }

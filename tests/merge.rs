@@ -98,7 +98,7 @@ fn check_written(py: &Path, dir: &Path, out: &Path, tag: &str) -> f64 {
         && written
             .graph
             .nodes()
-            .all(|(_, n)| n.domain.as_deref().unwrap_or("") == "")
+            .all(|(_, n)| n.domain.as_deref().unwrap_or("").is_empty())
     {
         let mut s = smoe_opt::runtime::tract::TractSession::from_model(&written)
             .unwrap_or_else(|e| panic!("{tag}: tract: {e}"));

@@ -8,13 +8,14 @@
 //!     w_m  = ReduceSum(vals · [gid == m], -1)          [T]   (two chosen in one group add)
 //!     rows = NonZero(ReduceSum([gid == m], -1))          tokens routed to m
 //!     c_m  = FFN_m(x2[rows]) · w_m[rows]
-//! acc = ScatterND(0, concat(rows), concat(c_m), reduction=add)   (opset ≥ 16; below it,
-//!       one ScatterND without reduction per target, added up)
+//!     acc[rows] = acc[rows] + c_m      (Gather, Add, ScatterND without reduction: each
+//!                                       target's rows are distinct, so no duplicate index)
 //! acc += σ(x2·g)·FFN_shared(x2)     (shared experts)
 //! Y = Reshape(acc, Shape(X))
 //! ```
 //! Sparse (each expert sees only its tokens), valid at every batch and sequence length.
-//! The one reduction scatter needs tract ≥ 0.23 (earlier versions ignore `reduction`).
+//! No scatter reduction is used: onnxruntime's CPU ScatterND(reduction=add) is racy with
+//! duplicate indices (onnxruntime#18048) and tract < 0.23 ignores `reduction`.
 use super::builder::Emitter;
 use crate::error::{Error, Result};
 use crate::ir::builder::{attr_int, attr_ints};
@@ -147,7 +148,6 @@ pub fn emit(
             crate::ir::builder::tensor_f32("", &[1], &[0.0]),
         )],
     );
-    let zeros = acc.clone();
     // Router id -> target index (-1: no target); skipped when it is the identity.
     let identity = targets.len() == n && targets.iter().enumerate().all(|(i, t)| t.ids == [i]);
     let gid = if identity {
@@ -162,10 +162,10 @@ pub fn emit(
         let l = em.ints("lut", &[n as i64], &lut);
         em.op("Gather", &[&l, &idx], vec![attr_int("axis", 0)])
     };
-    // From opset 16 one ScatterND(reduction=add) sums all contributions at the end.
-    let fused_scatter = em.opset >= 16;
-    let mut all_rows = Vec::new();
-    let mut all_contrib = Vec::new();
+    // Contributions are accumulated target by target: acc[rows] = acc[rows] + c (Gather, Add,
+    // ScatterND without reduction). Each target's rows are distinct, so no ScatterND ever sees
+    // a duplicate index: onnxruntime's CPU ScatterND with reduction=add races on duplicates
+    // under multi-threading (onnxruntime#18048), which one concatenated scatter would hit.
     for (i, t) in targets.iter().enumerate() {
         let ti = em.ints(&format!("target{i}"), &[], &[i as i64]);
         let eq = em.op("Equal", &[&gid, &ti], vec![]);
@@ -189,24 +189,9 @@ pub fn emit(
         let ws2 = em.unsqueeze(&ws, &[-1]);
         let contrib = em.op("Mul", &[&out, &ws2], vec![]);
         let idx2 = em.op("Transpose", &[&nz], vec![attr_ints("perm", &[1, 0])]);
-        if fused_scatter {
-            all_rows.push(idx2);
-            all_contrib.push(contrib);
-        } else {
-            let scattered = em.op("ScatterND", &[&zeros, &idx2, &contrib], vec![]);
-            acc = em.op("Add", &[&acc, &scattered], vec![]);
-        }
-    }
-    if fused_scatter && !targets.is_empty() {
-        let rows: Vec<&str> = all_rows.iter().map(String::as_str).collect();
-        let contribs: Vec<&str> = all_contrib.iter().map(String::as_str).collect();
-        let r_all = em.op("Concat", &rows, vec![attr_int("axis", 0)]);
-        let c_all = em.op("Concat", &contribs, vec![attr_int("axis", 0)]);
-        acc = em.op(
-            "ScatterND",
-            &[&zeros, &r_all, &c_all],
-            vec![crate::ir::builder::attr_string("reduction", "add")],
-        );
+        let old = em.op("Gather", &[&acc, &rows], vec![attr_int("axis", 0)]);
+        let sum = em.op("Add", &[&old, &contrib], vec![]);
+        acc = em.op("ScatterND", &[&acc, &idx2, &sum], vec![]);
     }
     for s in &block.shared {
         let out = shared_expert(em, s, &x2)?;
