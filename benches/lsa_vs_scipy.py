@@ -40,7 +40,7 @@ for line in out.splitlines():
     if m:
         n = int(m.group(1))
         rows[n].update(ours=float(m.group(2)), ours_obj=float(m.group(3)))
-print("| I | scipy linear_sum_assignment (s) | smoe-opt (lapjv) (s) | speed-up | same optimum |")
+print("| I | scipy linear_sum_assignment (s) | smoe-opt solve_max (s) | speed-up | same optimum |")
 print("|---|---|---|---|---|")
 for n in a.sizes:
     r = rows[n]
