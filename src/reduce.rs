@@ -113,6 +113,10 @@ fn split(data: &[(String, Value)], at: usize) -> (Data, Data) {
 /// Reduces `model` in place; returns what was done. `original` stays untouched for the
 /// fidelity measurement.
 pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Result<ReduceOutcome> {
+    // Fail before calibrating on what cannot be written.
+    for b in det.identified_blocks() {
+        crate::emit::portable::require_f32(&model.graph, b)?;
+    }
     let original = model.clone();
     let mut seconds = StageSeconds::default();
     let t = std::time::Instant::now();

@@ -584,3 +584,70 @@ fn fused_emission_names_its_semantics() {
         );
     }
 }
+
+#[test]
+fn layers_selects_which_blocks_are_reduced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = root().join("testdata/models/mixtral_v4_ts");
+    let out = tmp.path().join("o.onnx");
+    let r = reduce(
+        &dir.join("model.onnx"),
+        &out,
+        &args(
+            &[
+                calib(&dir),
+                vec!["--keep".into(), "0.5".into(), "--layers".into(), "1".into()],
+            ]
+            .concat(),
+        ),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let layers = r.report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1);
+    assert_eq!(layers[0]["block"], "moe.1");
+    assert_eq!(layers[0]["experts_after"], 4);
+    let blocks = r.report["blocks"].as_array().unwrap();
+    assert_eq!(blocks[0]["rewritten"], false);
+    assert_eq!(blocks[1]["rewritten"], true);
+    // Exactly four experts' weights are gone (gated, H 32, I 64: 3 · 32 · 64 each), up to
+    // the few scalars the new block adds (k, lookup table, target ids, axes).
+    let removed =
+        r.report["params_before"].as_u64().unwrap() - r.report["params_after"].as_u64().unwrap();
+    let want = 4 * 3 * 32 * 64;
+    assert!(
+        removed <= want && removed + 200 > want,
+        "removed {removed}, want ~{want}"
+    );
+    // Layer 0 is untouched: still detected with all 8 experts in the written model.
+    let m = smoe_opt::Model::load(&out).unwrap();
+    let det = smoe_opt::moe::detect(&m.graph);
+    assert_eq!(det.blocks[0].experts.len(), 8);
+}
+
+#[test]
+fn float16_blocks_are_refused_before_any_work() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = root().join("testdata/variants/mixtral_n8_k2/model.onnx");
+    let half = tmp.path().join("half.onnx");
+    let r = run_py(
+        &py,
+        "to_fp16.py",
+        &[src.to_str().unwrap(), half.to_str().unwrap()],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for extra in [
+        vec!["--method", "none"],
+        vec!["--keep", "0.5", "--data-free"],
+    ] {
+        let out = tmp.path().join("o.onnx");
+        let r = reduce(&half, &out, &extra);
+        assert_eq!(r.code, Some(1), "{extra:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("moe.0") && r.stderr.contains("float16"),
+            "{extra:?}: {}",
+            r.stderr
+        );
+        assert!(!out.exists());
+    }
+}

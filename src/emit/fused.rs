@@ -65,6 +65,7 @@ pub fn emit_with(
             reason: format!("cannot emit as com.microsoft.MoE: {why}"),
         });
     }
+    portable::require_f32(em.graph(), block)?;
     let r = &block.router;
     let n = experts.len();
     if r.top_k > n {

@@ -60,6 +60,7 @@ pub fn emit(
             em.opset
         )));
     }
+    require_f32(em.graph(), block)?;
     let r = &block.router;
     let h = block.hidden() as i64;
     let n = router_rows.map_or(r.num_experts, <[usize]>::len);
@@ -234,6 +235,28 @@ pub fn router_logits(
         logits = em.op("Add", &[&logits, &bn], vec![]);
     }
     Ok(logits)
+}
+
+/// Refuses blocks whose weights are not float32: the emitted subgraphs compute in float32
+/// (their constants, masks and merged weights are float32), so a float16/bfloat16 block
+/// would come out type-inconsistent.
+pub fn require_f32(g: &crate::ir::Graph, block: &MoeBlock) -> Result<()> {
+    let t = crate::moe::consts::const_proto(g, &block.router.weight.tensor);
+    let dt = t
+        .and_then(|t| t.data_type)
+        .unwrap_or(DataType::Float as i32);
+    if dt != DataType::Float as i32 {
+        let name =
+            DataType::try_from(dt).map_or(format!("type {dt}"), |d| d.as_str_name().to_lowercase());
+        return Err(Error::Graph {
+            node: Some(block.name.clone()),
+            reason: format!(
+                "smoe-opt rewrites float32 MoE blocks; this block's weights are {name} \
+                 (export the model in float32, reduce it, then convert)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The router weight as `[H, N]` for `MatMul(x, W)`.
