@@ -44,5 +44,15 @@ print("|---|---|---|---|---|---|---|---|---|---|")
 print(f"| 32 x (768 x 3072) ReLU, top-1 | {r['params_before'] / 1e6:.0f} M -> {r['params_after'] / 1e6:.0f} M | "
       f"32 -> {r['layers'][0]['experts_after']} | {wall} | {s['calibrate']:.1f} s | {s['plan']:.1f} s | {s['emit']:.1f} s | "
       f"{s['fidelity']:.1f} s | {rss:.2f} GiB | {r['fidelity']['rel_l2']:.3f} |")
+# Runtime memory: peak RSS of a fresh process that loads each model in onnxruntime and runs
+# one 1x128 forward pass.
+probe = ("import sys, resource, numpy as np, onnxruntime as ort; "
+         "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
+         "s.run(None, {'hidden_states': np.zeros((1, 128, 768), np.float32)}); "
+         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+mem = [int(subprocess.run([sys.executable, "-c", probe, m], check=True, capture_output=True, text=True).stdout) / 1024
+       for m in (path, out)]
+print(f"onnxruntime peak RSS loading + one forward: original {mem[0]:.0f} MiB, reduced {mem[1]:.0f} MiB; "
+      f"files {os.path.getsize(path) / 2**20:.0f} MiB -> {os.path.getsize(out) / 2**20:.0f} MiB")
 print(f"(calibration: {r['calibration']['samples_fit']} x 128 random hidden states fitted, "
       f"{r['calibration']['samples_heldout']} held out; {os.cpu_count()} CPUs)")

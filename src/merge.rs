@@ -112,6 +112,8 @@ pub struct MergeOptions {
     pub budget: Budget,
     /// MoE layers to reduce (indices of the calibrated blocks); all when `None`.
     pub layers: Option<Vec<usize>>,
+    /// Show a progress bar over layers.
+    pub progress: bool,
 }
 
 /// One group of a reduced layer.
@@ -263,11 +265,19 @@ pub fn plan(
             .collect(),
         MergeMethod::HcSmoe => uniform,
     };
-    chosen
+    let bar = crate::progress::count_bar(opts.progress, chosen.len() as u64, "layers");
+    bar.set_message("merging");
+    let plans = chosen
         .iter()
         .zip(counts)
-        .map(|((b, s), m)| plan_layer(g, b, s, m, opts))
-        .collect()
+        .map(|((b, s), m)| {
+            let p = plan_layer(g, b, s, m, opts);
+            bar.inc(1);
+            p
+        })
+        .collect();
+    bar.finish_and_clear();
+    plans
 }
 
 fn plan_layer(

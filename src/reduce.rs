@@ -210,6 +210,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
         grouping: opts.grouping,
         budget: opts.budget,
         layers: opts.layers.clone(),
+        progress: opts.calib.as_ref().is_some_and(|c| c.progress),
     };
     seconds.calibrate = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
