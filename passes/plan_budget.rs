@@ -5,8 +5,9 @@
 //! concentrated routing keep few groups and flat layers keep more.
 //! How (mc-smoe.md §2, with the reference's weaknesses fixed): each merged layer's most-used
 //! expert counts as frequency 1.0 (every layer keeps at least one group); all (layer, expert)
-//! pairs are ranked by frequency (ties: earlier layer, then lower expert index) and the first
-//! `total` pairs are kept; `M_l` is the number kept in layer `l`. The total is hit exactly
+//! pairs are ranked by frequency and the first
+//! `total` pairs are kept (ties: round-robin over layers by rank within the layer, then the
+//! earlier layer); `M_l` is the number kept in layer `l`. The total is hit exactly
 //! and the result is deterministic on ties (the reference's strict `>` threshold lost groups).
 //! Preconditions: every frequency vector is non-empty; `total` ≥ number of layers.
 //! Limits: pure function of frequencies; unmerged layers are simply not passed in.
@@ -18,17 +19,20 @@
 pub fn plan_budget(freqs: &[Vec<f64>], total: usize) -> Vec<usize> {
     let layers = freqs.len();
     let total: usize = total.max(layers).min(freqs.iter().map(Vec::len).sum());
+    // (frequency, rank within its layer, layer): ties go round-robin over layers (the
+    // i-th most used expert of every layer before the (i+1)-th of any), then earlier layer.
     let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
     for (l, f) in freqs.iter().enumerate() {
-        let top = (0..f.len()).max_by(|&a, &b| f[a].total_cmp(&f[b]).then(b.cmp(&a)));
-        for (e, &v) in f.iter().enumerate() {
-            let v = if Some(e) == top { 1.0 } else { v };
-            pairs.push((v, l, e));
+        let mut order: Vec<usize> = (0..f.len()).collect();
+        order.sort_by(|&a, &b| f[b].total_cmp(&f[a]).then(a.cmp(&b)));
+        for (rank, &e) in order.iter().enumerate() {
+            let v = if rank == 0 { 1.0 } else { f[e] };
+            pairs.push((v, rank, l));
         }
     }
     pairs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     let mut m = vec![0usize; layers];
-    for &(_, l, _) in pairs.iter().take(total) {
+    for &(_, _, l) in pairs.iter().take(total) {
         m[l] += 1;
     }
     m
@@ -57,6 +61,13 @@ mod tests {
             assert!(m.iter().all(|&x| (1..=8).contains(&x)), "{m:?}");
             assert_eq!(m, plan_budget(&f, 3 * g), "deterministic");
         }
+    }
+
+    #[test]
+    fn uniform_routing_splits_evenly() {
+        let f = vec![vec![0.125; 8]; 2];
+        assert_eq!(plan_budget(&f, 8), vec![4, 4]);
+        assert_eq!(plan_budget(&f, 7), vec![4, 3]);
     }
 
     #[test]

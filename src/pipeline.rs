@@ -103,18 +103,19 @@ pub fn run(input: &Path, output: &Path, opts: &PipelineOptions) -> Result<Pipeli
                 .blocks
                 .iter()
                 .map(|b| {
-                    let sem = out.semantics.iter().find(|(n, _)| *n == b.name);
-                    crate::emit::BlockRewrite {
-                        block: b.name.clone(),
-                        rewritten: sem.is_some(),
-                        skipped: sem
-                            .is_none()
-                            .then(|| "not selected or not identified".into()),
-                        nodes_removed: 0,
-                        nodes_added: 0,
-                        logits: None,
-                        semantics: sem.map(|(_, s)| s.clone()),
-                    }
+                    out.rewrites
+                        .iter()
+                        .find(|r| r.block == b.name)
+                        .cloned()
+                        .unwrap_or_else(|| crate::emit::BlockRewrite {
+                            block: b.name.clone(),
+                            rewritten: false,
+                            skipped: Some("not selected, or experts not identified".into()),
+                            nodes_removed: 0,
+                            nodes_added: 0,
+                            logits: None,
+                            semantics: None,
+                        })
                 })
                 .collect();
             reduced = Some(out);

@@ -69,8 +69,9 @@ pub struct ReduceOutcome {
     pub calibration: CalibrationReport,
     /// Per reduced layer.
     pub layers: Vec<LayerReport>,
-    /// Routing semantics written per layer (block name, semantics).
-    pub semantics: Vec<(String, String)>,
+    /// What the rewrite did to each reduced block (reported under `blocks`).
+    #[serde(skip)]
+    pub rewrites: Vec<crate::emit::BlockRewrite>,
     /// Held-out fidelity (None when there were no held-out samples).
     pub fidelity: Option<Fidelity>,
     /// Wall time of each stage.
@@ -247,10 +248,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
     Ok(ReduceOutcome {
         calibration,
         layers: plans.into_iter().map(|p| p.report).collect(),
-        semantics: rewrites
-            .into_iter()
-            .map(|r| (r.block, r.semantics.unwrap_or_default()))
-            .collect(),
+        rewrites,
         fidelity,
         seconds,
     })
