@@ -99,6 +99,25 @@ impl Model {
         Ok(p.encode_to_vec())
     }
 
+    /// Size of the model as one protobuf with all tensor data inline (what
+    /// [`Model::to_inline_bytes`] would produce), without materialising it.
+    pub fn inline_len(&self) -> u64 {
+        use prost::Message;
+        let external: u64 = self
+            .graph
+            .initializers()
+            .filter(|i| crate::onnx::tensor::is_external(&i.proto))
+            .map(|i| {
+                crate::onnx::tensor::declared_bytes(&i.proto)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+                    + 16
+            })
+            .sum();
+        self.to_proto().encoded_len() as u64 + external
+    }
+
     /// The whole model as a proto (external tensors still reference their files).
     pub fn to_proto(&self) -> ModelProto {
         let mut p = self.proto.clone();

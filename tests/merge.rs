@@ -651,3 +651,44 @@ fn float16_blocks_are_refused_before_any_work() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn models_too_large_for_memory_reach_the_runtimes_as_files() {
+    // SMOE_RUNTIME_INLINE_LIMIT=0 sends every model through the > 2 GiB route (a model file
+    // plus external data in a temporary folder); results must not change.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = root().join("testdata/models/mixtral_v4_ts_ext");
+    for rt in ["tract", "ort"] {
+        let mut outs = Vec::new();
+        for limit in [None, Some("0")] {
+            let out = tmp.path().join(format!("{rt}-{}.onnx", limit.is_some()));
+            let rep = out.with_extension("json");
+            let mut c = bin();
+            c.arg(dir.join("model.onnx"))
+                .arg("-o")
+                .arg(&out)
+                .args(["--keep", "0.5", "--runtime", rt, "--calib"])
+                .arg(dir.join("io.npz"))
+                .arg("--report")
+                .arg(&rep);
+            if let Some(l) = limit {
+                c.env("SMOE_RUNTIME_INLINE_LIMIT", l);
+            }
+            let o = c.output().unwrap();
+            assert!(
+                o.status.success(),
+                "{rt} {limit:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let r: Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+            outs.push((
+                std::fs::read(&out).unwrap(),
+                r["fidelity"].clone(),
+                r["layers"].clone(),
+            ));
+        }
+        assert_eq!(outs[0].0, outs[1].0, "{rt}: same model either way");
+        assert_eq!(outs[0].1, outs[1].1, "{rt}: same fidelity either way");
+        assert_eq!(outs[0].2, outs[1].2, "{rt}: same groups either way");
+    }
+}

@@ -36,6 +36,50 @@ impl Value {
     }
 }
 
+/// How a runtime receives a model: in memory below the 2 GiB protobuf limit, else as a
+/// model file with one external data file in a temporary folder (`TMPDIR`; it takes the
+/// model's size on disk while the runtime loads it). `SMOE_RUNTIME_INLINE_LIMIT` (bytes)
+/// lowers the threshold (a test knob).
+pub enum ModelSource {
+    /// The encoded model.
+    Bytes(Vec<u8>),
+    /// A model file (and its data file) in a temporary folder, removed on drop.
+    File {
+        /// The folder.
+        dir: tempfile::TempDir,
+        /// The model file inside it.
+        path: std::path::PathBuf,
+    },
+}
+
+/// The form in which `model` should be handed to a runtime.
+pub fn model_source(model: &crate::Model) -> Result<ModelSource> {
+    let limit = std::env::var("SMOE_RUNTIME_INLINE_LIMIT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(crate::onnx::PROTOBUF_LIMIT);
+    if model.inline_len() <= limit {
+        return Ok(ModelSource::Bytes(model.to_inline_bytes()?));
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("smoe-opt-runtime")
+        .tempdir()
+        .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let path = dir.path().join("model.onnx");
+    log::info!(
+        "the model is too large to pass in memory; writing it to {} for the runtime",
+        path.display()
+    );
+    model.save(
+        &path,
+        &crate::onnx::SaveOptions {
+            external_data: true,
+            ..Default::default()
+        },
+    )?;
+    Ok(ModelSource::File { dir, path })
+}
+
 /// A loaded model ready to run.
 pub trait Session {
     /// The runtime's name.

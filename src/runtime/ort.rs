@@ -98,6 +98,8 @@ fn err(context: &str, e: impl std::fmt::Display) -> Error {
 /// A model loaded by onnxruntime.
 pub struct OrtSession {
     session: ort::session::Session,
+    /// The temporary model files of a large model (kept while the session lives).
+    _files: Option<tempfile::TempDir>,
     inputs: Vec<String>,
     outputs: Vec<String>,
 }
@@ -105,7 +107,7 @@ pub struct OrtSession {
 impl OrtSession {
     /// Loads an in-memory model on the given execution provider.
     pub fn from_model(model: &Model, ep: Ep) -> Result<Self> {
-        let bytes = model.to_inline_bytes()?;
+        let source = super::model_source(model)?;
         let env = environment()?;
         let mut b = ort::session::Session::builder(env).map_err(|e| err("session options", e))?;
         if ep == Ep::Cuda {
@@ -118,9 +120,11 @@ impl OrtSession {
                     )
                 })?;
         }
-        let session = b
-            .commit_from_memory(&bytes)
-            .map_err(|e| err("loading the model", e))?;
+        let session = match &source {
+            super::ModelSource::Bytes(bytes) => b.commit_from_memory(bytes),
+            super::ModelSource::File { path, .. } => b.commit_from_file(path),
+        }
+        .map_err(|e| err("loading the model", e))?;
         let inputs = session
             .inputs()
             .iter()
@@ -133,6 +137,10 @@ impl OrtSession {
             .collect();
         Ok(OrtSession {
             session,
+            _files: match source {
+                super::ModelSource::File { dir, .. } => Some(dir),
+                super::ModelSource::Bytes(_) => None,
+            },
             inputs,
             outputs,
         })

@@ -8,6 +8,8 @@ use tract_onnx::prelude::*;
 /// A model compiled by tract.
 pub struct TractSession {
     plan: std::sync::Arc<TypedSimplePlan>,
+    /// The temporary model files of a large model (kept while the session lives).
+    _files: Option<tempfile::TempDir>,
     inputs: Vec<String>,
     outputs: Vec<String>,
 }
@@ -28,10 +30,19 @@ impl TractSession {
         Self::compile(model)
     }
 
-    /// Compiles an in-memory [`Model`].
+    /// Compiles an in-memory [`Model`] (through temporary files above 2 GiB).
     pub fn from_model(model: &Model) -> Result<Self> {
-        let bytes = model.to_inline_bytes()?;
-        Self::from_bytes(&bytes)
+        match super::model_source(model)? {
+            super::ModelSource::Bytes(bytes) => Self::from_bytes(&bytes),
+            super::ModelSource::File { dir, path } => {
+                let m = tract_onnx::onnx()
+                    .model_for_path(&path)
+                    .map_err(|e| err("loading", format!("{e:#}")))?;
+                let mut s = Self::compile(m)?;
+                s._files = Some(dir);
+                Ok(s)
+            }
+        }
     }
 
     fn compile(model: InferenceModel) -> Result<Self> {
@@ -59,6 +70,7 @@ impl TractSession {
             .map_err(|e| err("planning", format!("{e:#}")))?;
         Ok(TractSession {
             plan,
+            _files: None,
             inputs,
             outputs,
         })
