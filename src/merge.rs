@@ -29,6 +29,9 @@ use ndarray::Array2;
 use rayon::prelude::*;
 use serde::Serialize;
 
+/// Memory that concurrent alignments may use for their similarity matrices (bytes).
+const ALIGN_MEMORY: u64 = 4 << 30;
+
 /// How experts are reduced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -371,33 +374,45 @@ fn plan_layer(
         .filter(|&i| labels[i] != i)
         .map(|i| (labels[i], i))
         .collect();
-    let aligned: Vec<(usize, ExpertParams, f64, f64)> = pairs
-        .par_iter()
-        .map(|&(d, j)| -> Result<(usize, ExpertParams, f64, f64)> {
-            let (r, t) = (&params[d], &params[j]);
-            let cost = match align_mode {
-                Align::None => {
-                    let dist = distance(r, t);
-                    return Ok((j, t.clone(), dist, dist));
-                }
-                Align::Weight => weight_cost(r, t),
-                Align::Activation => {
-                    let rows: Vec<&Vec<f32>> = s.samples[d].iter().chain(&s.samples[j]).collect();
-                    let h = b.hidden();
-                    let x = Array2::from_shape_fn((rows.len(), h), |(a, c)| rows[a][c]);
-                    let hr = DenseFfn::from_params(r, act).hidden(x.view());
-                    let ht = DenseFfn::from_params(t, act).hidden(x.view());
-                    activation_cost(hr.view(), ht.view())
-                }
-            };
-            let a = align(r, t, &cost).map_err(|e| Error::Graph {
-                node: Some(b.name.clone()),
-                reason: format!("aligning expert {j} to {d}: {e}"),
-            })?;
-            Ok((j, a.params, a.before, a.after))
-        })
-        .collect::<Result<_>>()?;
-    let mut ready: Vec<Option<ExpertParams>> = params.iter().cloned().map(Some).collect();
+    let align_one = |&(d, j): &(usize, usize)| -> Result<(usize, ExpertParams, f64, f64)> {
+        let (r, t) = (&params[d], &params[j]);
+        let cost = match align_mode {
+            Align::None => {
+                let dist = distance(r, t);
+                return Ok((j, t.clone(), dist, dist));
+            }
+            Align::Weight => weight_cost(r, t),
+            Align::Activation => {
+                let rows: Vec<&Vec<f32>> = s.samples[d].iter().chain(&s.samples[j]).collect();
+                let h = b.hidden();
+                let x = Array2::from_shape_fn((rows.len(), h), |(a, c)| rows[a][c]);
+                let hr = DenseFfn::from_params(r, act).hidden(x.view());
+                let ht = DenseFfn::from_params(t, act).hidden(x.view());
+                activation_cost(hr.view(), ht.view())
+            }
+        };
+        let a = align(r, t, &cost).map_err(|e| Error::Graph {
+            node: Some(b.name.clone()),
+            reason: format!("aligning expert {j} to {d}: {e}"),
+        })?;
+        Ok((j, a.params, a.before, a.after))
+    };
+    // Pairs run in parallel, as many at a time as fit in ALIGN_MEMORY (each holds an I×I
+    // similarity in f32 and f64 while it is built).
+    let inter = b.intermediate().max(1);
+    let per_pair = (inter * inter * 12) as u64;
+    let at_once =
+        ((ALIGN_MEMORY / per_pair.max(1)) as usize).clamp(1, rayon::current_num_threads());
+    let mut aligned: Vec<(usize, ExpertParams, f64, f64)> = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(at_once) {
+        aligned.extend(
+            chunk
+                .par_iter()
+                .map(align_one)
+                .collect::<Result<Vec<_>>>()?,
+        );
+    }
+    let mut ready: Vec<Option<ExpertParams>> = params.into_iter().map(Some).collect();
     let (mut before, mut after) = (0.0, 0.0);
     for (j, p, b0, a0) in aligned {
         ready[j] = Some(p);
