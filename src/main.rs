@@ -408,16 +408,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (None, Some(_)) => Some(pipeline::Method::MSmoe),
                 (m, _) => m,
             };
-            let merge_method = match method {
-                Some(pipeline::Method::MSmoe) => Some(smoe_opt::merge::MergeMethod::MSmoe),
-                Some(pipeline::Method::HcSmoe) => Some(smoe_opt::merge::MergeMethod::HcSmoe),
-                Some(pipeline::Method::PruneFrequency) => {
-                    Some(smoe_opt::merge::MergeMethod::PruneFrequency)
-                }
-                Some(pipeline::Method::PruneReap) => Some(smoe_opt::merge::MergeMethod::PruneReap),
-                Some(pipeline::Method::Average) => Some(smoe_opt::merge::MergeMethod::Average),
-                Some(pipeline::Method::None) | None => None,
-            };
+            let merge_method = method.and_then(pipeline::Method::reduction);
             let reduce = match (merge_method, budget) {
                 (Some(m), Some(budget)) => {
                     let source = a.calib.source();

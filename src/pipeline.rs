@@ -23,6 +23,22 @@ pub enum Method {
     Average,
 }
 
+impl Method {
+    /// The merging/pruning method, for every method but `none`.
+    #[cfg(feature = "tract")]
+    pub fn reduction(self) -> Option<crate::merge::MergeMethod> {
+        use crate::merge::MergeMethod as M;
+        match self {
+            Method::None => None,
+            Method::MSmoe => Some(M::MSmoe),
+            Method::HcSmoe => Some(M::HcSmoe),
+            Method::PruneFrequency => Some(M::PruneFrequency),
+            Method::PruneReap => Some(M::PruneReap),
+            Method::Average => Some(M::Average),
+        }
+    }
+}
+
 /// Options of one pipeline run.
 #[derive(Debug, Clone, Default)]
 pub struct PipelineOptions {

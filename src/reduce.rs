@@ -130,7 +130,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
         match (&opts.stats, &opts.calib) {
             (Some(path), _) => {
                 let stats = calib::load(path)?;
-                let held = eval_from_file.clone().unwrap_or_default();
+                let held = eval_from_file.unwrap_or_default();
                 if held.is_empty() {
                     log::warn!(
                         "--stats without --eval-data: fidelity cannot be measured on held-out data"
@@ -155,10 +155,10 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                     _ => calib::load_inputs(model, &c.source)?,
                 };
                 let n = samples(&all);
-                let (fit, held, held_src) = match &eval_from_file {
+                let (fit, held, held_src) = match eval_from_file {
                     Some(e) => (
                         all,
-                        e.clone(),
+                        e,
                         opts.eval_data
                             .as_ref()
                             .map_or(String::new(), |p| p.display().to_string()),

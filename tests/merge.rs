@@ -39,15 +39,11 @@ fn reduce(model: &Path, out: &Path, args: &[&str]) -> Run {
     }
 }
 
-fn calib(dir: &Path) -> Vec<String> {
-    vec![
-        "--calib".into(),
-        dir.join("io.npz").to_str().unwrap().into(),
-    ]
-}
-
-fn args(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
+/// [`reduce`] on `dir`'s model, calibrated on its io.npz, with `extra` flags.
+fn reduce_calib(dir: &Path, out: &Path, extra: &[&str]) -> Run {
+    let io = dir.join("io.npz");
+    let flags = [&["--calib", io.to_str().unwrap()][..], extra].concat();
+    reduce(&dir.join("model.onnx"), out, &flags)
 }
 
 fn reducible(dir: &Path) -> bool {
@@ -127,10 +123,10 @@ fn every_model_reduces_to_a_quarter_and_runs_everywhere() {
     for (name, dir) in models() {
         if !reducible(&dir) {
             // dense Llama has no MoE block, the `_missing` export lacks experts: refused clearly.
-            let r = reduce(
-                &dir.join("model.onnx"),
+            let r = reduce_calib(
+                &dir,
                 &tmp.path().join(format!("{name}.onnx")),
-                &args(&[calib(&dir), vec!["--keep".into(), "0.25".into()]].concat()),
+                &["--keep", "0.25"],
             );
             assert_eq!(r.code, Some(2), "{name}: {}", r.stderr);
             assert!(r.stderr.contains("MoE block"), "{name}: {}", r.stderr);
@@ -138,11 +134,7 @@ fn every_model_reduces_to_a_quarter_and_runs_everywhere() {
             continue;
         }
         let out = tmp.path().join(format!("{name}.onnx"));
-        let r = reduce(
-            &dir.join("model.onnx"),
-            &out,
-            &args(&[calib(&dir), vec!["--keep".into(), "0.25".into()]].concat()),
-        );
+        let r = reduce_calib(&dir, &out, &["--keep", "0.25"]);
         assert!(r.ok, "{name}: {}", r.stderr);
         let rep = &r.report;
         let (pb, pa) = (
@@ -243,22 +235,7 @@ fn keeping_every_expert_is_exact() {
         }
         for method in ["m-smoe", "hc-smoe", "prune-frequency"] {
             let out = tmp.path().join(format!("{name}.{method}.onnx"));
-            let r = reduce(
-                &dir.join("model.onnx"),
-                &out,
-                &args(
-                    &[
-                        calib(&dir),
-                        vec![
-                            "--keep".into(),
-                            "1".into(),
-                            "--method".into(),
-                            method.into(),
-                        ],
-                    ]
-                    .concat(),
-                ),
-            );
+            let r = reduce_calib(&dir, &out, &["--keep", "1", "--method", method]);
             assert!(r.ok, "{name} {method}: {}", r.stderr);
             let ours = r.report["fidelity"]["rel_l2"].as_f64().unwrap();
             let theirs = check_written(&py, &dir, &out, &name);
@@ -319,11 +296,7 @@ fn planted_groups_are_recovered_near_the_noise_floor_and_alignment_matters() {
         let floor = truth["noise_floor_rel_l2"].as_f64().unwrap();
         let run = |extra: &[&str]| {
             let out = tmp.path().join(format!("{name}.{}.onnx", extra.join("_")));
-            let r = reduce(
-                &dir.join("model.onnx"),
-                &out,
-                &[args(&calib(&dir)), vec!["--experts", "4"], extra.to_vec()].concat(),
-            );
+            let r = reduce_calib(&dir, &out, &[&["--experts", "4"][..], extra].concat());
             assert!(r.ok, "{name} {extra:?}: {}", r.stderr);
             r.report
         };
@@ -423,44 +396,16 @@ fn max_error_refuses_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = root().join("testdata/planted/planted_swiglu_noisy");
     let out = tmp.path().join("o.onnx");
-    let r = reduce(
-        &dir.join("model.onnx"),
+    let r = reduce_calib(
+        &dir,
         &out,
-        &args(
-            &[
-                calib(&dir),
-                vec![
-                    "--experts".into(),
-                    "4".into(),
-                    "--align".into(),
-                    "none".into(),
-                    "--max-error".into(),
-                    "0.1".into(),
-                ],
-            ]
-            .concat(),
-        ),
+        &["--experts", "4", "--align", "none", "--max-error", "0.1"],
     );
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     assert!(r.stderr.contains("exceeds --max-error"), "{}", r.stderr);
     assert_eq!(listing(tmp.path()), Vec::<String>::new());
     // The aligned merge passes the same bound.
-    let r = reduce(
-        &dir.join("model.onnx"),
-        &out,
-        &args(
-            &[
-                calib(&dir),
-                vec![
-                    "--experts".into(),
-                    "4".into(),
-                    "--max-error".into(),
-                    "0.1".into(),
-                ],
-            ]
-            .concat(),
-        ),
-    );
+    let r = reduce_calib(&dir, &out, &["--experts", "4", "--max-error", "0.1"]);
     assert!(r.ok, "{}", r.stderr);
 }
 
@@ -520,23 +465,9 @@ fn fused_emission_names_its_semantics() {
         // Pruning in the fused op is exact: same outputs as the portable pruned model.
         let p = tmp.path().join("pruned_portable.onnx");
         let f = tmp.path().join("pruned_fused.onnx");
-        let owned = [
-            calib(&dir),
-            vec![
-                "--method".into(),
-                "prune-reap".into(),
-                "--keep".into(),
-                "0.5".into(),
-            ],
-        ]
-        .concat();
-        let base = args(&owned);
-        let rp = reduce(&dir.join("model.onnx"), &p, &base);
-        let rf = reduce(
-            &dir.join("model.onnx"),
-            &f,
-            &[base.clone(), vec!["--emit", "ort-fused"]].concat(),
-        );
+        let base = ["--method", "prune-reap", "--keep", "0.5"];
+        let rp = reduce_calib(&dir, &p, &base);
+        let rf = reduce_calib(&dir, &f, &[&base[..], &["--emit", "ort-fused"]].concat());
         assert!(rp.ok && rf.ok, "{} {}", rp.stderr, rf.stderr);
         assert!(rf.report["blocks"][0]["semantics"]
             .as_str()
@@ -551,22 +482,7 @@ fn fused_emission_names_its_semantics() {
         );
         // Merged layers in the fused op: the router-merging variant, said so in the report.
         let m = tmp.path().join("merged_fused.onnx");
-        let rm = reduce(
-            &dir.join("model.onnx"),
-            &m,
-            &args(
-                &[
-                    calib(&dir),
-                    vec![
-                        "--keep".into(),
-                        "0.5".into(),
-                        "--emit".into(),
-                        "ort-fused".into(),
-                    ],
-                ]
-                .concat(),
-            ),
-        );
+        let rm = reduce_calib(&dir, &m, &["--keep", "0.5", "--emit", "ort-fused"]);
         assert!(rm.ok, "{}", rm.stderr);
         assert!(
             rm.report["blocks"][0]["semantics"]
@@ -590,17 +506,7 @@ fn layers_selects_which_blocks_are_reduced() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = root().join("testdata/models/mixtral_v4_ts");
     let out = tmp.path().join("o.onnx");
-    let r = reduce(
-        &dir.join("model.onnx"),
-        &out,
-        &args(
-            &[
-                calib(&dir),
-                vec!["--keep".into(), "0.5".into(), "--layers".into(), "1".into()],
-            ]
-            .concat(),
-        ),
-    );
+    let r = reduce_calib(&dir, &out, &["--keep", "0.5", "--layers", "1"]);
     assert!(r.ok, "{}", r.stderr);
     let layers = r.report["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 1);

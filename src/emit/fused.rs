@@ -10,7 +10,7 @@ use super::builder::Emitter;
 use super::portable;
 use crate::error::{Error, Result};
 use crate::ir::builder::{attr_float, attr_int, attr_string};
-use crate::moe::weights::{expert_params, vector};
+use crate::moe::weights::expert_params;
 use crate::moe::{Act, MoeBlock, Scoring};
 use crate::passes::merge_experts::ExpertParams;
 
@@ -44,7 +44,8 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<String> {
     for e in &block.experts {
         experts.push(expert_params(em.graph(), &e.ffn)?);
     }
-    emit_with(em, block, &experts, None, None)
+    let refs: Vec<&ExpertParams> = experts.iter().collect();
+    emit_with(em, block, &refs, None, None)
 }
 
 /// Emits `block` as the fused op over `experts` (canonical weights). `router_rows`: router
@@ -55,7 +56,7 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<String> {
 pub fn emit_with(
     em: &mut Emitter,
     block: &MoeBlock,
-    experts: &[ExpertParams],
+    experts: &[&ExpertParams],
     router_rows: Option<&[usize]>,
     groups: Option<&[Vec<usize>]>,
 ) -> Result<String> {
@@ -113,24 +114,9 @@ pub fn emit_with(
             b2.extend(b.iter().copied());
         }
     }
-    let g = em.graph();
     let x2 = em.reshape(&block.input, &[-1, h as i64]);
-    let (logits, logits_out) = match router_rows {
-        None => {
-            let wr = portable::router_weight(em, block)?;
-            let mut logits = em.op("MatMul", &[&x2, &wr], vec![]);
-            if let Some(b) = &r.bias {
-                let bv = vector(g, b)?;
-                let bn = em.floats("router_bias", &[bv.len() as i64], &bv);
-                logits = em.op("Add", &[&logits, &bn], vec![]);
-            }
-            (logits.clone(), logits)
-        }
-        Some(rows) => {
-            let logits = portable::router_logits(em, block, &x2, Some(rows))?;
-            (logits.clone(), logits)
-        }
-    };
+    let logits = portable::router_logits(em, block, &x2, router_rows)?;
+    let logits_out = logits.clone();
     let logits = match groups {
         None => logits,
         Some(groups) => {

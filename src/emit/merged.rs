@@ -55,7 +55,7 @@ pub fn rewrite(
         let (logits, semantics) = match (form, fit) {
             (EmitForm::OrtFused, None) => {
                 fused_used = true;
-                let params: Vec<_> = plan.experts.iter().map(|e| e.params.clone()).collect();
+                let params: Vec<_> = plan.experts.iter().map(|e| &e.params).collect();
                 let groups: Vec<Vec<usize>> = plan.experts.iter().map(|e| e.ids.clone()).collect();
                 let l = fused::emit_with(
                     &mut em,

@@ -361,15 +361,23 @@ fn act(em: &mut Emitter, x: &str, a: Act) -> String {
 /// Emits an FFN on `x` ([rows, H]) and returns its output ([rows, H]).
 pub fn ffn(em: &mut Emitter, f: &Ffn, x: &str) -> Result<String> {
     let up = linear(em, x, &f.up, f.up_bias.as_ref())?;
-    let h = match &f.gate {
-        Some(g) => {
-            let gl = linear(em, x, g, f.gate_bias.as_ref())?;
-            let ga = act(em, &gl, f.act);
-            em.op("Mul", &[&ga, &up], vec![])
-        }
-        None => act(em, &up, f.act),
+    let gate = match &f.gate {
+        Some(g) => Some(linear(em, x, g, f.gate_bias.as_ref())?),
+        None => None,
     };
+    let h = hidden(em, &up, gate.as_deref(), f.act);
     linear(em, &h, &f.down, f.down_bias.as_ref())
+}
+
+/// The intermediate activation: `act(gate) · up` for gated FFNs, else `act(up)`.
+fn hidden(em: &mut Emitter, up: &str, gate: Option<&str>, a: Act) -> String {
+    match gate {
+        Some(g) => {
+            let ga = act(em, g, a);
+            em.op("Mul", &[&ga, up], vec![])
+        }
+        None => act(em, up, a),
+    }
 }
 
 /// `x·Wᵀ (+ b)` for a canonical `[out, in]` matrix, written as a new `[in, out]` initializer.
@@ -390,13 +398,10 @@ fn params_linear(em: &mut Emitter, x: &str, w: &Array2<f32>, b: Option<&Array1<f
 /// Emits an FFN with new weights on `x` ([rows, H]).
 pub fn params_ffn(em: &mut Emitter, p: &ExpertParams, a: Act, x: &str) -> String {
     let up = params_linear(em, x, &p.up, p.up_bias.as_ref());
-    let h = match &p.gate {
-        Some(g) => {
-            let gl = params_linear(em, x, g, p.gate_bias.as_ref());
-            let ga = act(em, &gl, a);
-            em.op("Mul", &[&ga, &up], vec![])
-        }
-        None => act(em, &up, a),
-    };
+    let gate = p
+        .gate
+        .as_ref()
+        .map(|g| params_linear(em, x, g, p.gate_bias.as_ref()));
+    let h = hidden(em, &up, gate.as_deref(), a);
     params_linear(em, &h, &p.down, p.down_bias.as_ref())
 }
