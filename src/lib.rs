@@ -8,6 +8,8 @@
 
 #[cfg(feature = "tract")]
 pub mod calib;
+#[cfg(feature = "tract")]
+pub mod compress;
 pub mod emit;
 pub mod error;
 #[cfg(feature = "tract")]
@@ -17,6 +19,7 @@ pub mod fidelity;
 pub mod fsutil;
 pub mod inspect;
 pub mod ir;
+pub mod linalg;
 #[cfg(feature = "tract")]
 pub mod merge;
 mod model;

@@ -12,6 +12,8 @@ Examples:
                                                re-emit every MoE block in canonical form
   smoe-opt model.onnx -o out.onnx --external-data
                                                write weights to out.onnx.data
+  smoe-opt model.onnx -o small.onnx --target-size 0.5 --calib-text corpus.txt --tokenizer tokenizer.json
+                                               compress the experts to half their bytes (auto plan)
   smoe-opt model.onnx -o small.onnx --keep 0.5 --calib-text corpus.txt --tokenizer tokenizer.json --report r.json
                                                merge half of every MoE layer's experts (MC-SMoE)
   smoe-opt model.onnx -o small.onnx --method prune-reap --experts 4 --calib data.npz --max-error 0.2
@@ -39,6 +41,7 @@ struct Cli {
 }
 
 #[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("target").args(["target_size", "target_bytes"]))]
 struct RunArgs {
     /// The input ONNX model.
     #[arg(required = true)]
@@ -64,6 +67,17 @@ struct RunArgs {
     /// Keep this fraction of each reduced layer's experts (0 < F <= 1).
     #[arg(long, value_name = "F", value_parser = parse_fraction)]
     keep: Option<f64>,
+    /// Compress the routed experts to this fraction of their bytes (0 < F <= 1): low-rank
+    /// MatMul pairs, shared base + low-rank deltas, pruned neurons, merging, chosen per layer
+    /// by calibrated error (--compress). With --keep/--experts the experts are merged first.
+    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "target_bytes")]
+    target_size: Option<f64>,
+    /// Compress the routed experts to at most N bytes (f32), as --target-size.
+    #[arg(long, value_name = "N")]
+    target_bytes: Option<u64>,
+    /// Compression family under --target-size: auto measures them all per layer.
+    #[arg(long, value_enum, requires = "target")]
+    compress: Option<smoe_opt::compress::Family>,
     /// Neuron alignment before averaging (default: weight for m-smoe, none otherwise).
     #[arg(long, value_enum)]
     align: Option<smoe_opt::merge::Align>,
@@ -404,19 +418,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (None, Some(f)) => Some(smoe_opt::merge::Budget::Keep(f)),
                 (None, None) => None,
             };
-            let method = match (a.method, &budget) {
-                (None, Some(_)) => Some(pipeline::Method::MSmoe),
-                (m, _) => m,
+            let target = match (a.target_size, a.target_bytes) {
+                (Some(f), _) => Some(smoe_opt::compress::TargetSize::Fraction(f)),
+                (None, Some(b)) => Some(smoe_opt::compress::TargetSize::Bytes(b)),
+                (None, None) => None,
             };
+            let method = match (a.method, &budget, &target) {
+                (None, Some(_), _) | (None, None, Some(_)) => Some(pipeline::Method::MSmoe),
+                (m, _, _) => m,
+            };
+            if method == Some(pipeline::Method::None) && (budget.is_some() || target.is_some()) {
+                return Err(smoe_opt::Error::Usage(
+                    "--method none re-emits the experts unchanged: it takes no --keep, --experts \
+                     or --target-size"
+                        .into(),
+                )
+                .into());
+            }
             let merge_method = method.and_then(pipeline::Method::reduction);
-            let reduce = match (merge_method, budget) {
-                (Some(m), Some(budget)) => {
+            let reduce = match (merge_method, budget, target) {
+                (Some(m), budget, target) if budget.is_some() || target.is_some() => {
                     let source = a.calib.source();
                     Some(smoe_opt::reduce::ReduceOptions {
                         method: m,
                         align: a.align,
                         grouping: a.grouping,
                         budget,
+                        compress: target.map(|target| smoe_opt::compress::CompressOptions {
+                            family: a.compress.unwrap_or(smoe_opt::compress::Family::Auto),
+                            target,
+                            merge: None,
+                            layers: None,
+                            progress,
+                        }),
                         layers: a.layers.as_ref().map(|l| l.0.clone()),
                         stats: a.stats.clone(),
                         calib: source.map(|s| a.calib.options(s, progress)),
@@ -429,14 +463,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         emit: a.emit,
                     })
                 }
-                (Some(m), None) => {
+                (Some(m), _, _) => {
                     return Err(smoe_opt::Error::Usage(format!(
-                        "--method {} needs --experts M or --keep F",
+                        "--method {} needs --experts M, --keep F or --target-size F",
                         serde_json::to_value(m)?.as_str().unwrap_or("?")
                     ))
                     .into())
                 }
-                (None, _) => None,
+                (None, _, _) => None,
             };
             let opts = pipeline::PipelineOptions {
                 save: smoe_opt::onnx::SaveOptions {

@@ -17,6 +17,7 @@ use crate::calib::stats::LayerStats;
 use crate::calib::CalibStats;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
+use crate::moe::proj::ProjFfn;
 use crate::moe::weights::expert_params;
 use crate::moe::{Act, Detection, MoeBlock};
 use crate::passes::align_experts::{activation_cost, align, distance, weight_cost};
@@ -139,8 +140,9 @@ pub struct LayerReport {
     pub experts_before: usize,
     /// Experts after.
     pub experts_after: usize,
-    /// The method.
-    pub method: MergeMethod,
+    /// The merging method (None: experts not merged, only compressed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<MergeMethod>,
     /// Grouping used (merging methods).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grouping: Option<Grouping>,
@@ -156,6 +158,9 @@ pub struct LayerReport {
     /// alignment, and the relative reduction `1 − after / before` (None when nothing was aligned).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alignment: Option<AlignmentReport>,
+    /// How the layer's experts were compressed (`--target-size`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<crate::compress::LayerCompression>,
 }
 
 /// The alignment's effect in one layer.
@@ -174,8 +179,8 @@ pub struct AlignmentReport {
 pub struct NewExpert {
     /// Router experts it answers (indices into the kept router rows).
     pub ids: Vec<usize>,
-    /// Its weights.
-    pub params: ExpertParams,
+    /// Its weights (dense after merging; compression factors them).
+    pub ffn: ProjFfn,
 }
 
 /// The reduced form of one layer.
@@ -189,6 +194,10 @@ pub struct LayerPlan {
     pub act: Act,
     /// Router rows kept (pruning), else all.
     pub router_rows: Option<Vec<usize>>,
+    /// Shared bases the experts' [`crate::moe::proj::Proj::BaseDelta`] projections add to.
+    pub bases: Vec<Array2<f32>>,
+    /// Compression of this layer (None: merged/pruned experts stored dense).
+    pub compress: Option<crate::compress::LayerCompression>,
     /// The report.
     pub report: LayerReport,
 }
@@ -200,41 +209,7 @@ pub fn plan(
     stats: &CalibStats,
     opts: &MergeOptions,
 ) -> Result<Vec<LayerPlan>> {
-    let blocks = det.identified_blocks();
-    let mut chosen: Vec<(&MoeBlock, &LayerStats)> = Vec::new();
-    for (i, b) in blocks.iter().enumerate() {
-        if let Some(sel) = &opts.layers {
-            if !sel.contains(&i) {
-                continue;
-            }
-        }
-        let s = stats
-            .layers
-            .iter()
-            .find(|s| s.block == b.name)
-            .ok_or_else(|| {
-                Error::Usage(format!(
-                    "the calibration statistics have no layer '{}' (were they made for another model?)",
-                    b.name
-                ))
-            })?;
-        if s.num_experts != b.router.num_experts {
-            return Err(Error::Usage(format!(
-                "statistics of '{}' are for {} experts, the model has {}",
-                b.name, s.num_experts, b.router.num_experts
-            )));
-        }
-        chosen.push((b, s));
-    }
-    if let Some(sel) = &opts.layers {
-        if let Some(bad) = sel.iter().find(|&&i| i >= blocks.len()) {
-            return Err(Error::Usage(format!(
-                "--layers: no MoE layer {bad}; the model has {} (0..{})",
-                blocks.len(),
-                blocks.len()
-            )));
-        }
-    }
+    let chosen = select_layers(det, stats, opts.layers.as_deref())?;
     let uniform: Vec<usize> = chosen
         .iter()
         .map(|(b, _)| {
@@ -283,7 +258,53 @@ pub fn plan(
     plans
 }
 
-fn plan_layer(
+/// The identified blocks chosen by `layers` (indices as `inspect` numbers them; all when
+/// `None`), each with its statistics; refuses statistics that do not fit the model.
+pub(crate) fn select_layers<'a>(
+    det: &'a Detection,
+    stats: &'a CalibStats,
+    layers: Option<&[usize]>,
+) -> Result<Vec<(&'a MoeBlock, &'a LayerStats)>> {
+    let blocks = det.identified_blocks();
+    let mut chosen: Vec<(&MoeBlock, &LayerStats)> = Vec::new();
+    for (i, b) in blocks.iter().enumerate() {
+        if let Some(sel) = layers {
+            if !sel.contains(&i) {
+                continue;
+            }
+        }
+        let s = stats
+            .layers
+            .iter()
+            .find(|s| s.block == b.name)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "the calibration statistics have no layer '{}' (were they made for another model?)",
+                    b.name
+                ))
+            })?;
+        if s.num_experts != b.router.num_experts {
+            return Err(Error::Usage(format!(
+                "statistics of '{}' are for {} experts, the model has {}",
+                b.name, s.num_experts, b.router.num_experts
+            )));
+        }
+        chosen.push((b, s));
+    }
+    if let Some(sel) = layers {
+        if let Some(bad) = sel.iter().find(|&&i| i >= blocks.len()) {
+            return Err(Error::Usage(format!(
+                "--layers: no MoE layer {bad}; the model has {} (0..{})",
+                blocks.len(),
+                blocks.len()
+            )));
+        }
+    }
+    Ok(chosen)
+}
+
+/// Merges or prunes one layer to `m` experts.
+pub(crate) fn plan_layer(
     g: &Graph,
     b: &MoeBlock,
     s: &LayerStats,
@@ -320,7 +341,7 @@ fn plan_layer(
             .enumerate()
             .map(|(pos, &e)| NewExpert {
                 ids: vec![pos],
-                params: params[e].clone(),
+                ffn: ProjFfn::dense(params[e].clone(), act),
             })
             .collect();
         let groups = kept
@@ -336,16 +357,19 @@ fn plan_layer(
             experts,
             act,
             router_rows: Some(kept.clone()),
+            bases: vec![],
+            compress: None,
             report: LayerReport {
                 block: b.name.clone(),
                 experts_before: n,
                 experts_after: kept.len(),
-                method: opts.method,
+                method: Some(opts.method),
                 grouping: None,
                 align: None,
                 groups,
                 dropped,
                 alignment: None,
+                compression: None,
             },
         });
     }
@@ -434,7 +458,7 @@ fn plan_layer(
             .collect();
         experts.push(NewExpert {
             ids: members.clone(),
-            params: merge_weighted(&refs, &w),
+            ffn: ProjFfn::dense(merge_weighted(&refs, &w), act),
         });
         groups.push(GroupReport {
             expert: d,
@@ -455,16 +479,19 @@ fn plan_layer(
         block: b.name.clone(),
         act,
         router_rows: None,
+        bases: vec![],
+        compress: None,
         report: LayerReport {
             block: b.name.clone(),
             experts_before: n,
             experts_after: experts.len(),
-            method: opts.method,
+            method: Some(opts.method),
             grouping: Some(grouping),
             align: Some(align_mode),
             groups,
             dropped: vec![],
             alignment,
+            compression: None,
         },
         experts,
     })

@@ -1,5 +1,5 @@
-//! The reducing job (`--method m-smoe|hc-smoe|prune-*|average`): calibrate on the fitting
-//! split, plan, rewrite, measure fidelity on the held-out split, refuse or write, report.
+//! The reducing job (`--method m-smoe|hc-smoe|prune-*|average`, `--target-size`): calibrate on
+//! the fitting split, plan (merge, then compress), rewrite, measure fidelity on the held-out split, refuse or write, report.
 use crate::calib::{self, CalibOptions, CalibStats, Source};
 use crate::error::{Error, Result};
 use crate::fidelity::{self, Fidelity};
@@ -19,8 +19,10 @@ pub struct ReduceOptions {
     pub align: Option<Align>,
     /// Grouping override.
     pub grouping: Option<Grouping>,
-    /// Experts to keep.
-    pub budget: Budget,
+    /// Experts to keep (merging); None compresses the unmerged experts.
+    pub budget: Option<Budget>,
+    /// Compression under a byte budget (`--target-size`), after the merge if any.
+    pub compress: Option<crate::compress::CompressOptions>,
     /// MoE layers to reduce (all when `None`).
     pub layers: Option<Vec<usize>>,
     /// Statistics saved by `smoe-opt calibrate` (instead of calibrating here).
@@ -69,6 +71,9 @@ pub struct ReduceOutcome {
     pub calibration: CalibrationReport,
     /// Per reduced layer.
     pub layers: Vec<LayerReport>,
+    /// The compression plan as a whole (`--target-size`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<crate::compress::CompressionSummary>,
     /// What the rewrite did to each reduced block (reported under `blocks`).
     #[serde(skip)]
     pub rewrites: Vec<crate::emit::BlockRewrite>,
@@ -205,17 +210,31 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                 .into(),
         ));
     }
-    let mopts = MergeOptions {
+    let mopts = opts.budget.map(|budget| MergeOptions {
         method: opts.method,
         align: opts.align,
         grouping: opts.grouping,
-        budget: opts.budget,
+        budget,
         layers: opts.layers.clone(),
         progress: opts.calib.as_ref().is_some_and(|c| c.progress),
-    };
+    });
     seconds.calibrate = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
-    let plans = merge::plan(&model.graph, det, &stats, &mopts)?;
+    let (plans, compression) = match (&opts.compress, mopts) {
+        (Some(c), m) => {
+            let mut c = c.clone();
+            c.merge = m;
+            c.layers = opts.layers.clone();
+            let (p, s) = crate::compress::plan(&model.graph, det, &stats, &c)?;
+            (p, Some(s))
+        }
+        (None, Some(m)) => (merge::plan(&model.graph, det, &stats, &m)?, None),
+        (None, None) => {
+            return Err(Error::Usage(
+                "give --keep F or --experts M (merging), or --target-size F (compression)".into(),
+            ))
+        }
+    };
     seconds.plan = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
     let rewrites = crate::emit::merged::rewrite(model, det, &plans, opts.emit)?;
@@ -247,7 +266,15 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
     }
     Ok(ReduceOutcome {
         calibration,
-        layers: plans.into_iter().map(|p| p.report).collect(),
+        layers: plans
+            .into_iter()
+            .map(|p| {
+                let mut r = p.report;
+                r.compression = p.compress;
+                r
+            })
+            .collect(),
+        compression,
         rewrites,
         fidelity,
         seconds,

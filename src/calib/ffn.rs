@@ -62,10 +62,10 @@ impl DenseFfn {
         match &self.gate {
             Some(g) => {
                 let mut gt = lin(g);
-                gt.mapv_inplace(|v| act(v, self.act));
+                gt.mapv_inplace(|v| self.act.eval(v));
                 gt * up
             }
-            None => up.mapv(|v| act(v, self.act)),
+            None => up.mapv(|v| self.act.eval(v)),
         }
     }
 
@@ -88,35 +88,4 @@ impl DenseFfn {
     pub fn intermediate(&self) -> usize {
         self.up.0.len_of(Axis(0))
     }
-}
-
-fn act(v: f32, a: Act) -> f32 {
-    match a {
-        Act::Silu => v / (1.0 + (-v).exp()),
-        Act::Relu => v.max(0.0),
-        Act::Identity => v,
-        Act::Gelu => 0.5 * v * (1.0 + erf(v / std::f32::consts::SQRT_2)),
-        Act::GeluTanh => {
-            let c = (2.0f32 / std::f32::consts::PI).sqrt();
-            0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
-        }
-    }
-}
-
-/// erf with |error| < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit).
-fn erf(x: f32) -> f32 {
-    let z = (x as f64).abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t
-        * (-z * z - 1.26551223
-            + t * (1.00002368
-                + t * (0.37409196
-                    + t * (0.09678418
-                        + t * (-0.18628806
-                            + t * (0.27886807
-                                + t * (-1.13520398
-                                    + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
-            .exp();
-    let v = 1.0 - r;
-    (if x >= 0.0 { v } else { -v }) as f32
 }

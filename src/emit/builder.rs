@@ -17,6 +17,8 @@ pub struct Emitter<'g> {
     pub nodes: Vec<NodeProto>,
     /// New initializers.
     pub inits: Vec<Initializer>,
+    /// Initializers already written for a layer's shared bases, by base index.
+    pub bases: std::collections::BTreeMap<usize, String>,
 }
 
 impl<'g> Emitter<'g> {
@@ -30,6 +32,7 @@ impl<'g> Emitter<'g> {
             opset,
             nodes: Vec::new(),
             inits: Vec::new(),
+            bases: Default::default(),
         }
     }
 

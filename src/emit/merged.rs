@@ -42,20 +42,29 @@ pub fn rewrite(
             .ok_or_else(|| Error::Usage(format!("no block {}", plan.block)))?;
         let mut em = Emitter::new(&model.graph, &format!("smoe/{}", block.name), opset);
         let merged = plan.experts.iter().any(|e| e.ids.len() > 1);
-        let fit = fused::unfit(block).or_else(|| {
-            (merged && block.router.top_k > plan.experts.len()).then(|| {
-                format!(
-                    "top-{} over {} group logits is impossible",
-                    block.router.top_k,
-                    plan.experts.len()
-                )
+        let dense: Option<Vec<_>> = plan.experts.iter().map(|e| e.ffn.as_dense()).collect();
+        let fit = fused::unfit(block)
+            .or_else(|| {
+                dense.is_none().then(|| {
+                    "compressed experts (low-rank, base+delta) have no com.microsoft.MoE form"
+                        .to_string()
+                })
             })
-        });
+            .or_else(|| {
+                (merged && block.router.top_k > plan.experts.len()).then(|| {
+                    format!(
+                        "top-{} over {} group logits is impossible",
+                        block.router.top_k,
+                        plan.experts.len()
+                    )
+                })
+            });
         let mut skipped = None;
         let (logits, semantics) = match (form, fit) {
             (EmitForm::OrtFused, None) => {
                 fused_used = true;
-                let params: Vec<_> = plan.experts.iter().map(|e| &e.params).collect();
+                let dense = dense.unwrap_or_default();
+                let params: Vec<_> = dense.iter().collect();
                 let groups: Vec<Vec<usize>> = plan.experts.iter().map(|e| e.ids.clone()).collect();
                 let l = fused::emit_with(
                     &mut em,
@@ -80,7 +89,7 @@ pub fn rewrite(
                     .experts
                     .iter()
                     .map(|e| Target {
-                        ffn: TargetFfn::Params(&e.params, plan.act),
+                        ffn: TargetFfn::Proj(&e.ffn, &plan.bases),
                         ids: e.ids.clone(),
                     })
                     .collect();

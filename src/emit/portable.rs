@@ -19,18 +19,19 @@
 use super::builder::Emitter;
 use crate::error::{Error, Result};
 use crate::ir::builder::{attr_int, attr_ints};
+use crate::moe::proj::{Proj, ProjFfn};
 use crate::moe::weights::{matrix, vector};
 use crate::moe::{Act, Ffn, MoeBlock, Scoring, WeightRef};
 use crate::onnx::proto::tensor_proto::DataType;
-use crate::passes::merge_experts::ExpertParams;
 use ndarray::{Array1, Array2};
 
 /// Where an emitted expert's weights come from.
 pub enum TargetFfn<'a> {
     /// An expert of the model, as detected (its tensors are read from the graph).
     Described(&'a Ffn),
-    /// New weights (a merged expert), written as new initializers.
-    Params(&'a ExpertParams, Act),
+    /// New weights (merged and/or compressed), written as new initializers; shared bases
+    /// (indexed by [`Proj::BaseDelta`]) are written once per block.
+    Proj(&'a ProjFfn, &'a [Array2<f32>]),
 }
 
 /// One expert (or merged group) to emit: its FFN, and the router expert ids it answers.
@@ -184,7 +185,7 @@ pub fn emit(
         let xs = em.op("Gather", &[&x2, &rows], vec![attr_int("axis", 0)]);
         let out = match t.ffn {
             TargetFfn::Described(f) => ffn(em, f, &xs)?,
-            TargetFfn::Params(p, a) => params_ffn(em, p, a, &xs),
+            TargetFfn::Proj(p, bases) => proj_ffn(em, p, bases, &xs),
         };
         let ws = em.op("Gather", &[&w, &rows], vec![attr_int("axis", 0)]);
         let ws2 = em.unsqueeze(&ws, &[-1]);
@@ -380,12 +381,52 @@ fn hidden(em: &mut Emitter, up: &str, gate: Option<&str>, a: Act) -> String {
     }
 }
 
-/// `x·Wᵀ (+ b)` for a canonical `[out, in]` matrix, written as a new `[in, out]` initializer.
-fn params_linear(em: &mut Emitter, x: &str, w: &Array2<f32>, b: Option<&Array1<f32>>) -> String {
+/// A canonical `[out, in]` matrix as a new `[in, out]` initializer for `MatMul(x, W)`.
+fn matmul_weight(em: &mut Emitter, hint: &str, w: ndarray::ArrayView2<f32>) -> String {
     let (out, inp) = w.dim();
     let t: Vec<f32> = w.t().iter().copied().collect();
-    let wn = em.floats("w", &[inp as i64, out as i64], &t);
-    let y = em.op("MatMul", &[x, &wn], vec![]);
+    em.floats(hint, &[inp as i64, out as i64], &t)
+}
+
+/// `x·Ŵᵀ (+ b)` for a stored projection: one MatMul (dense), two (low rank: `(x·vᵀ)·uᵀ`), or
+/// the shared base's MatMul plus the low-rank delta's.
+fn proj_linear(
+    em: &mut Emitter,
+    x: &str,
+    p: &Proj,
+    bases: &[Array2<f32>],
+    b: Option<&Array1<f32>>,
+) -> String {
+    let low_rank = |em: &mut Emitter, u: &Array2<f32>, v: &Array2<f32>| {
+        let vn = matmul_weight(em, "lr_v", v.view());
+        let un = matmul_weight(em, "lr_u", u.view());
+        let t = em.op("MatMul", &[x, &vn], vec![]);
+        em.op("MatMul", &[&t, &un], vec![])
+    };
+    let y = match p {
+        Proj::Dense(w) => {
+            let wn = matmul_weight(em, "w", w.view());
+            em.op("MatMul", &[x, &wn], vec![])
+        }
+        Proj::LowRank { u, v } => low_rank(em, u, v),
+        Proj::BaseDelta { base, u, v } => {
+            let bn = match em.bases.get(base) {
+                Some(n) => n.clone(),
+                None => {
+                    let n = matmul_weight(em, "base", bases[*base].view());
+                    em.bases.insert(*base, n.clone());
+                    n
+                }
+            };
+            let yb = em.op("MatMul", &[x, &bn], vec![]);
+            if u.ncols() == 0 {
+                yb
+            } else {
+                let yd = low_rank(em, u, v);
+                em.op("Add", &[&yb, &yd], vec![])
+            }
+        }
+    };
     match b {
         Some(b) => {
             let bn = em.floats("b", &[b.len() as i64], &b.to_vec());
@@ -395,13 +436,13 @@ fn params_linear(em: &mut Emitter, x: &str, w: &Array2<f32>, b: Option<&Array1<f
     }
 }
 
-/// Emits an FFN with new weights on `x` ([rows, H]).
-pub fn params_ffn(em: &mut Emitter, p: &ExpertParams, a: Act, x: &str) -> String {
-    let up = params_linear(em, x, &p.up, p.up_bias.as_ref());
+/// Emits an FFN with new (merged and/or compressed) weights on `x` ([rows, H]).
+pub fn proj_ffn(em: &mut Emitter, p: &ProjFfn, bases: &[Array2<f32>], x: &str) -> String {
+    let up = proj_linear(em, x, &p.up, bases, p.up_bias.as_ref());
     let gate = p
         .gate
         .as_ref()
-        .map(|g| params_linear(em, x, g, p.gate_bias.as_ref()));
-    let h = hidden(em, &up, gate.as_deref(), a);
-    params_linear(em, &h, &p.down, p.down_bias.as_ref())
+        .map(|g| proj_linear(em, x, g, bases, p.gate_bias.as_ref()));
+    let h = hidden(em, &up, gate.as_deref(), p.act);
+    proj_linear(em, &h, &p.down, bases, p.down_bias.as_ref())
 }

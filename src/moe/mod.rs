@@ -9,6 +9,7 @@ pub mod consts;
 mod detect;
 mod experts;
 mod fused;
+pub mod proj;
 mod region;
 mod router;
 pub mod view;

@@ -18,7 +18,14 @@ Writes testdata/lm/:
   truth.json       configuration, training log, and torch's own held-out perplexity and
                    top-1 accuracy (the independent reference for `smoe-opt eval`)
 
+With --upcycle (testdata/lm_upcycled/): the same architecture, but the experts are upcycled from
+a dense FFN, as in sparse upcycling: a dense model (one expert, top-1) is trained first
+(--dense-steps), its FFN is copied into all 8 experts (plus 1% noise so they can diverge), the
+router starts fresh, and the MoE trains for the remaining steps. Its experts stay much more alike
+than those of the from-scratch model, the regime where merging and shared bases work best.
+
 Usage: PYTHONPATH=$VENV/tf4 $VENV/bin/python testdata/gen/train_lm.py --out testdata/lm
+       PYTHONPATH=$VENV/tf4 $VENV/bin/python testdata/gen/train_lm.py --upcycle --out testdata/lm_upcycled
 """
 import argparse, json, math, os, sys, time
 
@@ -80,6 +87,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--upcycle", action="store_true")
+    ap.add_argument("--dense-steps", type=int, default=1500)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(0)
@@ -101,27 +110,51 @@ def main():
                         num_experts_per_tok=2, max_position_embeddings=512, attn_implementation="eager",
                         use_cache=False, tie_word_embeddings=False, output_router_logits=True,
                         router_aux_loss_coef=0.02)
-    model = MixtralForCausalLM(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     data = torch.tensor(train_ids)
     g = torch.Generator().manual_seed(0)
     log = []
     t0 = time.time()
-    model.train()
-    for step in range(a.steps):
-        lr = 3e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / a.steps))
-        for pg in opt.param_groups:
-            pg["lr"] = lr
-        starts = torch.randint(0, len(data) - SEQ - 1, (16,), generator=g)
-        x = torch.stack([data[s:s + SEQ] for s in starts])
-        out = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x)
-        opt.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == a.steps - 1:
-            log.append(dict(step=step, loss=round(out.loss.item(), 4), seconds=round(time.time() - t0, 1)))
-            print(log[-1], flush=True)
+
+    def train(model, steps, phase):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        model.train()
+        for step in range(steps):
+            lr = 3e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            for pg in opt.param_groups:
+                pg["lr"] = lr
+            starts = torch.randint(0, len(data) - SEQ - 1, (16,), generator=g)
+            x = torch.stack([data[s:s + SEQ] for s in starts])
+            out = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x)
+            opt.zero_grad()
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % 50 == 0 or step == steps - 1:
+                log.append(dict(phase=phase, step=step, loss=round(out.loss.item(), 4),
+                                seconds=round(time.time() - t0, 1)))
+                print(log[-1], flush=True)
+
+    model = MixtralForCausalLM(cfg)
+    moe_steps = a.steps
+    if a.upcycle:
+        import copy
+        dense_cfg = copy.deepcopy(cfg)
+        dense_cfg.num_local_experts, dense_cfg.num_experts_per_tok = 1, 1
+        dense_cfg.router_aux_loss_coef = 0.0
+        dense = MixtralForCausalLM(dense_cfg)
+        train(dense, a.dense_steps, "dense")
+        sd = dense.state_dict()
+        own = model.state_dict()
+        for k, v in sd.items():
+            if ".experts.0." in k:
+                for j in range(cfg.num_local_experts):
+                    kj = k.replace(".experts.0.", f".experts.{j}.")
+                    own[kj] = v + (0.01 * v.std() * torch.randn(v.shape, generator=g) if j else 0)
+            elif ".gate." not in k or "experts" in k:
+                own[k] = v
+        model.load_state_dict(own)
+        moe_steps = a.steps - a.dense_steps
+    train(model, moe_steps, "moe")
     model.eval()
     cfg.output_router_logits = False
 
@@ -147,6 +180,7 @@ def main():
     assert err < 1e-4, err
     onll, oacc, _ = lm_metrics(o, ids, mask)
     truth = dict(corpus="CPython pydoc_data.topics (every 10th topic held out)", seq_len=SEQ, vocab=VOCAB,
+                 upcycled=a.upcycle, dense_steps=a.dense_steps if a.upcycle else 0,
                  layers=2, experts=8, top_k=2, hidden=96, intermediate=192, steps=a.steps, batch=16,
                  train_tokens=len(train_ids), heldout_tokens=len(held_ids), log=log,
                  torch_heldout=dict(predictions=n, ppl=math.exp(nll), top1=acc),

@@ -1,0 +1,1453 @@
+//! Compression, the "C" of MC-SMoE, without retraining: expert projections rewritten as
+//! activation-aware low-rank MatMul pairs, a shared base plus low-rank deltas, or a kept
+//! subset of intermediate neurons with a least-squares refit — under a byte budget, after
+//! an optional merge (`--keep`/`--experts`).
+//!
+//! - `low-rank`: every projection gets an activation-aware SVD (whitened by its routed
+//!   inputs' Gram: gate/up by the expert's routed hidden states, down by its intermediate
+//!   activations); one global greedy allocation over all matrices (energies normalised per
+//!   layer and matrix type) picks the ranks; a matrix whose rank would not save bytes stays
+//!   dense (`passes/allocate_ranks.rs`).
+//! - `base-delta`: per layer a frequency-weighted base (stored once) and per-expert
+//!   activation-aware low-rank deltas (`passes/base_delta.rs`); the router still dispatches to
+//!   every expert.
+//! - `neurons`: each expert keeps its most important intermediate neurons, and the kept down
+//!   columns are refitted by least squares on the routed tokens (`passes/prune_neurons.rs`,
+//!   `passes/refit_down.rs`).
+//! - `auto` (default): per layer, every family above at a grid of byte fractions, and merging
+//!   (m-smoe at 3/4, 1/2 and 1/4 of the experts, merged down projections refitted to the
+//!   routing-weighted outputs of their members) alone or followed by low rank, each measured
+//!   by its calibrated error: the relative squared error of the layer's output on routed
+//!   calibration tokens. Layers then get byte budgets by a greedy over the lower convex hull
+//!   of their (bytes, error) candidates — the smallest summed error that fits the budget —
+//!   and the plan is compared with the global low-rank plan; the lower total error wins.
+//!
+//! Budgets count the routed experts' stored elements (weights and biases; shared bases
+//! once) of the chosen layers, at 4 bytes each. The plan never stores more than the budget.
+use crate::calib::stats::{route, LayerStats, Route};
+use crate::calib::CalibStats;
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use crate::linalg::{gram, WhitenedSvd};
+use crate::merge::{self, GroupReport, LayerPlan, LayerReport, MergeOptions, NewExpert};
+use crate::moe::proj::{Proj, ProjFfn};
+use crate::moe::weights::{expert_params, matrix, vector};
+use crate::moe::{Act, Detection, MoeBlock};
+use crate::passes::allocate_ranks::{allocate_ranks, MatrixEnergies, Rank};
+use crate::passes::base_delta::base_delta;
+use crate::passes::merge_experts::ExpertParams;
+use crate::passes::prune_neurons::{keep_neurons, neuron_scores, slice_neurons};
+use crate::passes::refit_down::refit_down;
+use faer::Mat;
+use ndarray::{Array1, Array2, Axis};
+use rayon::prelude::*;
+use serde::Serialize;
+
+/// Relative ridge of the whitening Grams (`λ = REL · tr(G)/d`).
+const WHITEN_RIDGE: f64 = 1e-3;
+/// Relative ridge of the least-squares refits toward the previous weights.
+const REFIT_RIDGE: f64 = 1e-2;
+/// Calibration rows per expert used to measure errors (from its reservoir).
+const EVAL_ROWS: usize = 256;
+/// Byte fractions of a layer the auto planner tries.
+const GRID: &[f64] = &[
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85,
+    0.9, 0.95,
+];
+
+/// Which compression family (`--compress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// Measure every family per layer (merging included) and pick by error per byte.
+    Auto,
+    /// Activation-aware low rank, global rank allocation.
+    LowRank,
+    /// Shared base + activation-aware low-rank deltas.
+    BaseDelta,
+    /// Intermediate-neuron pruning with a least-squares refit of down.
+    Neurons,
+    /// No compression (merging alone must meet the budget).
+    None,
+}
+
+/// The byte budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TargetSize {
+    /// A fraction of the chosen layers' routed-expert bytes.
+    Fraction(f64),
+    /// Bytes of routed experts in the chosen layers.
+    Bytes(u64),
+}
+
+/// Options of a compression run.
+#[derive(Debug, Clone)]
+pub struct CompressOptions {
+    /// The family.
+    pub family: Family,
+    /// The budget.
+    pub target: TargetSize,
+    /// Merge first with these options (`--keep`/`--experts`); the auto planner may merge
+    /// on its own without them.
+    pub merge: Option<MergeOptions>,
+    /// MoE layers to compress (all when `None`).
+    pub layers: Option<Vec<usize>>,
+    /// Progress bar over layers.
+    pub progress: bool,
+}
+
+/// One stored matrix of a compressed layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct MatrixReport {
+    /// Router experts the matrix serves.
+    pub experts: Vec<usize>,
+    /// `gate`, `up` or `down`.
+    pub matrix: String,
+    /// `dense`, `low-rank` or `base+delta`.
+    pub form: String,
+    /// Rank of a factored matrix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// Intermediate neurons kept (neuron pruning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neurons: Option<usize>,
+    /// Bytes stored (f32).
+    pub bytes: u64,
+    /// Calibrated relative error of this matrix's outputs on its routed tokens
+    /// (‖X·(W − Ŵ)ᵀ‖² / ‖X·Wᵀ‖², against the matrix it replaces).
+    pub error: f64,
+}
+
+/// How one layer was compressed.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerCompression {
+    /// What was written: e.g. `low-rank`, `merge 4 + low-rank`, `neurons`, `dense`.
+    pub family: String,
+    /// Routed-expert bytes before (f32).
+    pub bytes_before: u64,
+    /// Routed-expert bytes after (shared bases included).
+    pub bytes_after: u64,
+    /// Calibrated relative squared error of the layer's routed output
+    /// (Σ‖ŷ − y‖² / Σ‖y‖² over calibration tokens, routing weights included).
+    pub error: f64,
+    /// Routed multiply-adds per token before (top-k and usage aware).
+    pub flops_before: f64,
+    /// The same after.
+    pub flops_after: f64,
+    /// Every stored matrix.
+    pub matrices: Vec<MatrixReport>,
+}
+
+/// The plan as a whole.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompressionSummary {
+    /// The family asked for.
+    pub family: Family,
+    /// Which plan won (`auto`: `per-layer` or `global low-rank`).
+    pub plan: String,
+    /// Budget in bytes.
+    pub budget_bytes: u64,
+    /// Routed-expert bytes before, over the compressed layers.
+    pub bytes_before: u64,
+    /// After.
+    pub bytes_after: u64,
+    /// bytes_after / bytes_before.
+    pub fraction: f64,
+    /// Routed multiply-adds per token before (summed over layers).
+    pub flops_before: f64,
+    /// After.
+    pub flops_after: f64,
+}
+
+/// Everything a layer's candidates are measured and built with.
+struct LayerData<'a> {
+    block: &'a MoeBlock,
+    stats: &'a LayerStats,
+    act: Act,
+    experts: Vec<ExpertParams>,
+    /// Evaluation rows `[T, H]`, their importance weights and routes.
+    x: Array2<f32>,
+    omega: Vec<f64>,
+    routes: Vec<Route>,
+    /// Per expert: the evaluation rows routed to it (reservoir rows), and their weight
+    /// `ω · w²` (importance × routing weight squared).
+    rows: Vec<Vec<usize>>,
+    row_w: Vec<Vec<f64>>,
+    /// The original routed output on `x`, and Σ ω‖y‖².
+    y: Array2<f32>,
+    energy: f64,
+    /// Per expert: Σ w² x xᵀ over its routed tokens (the input Gram gate/up are whitened by).
+    in_gram: Vec<Mat<f64>>,
+    /// Routed-expert elements of the layer.
+    elements: usize,
+}
+
+fn elements_of(p: &ExpertParams) -> usize {
+    p.gate.as_ref().map_or(0, |g| g.len())
+        + p.up.len()
+        + p.down.len()
+        + p.gate_bias.as_ref().map_or(0, |b| b.len())
+        + p.up_bias.as_ref().map_or(0, |b| b.len())
+        + p.down_bias.as_ref().map_or(0, |b| b.len())
+}
+
+fn bias_elements(p: &ExpertParams) -> usize {
+    p.gate_bias.as_ref().map_or(0, |b| b.len())
+        + p.up_bias.as_ref().map_or(0, |b| b.len())
+        + p.down_bias.as_ref().map_or(0, |b| b.len())
+}
+
+impl<'a> LayerData<'a> {
+    fn new(g: &Graph, block: &'a MoeBlock, stats: &'a LayerStats) -> Result<Self> {
+        let n = block.router.num_experts;
+        let h = block.hidden();
+        let mut experts: Vec<Option<ExpertParams>> = vec![None; n];
+        for e in &block.experts {
+            experts[e.index] = Some(expert_params(g, &e.ffn)?);
+        }
+        let experts: Vec<ExpertParams> = experts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.ok_or_else(|| Error::Graph {
+                    node: Some(block.name.clone()),
+                    reason: format!("expert {i} is missing"),
+                })
+            })
+            .collect::<Result<_>>()?;
+        for (i, p) in experts.iter().enumerate() {
+            let finite = |a: &Array2<f32>| a.iter().all(|v| v.is_finite());
+            if !(finite(&p.up) && finite(&p.down) && p.gate.as_ref().is_none_or(finite)) {
+                return Err(Error::Graph {
+                    node: Some(block.name.clone()),
+                    reason: format!("expert {i} has non-finite weights; nothing to compress"),
+                });
+            }
+        }
+        if stats.samples.iter().all(Vec::is_empty) {
+            return Err(Error::Usage(format!(
+                "{}: compression needs routed calibration samples (the statistics have none: \
+                 --data-free or --reservoir 0); calibrate on data",
+                block.name
+            )));
+        }
+        // Evaluation rows: up to EVAL_ROWS of each expert's reservoir, weighted so that the
+        // sum over rows estimates a sum over calibration tokens (each token sits in the
+        // reservoirs of its k experts).
+        let k = block.router.top_k as f64;
+        let mut xs: Vec<f32> = Vec::new();
+        let mut omega = Vec::new();
+        for (e, res) in stats.samples.iter().enumerate() {
+            let take = res.len().min(EVAL_ROWS);
+            if take == 0 {
+                continue;
+            }
+            let w = stats.counts[e] as f64 / take as f64 / k;
+            for r in res.iter().take(take) {
+                if r.len() != h {
+                    return Err(Error::Usage(format!(
+                        "{}: calibration samples have {} features, the block's hidden size is {h} \
+                         (statistics of another model?)",
+                        block.name,
+                        r.len()
+                    )));
+                }
+                xs.extend_from_slice(r);
+                omega.push(w);
+            }
+        }
+        let t = omega.len();
+        let x = Array2::from_shape_vec((t, h), xs).expect("rows of h");
+        // Routes from the router's own logits.
+        let wr = Array2::from_shape_vec((n, h), matrix(g, &block.router.weight)?).map_err(|e| {
+            Error::Tensor {
+                tensor: block.router.weight.tensor.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let mut logits = crate::linalg::mul_t(x.view(), wr.view());
+        if let Some(b) = &block.router.bias {
+            logits += &Array1::from(vector(g, b)?);
+        }
+        let routes = route(block, logits.view(), usize::MAX);
+        let mut rows = vec![Vec::new(); n];
+        let mut row_w = vec![Vec::new(); n];
+        for (tk, r) in routes.iter().enumerate() {
+            for (slot, &e) in r.experts.iter().enumerate() {
+                if r.kept[slot] {
+                    rows[e].push(tk);
+                    row_w[e].push(omega[tk] * f64::from(r.weights[slot]).powi(2));
+                }
+            }
+        }
+        let act = block.experts[0].ffn.act;
+        let in_gram: Vec<Mat<f64>> = (0..n)
+            .map(|e| {
+                let m = stats.input_moments.get(e).filter(|m| m.nrows() == h);
+                let w2 = stats.mean_weight.get(e).copied().unwrap_or(1.0).powi(2);
+                match m {
+                    Some(m) => {
+                        let s = stats.counts[e] as f64 * w2;
+                        Mat::from_fn(h, h, |i, j| m[[i, j]] * s)
+                    }
+                    None => {
+                        let xe = x.select(Axis(0), &rows[e]);
+                        gram(xe.view(), Some(&row_w[e]))
+                    }
+                }
+            })
+            .collect();
+        let elements = experts.iter().map(elements_of).sum();
+        let mut d = LayerData {
+            block,
+            stats,
+            act,
+            experts,
+            x,
+            omega,
+            routes,
+            rows,
+            row_w,
+            y: Array2::zeros((0, 0)),
+            energy: 0.0,
+            in_gram,
+            elements,
+        };
+        let ident = d.identity();
+        d.y = d.output(&ident.experts, &[]);
+        d.energy =
+            d.y.rows()
+                .into_iter()
+                .zip(&d.omega)
+                .map(|(r, w)| w * r.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>())
+                .sum();
+        Ok(d)
+    }
+
+    /// Every expert as its own dense target.
+    fn identity(&self) -> LayerPlan {
+        let n = self.experts.len();
+        LayerPlan {
+            block: self.block.name.clone(),
+            experts: self
+                .experts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| NewExpert {
+                    ids: vec![i],
+                    ffn: ProjFfn::dense(p.clone(), self.act),
+                })
+                .collect(),
+            act: self.act,
+            router_rows: None,
+            bases: vec![],
+            compress: None,
+            report: LayerReport {
+                block: self.block.name.clone(),
+                experts_before: n,
+                experts_after: n,
+                method: None,
+                grouping: None,
+                align: None,
+                groups: (0..n)
+                    .map(|i| GroupReport {
+                        expert: i,
+                        members: vec![i],
+                        frequencies: vec![self.stats.frequency[i]],
+                    })
+                    .collect(),
+                dropped: vec![],
+                alignment: None,
+                compression: None,
+            },
+        }
+    }
+
+    /// The routed output `Σ_slots w · F_target(x)` on the evaluation rows.
+    fn output(&self, experts: &[NewExpert], bases: &[Array2<f32>]) -> Array2<f32> {
+        let n = self.experts.len();
+        let mut lut = vec![usize::MAX; n];
+        for (i, t) in experts.iter().enumerate() {
+            for &e in &t.ids {
+                lut[e] = i;
+            }
+        }
+        let parts: Vec<(Vec<usize>, Array2<f32>)> = experts
+            .par_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let mut rows = Vec::new();
+                let mut w = Vec::new();
+                for (tk, r) in self.routes.iter().enumerate() {
+                    let s: f32 = r
+                        .experts
+                        .iter()
+                        .zip(&r.weights)
+                        .filter(|(e, _)| lut[**e] == i)
+                        .map(|(_, w)| *w)
+                        .sum();
+                    if s != 0.0 {
+                        rows.push(tk);
+                        w.push(s);
+                    }
+                }
+                let xs = self.x.select(Axis(0), &rows);
+                let mut o = t.ffn.forward(xs.view(), bases);
+                for (mut row, s) in o.rows_mut().into_iter().zip(&w) {
+                    row *= *s;
+                }
+                (rows, o)
+            })
+            .collect();
+        let mut y = Array2::<f32>::zeros(self.x.raw_dim());
+        for (rows, o) in parts {
+            for (j, &tk) in rows.iter().enumerate() {
+                let mut dst = y.row_mut(tk);
+                dst += &o.row(j);
+            }
+        }
+        y
+    }
+
+    /// Calibrated relative squared error of a layer form.
+    fn error(&self, experts: &[NewExpert], bases: &[Array2<f32>]) -> f64 {
+        let yh = self.output(experts, bases);
+        let num: f64 = (&yh - &self.y)
+            .rows()
+            .into_iter()
+            .zip(&self.omega)
+            .map(|(r, w)| w * r.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>())
+            .sum();
+        num / self.energy.max(1e-30)
+    }
+
+    /// Evaluation rows routed to any of `ids`, with their weights (ω·w² summed).
+    fn target_rows(&self, ids: &[usize]) -> (Vec<usize>, Vec<f64>) {
+        let mut acc: std::collections::BTreeMap<usize, f64> = Default::default();
+        for &e in ids {
+            for (&r, &w) in self.rows[e].iter().zip(&self.row_w[e]) {
+                *acc.entry(r).or_default() += w;
+            }
+        }
+        acc.into_iter().unzip()
+    }
+
+    /// The input Gram of a target (Σ over its members).
+    fn target_gram(&self, ids: &[usize]) -> Mat<f64> {
+        let mut g = self.in_gram[ids[0]].clone();
+        for &e in &ids[1..] {
+            g += &self.in_gram[e];
+        }
+        g
+    }
+}
+
+/// Activation-aware spectra of one target's matrices: (matrix name, svd).
+struct TargetSpectra {
+    svds: Vec<(&'static str, WhitenedSvd)>,
+}
+
+/// The three (or two) matrices of `p` with their names.
+fn mats(p: &ExpertParams) -> Vec<(&'static str, &Array2<f32>)> {
+    let mut v = Vec::new();
+    if let Some(g) = &p.gate {
+        v.push(("gate", g));
+    }
+    v.push(("up", &p.up));
+    v.push(("down", &p.down));
+    v
+}
+
+/// Whitened SVDs of `w` (matrices of a target, or its deltas) under the target's Grams:
+/// gate/up by the input Gram, down by the Gram of `hidden_of`'s intermediate activations.
+fn spectra(
+    d: &LayerData,
+    ids: &[usize],
+    ws: &[(&'static str, Array2<f32>)],
+    hidden_of: &ExpertParams,
+) -> TargetSpectra {
+    let g_in = d.target_gram(ids);
+    let (rows, w) = d.target_rows(ids);
+    let xs = d.x.select(Axis(0), &rows);
+    let h = ProjFfn::dense(hidden_of.clone(), d.act).hidden(xs.view(), &[]);
+    let g_h = gram(h.view(), Some(&w));
+    let svds = ws
+        .iter()
+        .map(|(name, m)| {
+            let g = if *name == "down" { &g_h } else { &g_in };
+            (*name, WhitenedSvd::new(m.view(), g.as_ref(), WHITEN_RIDGE))
+        })
+        .collect();
+    TargetSpectra { svds }
+}
+
+/// Per-type totals of a layer's spectra, for normalising energies.
+fn type_totals(all: &[&TargetSpectra]) -> std::collections::BTreeMap<&'static str, f64> {
+    let mut t = std::collections::BTreeMap::new();
+    for s in all {
+        for (name, svd) in &s.svds {
+            *t.entry(*name).or_insert(0.0) += svd.sigma.iter().map(|v| v * v).sum::<f64>();
+        }
+    }
+    t
+}
+
+fn energies(
+    s: &TargetSpectra,
+    ws: &[(&'static str, Array2<f32>)],
+    totals: &std::collections::BTreeMap<&'static str, f64>,
+) -> Vec<MatrixEnergies> {
+    s.svds
+        .iter()
+        .zip(ws)
+        .map(|((name, svd), (_, m))| MatrixEnergies {
+            out: m.nrows(),
+            inp: m.ncols(),
+            energy: svd.sigma.iter().map(|v| v * v).collect(),
+            weight: 1.0 / totals.get(name).copied().unwrap_or(1.0).max(1e-300),
+        })
+        .collect()
+}
+
+fn rel_loss(e: &MatrixEnergies, r: Rank) -> f64 {
+    let total: f64 = e.energy.iter().sum();
+    if total > 0.0 {
+        e.loss(r) / e.weight / total
+    } else {
+        0.0
+    }
+}
+
+/// A layer's dense targets (identity or merged) with their matrices.
+struct Targets {
+    plan: LayerPlan,
+    params: Vec<ExpertParams>,
+}
+
+impl Targets {
+    fn new(plan: LayerPlan) -> Self {
+        let params = plan
+            .experts
+            .iter()
+            .map(|e| e.ffn.as_dense().expect("dense before compression"))
+            .collect();
+        Targets { plan, params }
+    }
+
+    fn bias_elements(&self) -> usize {
+        self.params.iter().map(bias_elements).sum()
+    }
+
+    fn dense_elements(&self) -> usize {
+        self.params.iter().map(elements_of).sum()
+    }
+}
+
+/// Low-rank forms of every target at the given ranks (one decision per matrix, in
+/// target-major order).
+fn build_low_rank(
+    t: &Targets,
+    spectra: &[TargetSpectra],
+    en: &[Vec<MatrixEnergies>],
+    ranks: &[Rank],
+) -> (Vec<NewExpert>, Vec<MatrixReport>) {
+    let mut out = Vec::new();
+    let mut reports = Vec::new();
+    let mut it = ranks.iter();
+    for ((e, p), (s, es)) in t
+        .plan
+        .experts
+        .iter()
+        .zip(&t.params)
+        .zip(spectra.iter().zip(en))
+    {
+        let mut projs: Vec<Proj> = Vec::new();
+        for (((name, svd), m), (_, w)) in s.svds.iter().zip(es).zip(mats(p)) {
+            let r = *it.next().expect("one rank per matrix");
+            let proj = match r {
+                Rank::Dense => Proj::Dense(w.clone()),
+                Rank::Factor(k) => {
+                    let (u, v) = svd.factors(k);
+                    Proj::LowRank { u, v }
+                }
+            };
+            reports.push(MatrixReport {
+                experts: e.ids.clone(),
+                matrix: name.to_string(),
+                form: proj.kind().into(),
+                rank: proj.rank(),
+                neurons: None,
+                bytes: 4 * proj.stored() as u64,
+                error: rel_loss(m, r),
+            });
+            projs.push(proj);
+        }
+        let down = projs.pop().expect("down");
+        let up = projs.pop().expect("up");
+        let gate = projs.pop();
+        out.push(NewExpert {
+            ids: e.ids.clone(),
+            ffn: ProjFfn {
+                gate,
+                up,
+                down,
+                gate_bias: p.gate_bias.clone(),
+                up_bias: p.up_bias.clone(),
+                down_bias: p.down_bias.clone(),
+                act: e.ffn.act,
+                neurons: None,
+            },
+        });
+    }
+    (out, reports)
+}
+
+/// Spectra of all targets of a layer (in parallel over targets).
+fn target_spectra(d: &LayerData, t: &Targets) -> (Vec<TargetSpectra>, Vec<Vec<MatrixEnergies>>) {
+    let ws: Vec<Vec<(&'static str, Array2<f32>)>> = t
+        .params
+        .iter()
+        .map(|p| mats(p).into_iter().map(|(n, m)| (n, m.clone())).collect())
+        .collect();
+    let spectra: Vec<TargetSpectra> = t
+        .plan
+        .experts
+        .par_iter()
+        .zip(&t.params)
+        .zip(&ws)
+        .map(|((e, p), w)| spectra(d, &e.ids, w, p))
+        .collect();
+    let refs: Vec<&TargetSpectra> = spectra.iter().collect();
+    let totals = type_totals(&refs);
+    let en = spectra
+        .iter()
+        .zip(&ws)
+        .map(|(s, w)| energies(s, w, &totals))
+        .collect();
+    (spectra, en)
+}
+
+/// Base + delta material of a layer: the base, the deltas' spectra and energies.
+struct BaseDeltaParts {
+    base: ExpertParams,
+    deltas: Vec<Vec<(&'static str, Array2<f32>)>>,
+    spectra: Vec<TargetSpectra>,
+    en: Vec<Vec<MatrixEnergies>>,
+}
+
+fn base_delta_parts(d: &LayerData, t: &Targets) -> BaseDeltaParts {
+    let refs: Vec<&ExpertParams> = t.params.iter().collect();
+    let w: Vec<f64> = t
+        .plan
+        .experts
+        .iter()
+        .map(|e| e.ids.iter().map(|&i| d.stats.frequency[i]).sum())
+        .collect();
+    let (base, deltas) = base_delta(&refs, &w);
+    let deltas: Vec<Vec<(&'static str, Array2<f32>)>> = deltas
+        .into_iter()
+        .map(|(g, u, dn)| {
+            let mut v = Vec::new();
+            if let Some(g) = g {
+                v.push(("gate", g));
+            }
+            v.push(("up", u));
+            v.push(("down", dn));
+            v
+        })
+        .collect();
+    let spectra: Vec<TargetSpectra> = t
+        .plan
+        .experts
+        .par_iter()
+        .zip(&t.params)
+        .zip(&deltas)
+        .map(|((e, p), w)| spectra(d, &e.ids, w, p))
+        .collect();
+    let refs: Vec<&TargetSpectra> = spectra.iter().collect();
+    let totals = type_totals(&refs);
+    let en = spectra
+        .iter()
+        .zip(&deltas)
+        .map(|(s, w)| energies(s, w, &totals))
+        .collect();
+    BaseDeltaParts {
+        base,
+        deltas,
+        spectra,
+        en,
+    }
+}
+
+fn base_elements(b: &ExpertParams) -> usize {
+    b.gate.as_ref().map_or(0, |g| g.len()) + b.up.len() + b.down.len()
+}
+
+/// Builds base + delta forms; base matrices go to `bases` (indices offset by `bases.len()`).
+fn build_base_delta(
+    t: &Targets,
+    parts: &BaseDeltaParts,
+    ranks: &[Rank],
+    bases: &mut Vec<Array2<f32>>,
+) -> (Vec<NewExpert>, Vec<MatrixReport>) {
+    let mut index = std::collections::BTreeMap::new();
+    for (name, m) in mats(&parts.base) {
+        index.insert(name, bases.len());
+        bases.push(m.clone());
+    }
+    let mut out = Vec::new();
+    let mut reports = Vec::new();
+    let mut it = ranks.iter();
+    for (((e, p), s), (es, ds)) in t
+        .plan
+        .experts
+        .iter()
+        .zip(&t.params)
+        .zip(&parts.spectra)
+        .zip(parts.en.iter().zip(&parts.deltas))
+    {
+        let mut projs: Vec<Proj> = Vec::new();
+        for (((name, svd), m), ((_, w), _)) in
+            s.svds.iter().zip(es).zip(mats(p).into_iter().zip(ds))
+        {
+            let r = *it.next().expect("one rank per matrix");
+            let proj = match r {
+                Rank::Dense => Proj::Dense(w.clone()),
+                Rank::Factor(k) => {
+                    let (u, v) = svd.factors(k);
+                    Proj::BaseDelta {
+                        base: index[name],
+                        u,
+                        v,
+                    }
+                }
+            };
+            reports.push(MatrixReport {
+                experts: e.ids.clone(),
+                matrix: name.to_string(),
+                form: proj.kind().into(),
+                rank: proj.rank(),
+                neurons: None,
+                bytes: 4 * proj.stored() as u64,
+                error: rel_loss(m, r),
+            });
+            projs.push(proj);
+        }
+        let down = projs.pop().expect("down");
+        let up = projs.pop().expect("up");
+        let gate = projs.pop();
+        out.push(NewExpert {
+            ids: e.ids.clone(),
+            ffn: ProjFfn {
+                gate,
+                up,
+                down,
+                gate_bias: p.gate_bias.clone(),
+                up_bias: p.up_bias.clone(),
+                down_bias: p.down_bias.clone(),
+                act: e.ffn.act,
+                neurons: None,
+            },
+        });
+    }
+    for (name, m) in mats(&parts.base) {
+        reports.push(MatrixReport {
+            experts: t.plan.experts.iter().flat_map(|e| e.ids.clone()).collect(),
+            matrix: format!("{name} (shared base)"),
+            form: "dense".into(),
+            rank: None,
+            neurons: None,
+            bytes: 4 * m.len() as u64,
+            error: 0.0,
+        });
+    }
+    (out, reports)
+}
+
+/// Neuron pruning of every target to `keep` neurons, with the down refit.
+fn build_neurons(d: &LayerData, t: &Targets, keep: usize) -> (Vec<NewExpert>, Vec<MatrixReport>) {
+    let built: Vec<(NewExpert, Vec<MatrixReport>)> = t
+        .plan
+        .experts
+        .par_iter()
+        .zip(&t.params)
+        .map(|(e, p)| {
+            let (rows, _) = d.target_rows(&e.ids);
+            let xs = d.x.select(Axis(0), &rows);
+            let dense = ProjFfn::dense(p.clone(), d.act);
+            let h = dense.hidden(xs.view(), &[]);
+            let scores = neuron_scores(h.view(), p.down.view());
+            let kept = keep_neurons(&scores, keep);
+            let mut q = slice_neurons(p, &kept);
+            let hk = h.select(Axis(1), &kept);
+            let mut target = dense.forward(xs.view(), &[]);
+            if let Some(b) = &p.down_bias {
+                target -= b;
+            }
+            q.down = refit_down(hk.view(), target.view(), q.down.view(), REFIT_RIDGE);
+            let i = p.up.nrows();
+            let mut f = ProjFfn::dense(q, d.act);
+            f.neurons = Some(kept.clone());
+            let approx = f.forward(xs.view(), &[]);
+            let full = dense.forward(xs.view(), &[]);
+            let num: f64 = (&approx - &full)
+                .iter()
+                .map(|v| f64::from(*v).powi(2))
+                .sum();
+            let den: f64 = full.iter().map(|v| f64::from(*v).powi(2)).sum();
+            let err = if den > 0.0 { num / den } else { 0.0 };
+            let reports = f
+                .projs()
+                .iter()
+                .map(|(name, pr)| MatrixReport {
+                    experts: e.ids.clone(),
+                    matrix: name.to_string(),
+                    form: "dense".into(),
+                    rank: None,
+                    neurons: Some(kept.len()),
+                    bytes: 4 * pr.stored() as u64,
+                    error: if i == kept.len() { 0.0 } else { err },
+                })
+                .collect();
+            (
+                NewExpert {
+                    ids: e.ids.clone(),
+                    ffn: f,
+                },
+                reports,
+            )
+        })
+        .collect();
+    let mut experts = Vec::new();
+    let mut reports = Vec::new();
+    for (e, r) in built {
+        experts.push(e);
+        reports.extend(r);
+    }
+    (experts, reports)
+}
+
+/// Refits every merged target's down projection to the routing-weighted outputs of its
+/// members (singleton targets are left as they are: already exact).
+fn refit_merged(d: &LayerData, plan: &mut LayerPlan) {
+    let n = d.experts.len();
+    let originals: Vec<ProjFfn> = d
+        .experts
+        .iter()
+        .map(|p| ProjFfn::dense(p.clone(), d.act))
+        .collect();
+    let refits: Vec<Option<Array2<f32>>> = plan
+        .experts
+        .par_iter()
+        .map(|t| {
+            if t.ids.len() < 2 {
+                return None;
+            }
+            let p = t.ffn.as_dense()?;
+            let mut member = vec![false; n];
+            t.ids.iter().for_each(|&i| member[i] = true);
+            let (rows, _) = d.target_rows(&t.ids);
+            let xs = d.x.select(Axis(0), &rows);
+            let h = t.ffn.hidden(xs.view(), &[]);
+            let mut a = h;
+            let mut target = Array2::<f32>::zeros((rows.len(), p.down.nrows()));
+            let outs: Vec<(usize, Array2<f32>)> = t
+                .ids
+                .iter()
+                .map(|&e| (e, originals[e].forward(xs.view(), &[])))
+                .collect();
+            for (j, &tk) in rows.iter().enumerate() {
+                let r = &d.routes[tk];
+                let mut s = 0f32;
+                for (slot, &e) in r.experts.iter().enumerate() {
+                    if member[e] && r.kept[slot] {
+                        let w = r.weights[slot];
+                        s += w;
+                        let o = &outs.iter().find(|(i, _)| *i == e).expect("member").1;
+                        let mut dst = target.row_mut(j);
+                        dst.scaled_add(w, &o.row(j));
+                    }
+                }
+                if let Some(b) = &p.down_bias {
+                    let mut dst = target.row_mut(j);
+                    dst.scaled_add(-s, b);
+                }
+                let mut ar = a.row_mut(j);
+                ar *= s;
+            }
+            Some(refit_down(
+                a.view(),
+                target.view(),
+                p.down.view(),
+                REFIT_RIDGE,
+            ))
+        })
+        .collect();
+    for (t, r) in plan.experts.iter_mut().zip(refits) {
+        if let Some(down) = r {
+            t.ffn.down = Proj::Dense(down);
+        }
+    }
+}
+
+/// One way to write a layer, measured.
+#[derive(Clone, Debug)]
+struct Candidate {
+    /// Elements stored.
+    elements: usize,
+    /// Calibrated relative error.
+    error: f64,
+    recipe: Recipe,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Recipe {
+    Dense,
+    /// Merge to m experts (refitted), then optionally a family at an element budget.
+    Merge(usize, Option<(Family, usize)>),
+    /// A family on the unmerged experts at an element budget.
+    Family(Family, usize),
+}
+
+/// A built layer form.
+struct Built {
+    experts: Vec<NewExpert>,
+    bases: Vec<Array2<f32>>,
+    matrices: Vec<MatrixReport>,
+    merged: Option<LayerPlan>,
+    family: String,
+}
+
+fn stored_elements(b: &Built) -> usize {
+    b.experts.iter().map(|e| e.ffn.stored()).sum::<usize>()
+        + b.bases.iter().map(Array2::len).sum::<usize>()
+}
+
+/// Applies `family` to `t` at `budget` elements (biases included).
+fn apply_family(d: &LayerData, t: &Targets, family: Family, budget: usize) -> Option<Built> {
+    let fixed = t.bias_elements();
+    let avail = budget.checked_sub(fixed)?;
+    match family {
+        Family::LowRank => {
+            let (spectra, en) = target_spectra(d, t);
+            let flat: Vec<MatrixEnergies> = en.iter().flatten().cloned().collect();
+            let (ranks, _) = allocate_ranks(&flat, avail);
+            let (experts, matrices) = build_low_rank(t, &spectra, &en, &ranks);
+            Some(Built {
+                experts,
+                bases: vec![],
+                matrices,
+                merged: None,
+                family: "low-rank".into(),
+            })
+        }
+        Family::BaseDelta => {
+            let parts = base_delta_parts(d, t);
+            let avail = avail.checked_sub(base_elements(&parts.base))?;
+            let flat: Vec<MatrixEnergies> = parts.en.iter().flatten().cloned().collect();
+            let (ranks, _) = allocate_ranks(&flat, avail);
+            let mut bases = vec![];
+            let (experts, matrices) = build_base_delta(t, &parts, &ranks, &mut bases);
+            Some(Built {
+                experts,
+                bases,
+                matrices,
+                merged: None,
+                family: "base-delta".into(),
+            })
+        }
+        Family::Neurons => {
+            let per_neuron: usize = t
+                .params
+                .iter()
+                .map(|p| {
+                    p.gate.as_ref().map_or(0, |g| g.ncols())
+                        + p.up.ncols()
+                        + p.down.nrows()
+                        + usize::from(p.gate_bias.is_some())
+                        + usize::from(p.up_bias.is_some())
+                })
+                .sum();
+            let down_bias: usize = t
+                .params
+                .iter()
+                .map(|p| p.down_bias.as_ref().map_or(0, |b| b.len()))
+                .sum();
+            let keep = budget.checked_sub(down_bias)? / per_neuron.max(1);
+            if keep == 0 {
+                return None;
+            }
+            let keep = keep.min(t.params[0].up.nrows());
+            let (experts, matrices) = build_neurons(d, t, keep);
+            Some(Built {
+                experts,
+                bases: vec![],
+                matrices,
+                merged: None,
+                family: "neurons".into(),
+            })
+        }
+        Family::Auto | Family::None => None,
+    }
+}
+
+fn dense_built(t: &Targets, family: String) -> Built {
+    let matrices = t
+        .plan
+        .experts
+        .iter()
+        .flat_map(|e| {
+            e.ffn.projs().into_iter().map(|(name, p)| MatrixReport {
+                experts: e.ids.clone(),
+                matrix: name.to_string(),
+                form: "dense".into(),
+                rank: None,
+                neurons: None,
+                bytes: 4 * p.stored() as u64,
+                error: 0.0,
+            })
+        })
+        .collect();
+    Built {
+        experts: t.plan.experts.clone(),
+        bases: vec![],
+        matrices,
+        merged: None,
+        family,
+    }
+}
+
+/// Merge options the auto planner uses for its own merges (m-smoe).
+fn auto_merge_options(layers: Option<Vec<usize>>) -> MergeOptions {
+    MergeOptions {
+        method: merge::MergeMethod::MSmoe,
+        align: None,
+        grouping: None,
+        budget: merge::Budget::Keep(1.0),
+        layers,
+        progress: false,
+    }
+}
+
+fn merged_targets(g: &Graph, d: &LayerData, m: usize, opts: &MergeOptions) -> Result<Targets> {
+    let mut plan = merge::plan_layer(g, d.block, d.stats, m, opts)?;
+    refit_merged(d, &mut plan);
+    Ok(Targets::new(plan))
+}
+
+/// Builds `recipe` for layer `d`.
+fn build(g: &Graph, d: &LayerData, recipe: Recipe, mopts: &MergeOptions) -> Result<Option<Built>> {
+    Ok(match recipe {
+        Recipe::Dense => Some(dense_built(&Targets::new(d.identity()), "dense".into())),
+        Recipe::Family(f, b) => apply_family(d, &Targets::new(d.identity()), f, b),
+        Recipe::Merge(m, then) => {
+            let t = merged_targets(g, d, m, mopts)?;
+            let name = format!("merge {m}");
+            let mut b = match then {
+                None => Some(dense_built(&t, name.clone())),
+                Some((f, budget)) => apply_family(d, &t, f, budget).map(|mut b| {
+                    b.family = format!("{name} + {}", b.family);
+                    b
+                }),
+            };
+            if let Some(b) = &mut b {
+                b.merged = Some(t.plan);
+            }
+            b
+        }
+    })
+}
+
+/// The candidates of one layer for the auto planner (measured).
+fn layer_candidates(g: &Graph, d: &LayerData, families: &[Family]) -> Result<Vec<Candidate>> {
+    let total = d.elements;
+    let mut out = vec![Candidate {
+        elements: total,
+        error: 0.0,
+        recipe: Recipe::Dense,
+    }];
+    let measure = |recipe: Recipe, out: &mut Vec<Candidate>| -> Result<()> {
+        if let Some(b) = build(g, d, recipe, &auto_merge_options(None))? {
+            out.push(Candidate {
+                elements: stored_elements(&b),
+                error: d.error(&b.experts, &b.bases),
+                recipe,
+            });
+        }
+        Ok(())
+    };
+    for &f in families {
+        for &frac in GRID {
+            measure(Recipe::Family(f, (frac * total as f64) as usize), &mut out)?;
+        }
+    }
+    let n = d.experts.len();
+    let mut ms: Vec<usize> = [0.75, 0.5, 0.25]
+        .iter()
+        .map(|f| ((f * n as f64).round() as usize).max(1))
+        .filter(|&m| m < n)
+        .collect();
+    ms.dedup();
+    for m in ms {
+        measure(Recipe::Merge(m, None), &mut out)?;
+        for &frac in GRID {
+            let b = (frac * total as f64) as usize;
+            if (b as f64) < (m as f64 / n as f64) * total as f64 {
+                measure(Recipe::Merge(m, Some((Family::LowRank, b))), &mut out)?;
+            }
+        }
+    }
+    out.retain(|c| c.error.is_finite());
+    Ok(out)
+}
+
+/// Picks one candidate per layer minimising the summed error within `budget` elements:
+/// start from each layer's cheapest candidate, then take upgrades along each layer's lower
+/// convex hull by error saved per element while they fit; then any single upgrade that still
+/// fits and lowers the error.
+fn choose(cands: &[Vec<Candidate>], budget: usize) -> Option<Vec<usize>> {
+    let mut pick: Vec<usize> = cands
+        .iter()
+        .map(|c| {
+            (0..c.len())
+                .min_by(|&a, &b| {
+                    c[a].elements
+                        .cmp(&c[b].elements)
+                        .then(c[a].error.total_cmp(&c[b].error))
+                })
+                .expect("dense is always a candidate")
+        })
+        .collect();
+    let mut used: usize = pick.iter().zip(cands).map(|(&p, c)| c[p].elements).sum();
+    if used > budget {
+        return None;
+    }
+    loop {
+        // Best upgrade by error saved per extra element, over all layers.
+        let mut best: Option<(f64, usize, usize)> = None;
+        for (l, c) in cands.iter().enumerate() {
+            let cur = &c[pick[l]];
+            for (i, x) in c.iter().enumerate() {
+                if x.elements <= cur.elements || x.error >= cur.error {
+                    continue;
+                }
+                let extra = x.elements - cur.elements;
+                if used + extra > budget {
+                    continue;
+                }
+                let ratio = (cur.error - x.error) / extra as f64;
+                if best.is_none_or(|(r, bl, bi)| ratio > r || (ratio == r && (l, i) < (bl, bi))) {
+                    best = Some((ratio, l, i));
+                }
+            }
+        }
+        let Some((_, l, i)) = best else { break };
+        used = used - cands[l][pick[l]].elements + cands[l][i].elements;
+        pick[l] = i;
+    }
+    Some(pick)
+}
+
+/// Plans the compression of every chosen layer.
+pub fn plan(
+    g: &Graph,
+    det: &Detection,
+    stats: &CalibStats,
+    opts: &CompressOptions,
+) -> Result<(Vec<LayerPlan>, CompressionSummary)> {
+    let chosen = merge::select_layers(det, stats, opts.layers.as_deref())?;
+    let bar = crate::progress::count_bar(opts.progress, chosen.len() as u64, "layers");
+    bar.set_message("preparing");
+    let data: Vec<LayerData> = chosen
+        .iter()
+        .map(|(b, s)| LayerData::new(g, b, s))
+        .collect::<Result<_>>()?;
+    let total: usize = data.iter().map(|d| d.elements).sum();
+    let budget = match opts.target {
+        TargetSize::Fraction(f) => (f * total as f64).floor() as usize,
+        TargetSize::Bytes(b) => (b / 4) as usize,
+    };
+    // The fixed merge, when asked for.
+    let fixed: Option<Vec<LayerPlan>> = match &opts.merge {
+        Some(m) => {
+            if m.method.prunes() {
+                return Err(Error::Usage(
+                    "--target-size compresses merged experts: use a merging method (m-smoe, \
+                     hc-smoe, average) with --keep/--experts, or no --keep"
+                        .into(),
+                ));
+            }
+            let mut plans = merge::plan(g, det, stats, m)?;
+            for (p, d) in plans.iter_mut().zip(&data) {
+                refit_merged(d, p);
+            }
+            Some(plans)
+        }
+        None => None,
+    };
+    let targets: Vec<Targets> = match fixed {
+        Some(plans) => plans.into_iter().map(Targets::new).collect(),
+        None => data.iter().map(|d| Targets::new(d.identity())).collect(),
+    };
+    let layer_fixed: Vec<usize> = targets.iter().map(Targets::bias_elements).collect();
+    let merged_total: usize = targets.iter().map(Targets::dense_elements).sum();
+    let (builts, plan_name): (Vec<Built>, String) = match opts.family {
+        Family::None => {
+            if merged_total > budget {
+                return Err(Error::Usage(format!(
+                    "--compress none: the merged experts take {} bytes, over the budget of {} \
+                     (keep fewer experts, or let smoe-opt compress)",
+                    4 * merged_total,
+                    4 * budget
+                )));
+            }
+            (
+                targets
+                    .iter()
+                    .map(|t| dense_built(t, "merged".into()))
+                    .collect(),
+                "merge only".into(),
+            )
+        }
+        Family::LowRank | Family::BaseDelta => {
+            bar.set_message("factoring");
+            (
+                global_factored(&data, &targets, opts.family, budget)?,
+                "global allocation".into(),
+            )
+        }
+        Family::Neurons => {
+            bar.set_message("pruning neurons");
+            // One keep fraction for every layer: the largest that fits.
+            let mut out = Vec::new();
+            let frac = budget as f64 / merged_total.max(1) as f64;
+            for (d, t) in data.iter().zip(&targets) {
+                let b = (frac * t.dense_elements() as f64) as usize;
+                let built = apply_family(d, t, Family::Neurons, b).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "{}: a budget of {} bytes leaves no neuron per expert",
+                        d.block.name,
+                        4 * b
+                    ))
+                })?;
+                out.push(built);
+            }
+            (out, "uniform neuron fraction".into())
+        }
+        Family::Auto => {
+            let per_layer = if opts.merge.is_some() {
+                None
+            } else {
+                bar.set_message("measuring candidates");
+                let cands: Vec<Vec<Candidate>> = data
+                    .iter()
+                    .map(|d| {
+                        let c = layer_candidates(
+                            g,
+                            d,
+                            &[Family::LowRank, Family::BaseDelta, Family::Neurons],
+                        );
+                        bar.inc(1);
+                        c
+                    })
+                    .collect::<Result<_>>()?;
+                match choose(&cands, budget) {
+                    Some(pick) => {
+                        let mut out = Vec::new();
+                        let mut err = 0.0;
+                        for ((d, c), &p) in data.iter().zip(&cands).zip(&pick) {
+                            err += c[p].error;
+                            out.push(
+                                build(g, d, c[p].recipe, &auto_merge_options(None))?.ok_or_else(
+                                    || Error::Graph {
+                                        node: Some(d.block.name.clone()),
+                                        reason: "a measured candidate could not be rebuilt".into(),
+                                    },
+                                )?,
+                            );
+                        }
+                        Some((out, err))
+                    }
+                    None => None,
+                }
+            };
+            let global = global_factored(&data, &targets, Family::LowRank, budget).ok();
+            let global_err: Option<f64> = global.as_ref().map(|bs| {
+                bs.iter()
+                    .zip(&data)
+                    .map(|(b, d)| d.error(&b.experts, &b.bases))
+                    .sum()
+            });
+            match (per_layer, global, global_err) {
+                (Some((p, pe)), Some(gl), Some(ge)) => {
+                    if ge < pe {
+                        (gl, "global low-rank (lower calibrated error)".into())
+                    } else {
+                        (p, "per-layer candidates (lower calibrated error)".into())
+                    }
+                }
+                (Some((p, _)), _, _) => (p, "per-layer candidates".into()),
+                (None, Some(gl), _) => (gl, "global low-rank".into()),
+                _ => {
+                    return Err(Error::Usage(format!(
+                        "a budget of {} bytes is below what any compression can store \
+                         (biases alone take {})",
+                        4 * budget,
+                        4 * layer_fixed.iter().sum::<usize>()
+                    )))
+                }
+            }
+        }
+    };
+    bar.finish_and_clear();
+    let mut plans = Vec::new();
+    let (mut bytes_before, mut bytes_after, mut flops_before, mut flops_after) =
+        (0u64, 0u64, 0.0, 0.0);
+    for ((d, t), b) in data.iter().zip(targets).zip(builts) {
+        let elements = stored_elements(&b);
+        let base = b.merged.unwrap_or(t.plan);
+        let fb = flops(d, &Targets::new(d.identity()).plan.experts);
+        let fa = flops(d, &b.experts);
+        let comp = LayerCompression {
+            family: b.family.clone(),
+            bytes_before: 4 * d.elements as u64,
+            bytes_after: 4 * elements as u64,
+            error: d.error(&b.experts, &b.bases),
+            flops_before: fb,
+            flops_after: fa,
+            matrices: b.matrices,
+        };
+        bytes_before += comp.bytes_before;
+        bytes_after += comp.bytes_after;
+        flops_before += fb;
+        flops_after += fa;
+        let mut report = base.report.clone();
+        report.experts_after = b.experts.len();
+        plans.push(LayerPlan {
+            block: base.block.clone(),
+            experts: b.experts,
+            act: base.act,
+            router_rows: None,
+            bases: b.bases,
+            compress: Some(comp),
+            report,
+        });
+    }
+    if bytes_after > 4 * budget as u64 {
+        return Err(Error::Graph {
+            node: None,
+            reason: format!(
+                "internal: the plan stores {bytes_after} bytes, over the budget of {}",
+                4 * budget
+            ),
+        });
+    }
+    Ok((
+        plans,
+        CompressionSummary {
+            family: opts.family,
+            plan: plan_name,
+            budget_bytes: 4 * budget as u64,
+            bytes_before,
+            bytes_after,
+            fraction: bytes_after as f64 / bytes_before.max(1) as f64,
+            flops_before,
+            flops_after,
+        },
+    ))
+}
+
+/// Routed multiply-adds per token: `k · Σ_e f_e · flops(target of e)`.
+fn flops(d: &LayerData, experts: &[NewExpert]) -> f64 {
+    let k = d.block.router.top_k as f64;
+    experts
+        .iter()
+        .map(|t| {
+            let f: f64 = t.ids.iter().map(|&e| d.stats.frequency[e]).sum();
+            k * f * t.ffn.flops() as f64
+        })
+        .sum()
+}
+
+/// Low-rank or base + delta with one rank allocation over every layer's matrices
+/// (energies normalised per layer and matrix type).
+fn global_factored(
+    data: &[LayerData],
+    targets: &[Targets],
+    family: Family,
+    budget: usize,
+) -> Result<Vec<Built>> {
+    let fixed: usize = targets.iter().map(Targets::bias_elements).sum();
+    let over = || {
+        Error::Usage(format!(
+            "a budget of {} bytes is below what {} can store",
+            4 * budget,
+            if family == Family::LowRank {
+                "low rank (biases)"
+            } else {
+                "base + delta (biases and one base per layer)"
+            }
+        ))
+    };
+    let mut avail = budget.checked_sub(fixed).ok_or_else(over)?;
+    if family == Family::LowRank {
+        let parts: Vec<(Vec<TargetSpectra>, Vec<Vec<MatrixEnergies>>)> = data
+            .iter()
+            .zip(targets)
+            .map(|(d, t)| target_spectra(d, t))
+            .collect();
+        let flat: Vec<MatrixEnergies> = parts
+            .iter()
+            .flat_map(|(_, en)| en.iter().flatten().cloned())
+            .collect();
+        let (ranks, _) = allocate_ranks(&flat, avail);
+        let mut at = 0;
+        Ok(parts
+            .iter()
+            .zip(targets)
+            .map(|((s, en), t)| {
+                let k: usize = en.iter().map(Vec::len).sum();
+                let (experts, matrices) = build_low_rank(t, s, en, &ranks[at..at + k]);
+                at += k;
+                Built {
+                    experts,
+                    bases: vec![],
+                    matrices,
+                    merged: None,
+                    family: "low-rank".into(),
+                }
+            })
+            .collect())
+    } else {
+        let parts: Vec<BaseDeltaParts> = data
+            .iter()
+            .zip(targets)
+            .map(|(d, t)| base_delta_parts(d, t))
+            .collect();
+        let bases: usize = parts.iter().map(|p| base_elements(&p.base)).sum();
+        avail = avail.checked_sub(bases).ok_or_else(over)?;
+        let flat: Vec<MatrixEnergies> = parts
+            .iter()
+            .flat_map(|p| p.en.iter().flatten().cloned())
+            .collect();
+        let (ranks, _) = allocate_ranks(&flat, avail);
+        let mut at = 0;
+        Ok(parts
+            .iter()
+            .zip(targets)
+            .map(|(p, t)| {
+                let k: usize = p.en.iter().map(Vec::len).sum();
+                let mut bases = vec![];
+                let (experts, matrices) = build_base_delta(t, p, &ranks[at..at + k], &mut bases);
+                at += k;
+                Built {
+                    experts,
+                    bases,
+                    matrices,
+                    merged: None,
+                    family: "base-delta".into(),
+                }
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,224 @@
+//! The few dense linear-algebra kernels the compression passes need, on `faer`: products,
+//! Grams, Cholesky-whitened SVDs and ridge least squares. Decompositions run in f64 (the
+//! whitening squares condition numbers); weights go back to f32 for the model.
+//!
+//! Every call here is single-threaded (`Par::Seq`): callers parallelise across experts with
+//! rayon, which keeps all cores busy without oversubscribing them.
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par, Side};
+use ndarray::{Array2, ArrayView2};
+
+/// An f32 ndarray matrix as an f64 faer matrix.
+pub fn to_faer(a: ArrayView2<f32>) -> Mat<f64> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| f64::from(a[[i, j]]))
+}
+
+/// An f64 ndarray matrix as a faer matrix.
+pub fn to_faer64(a: ArrayView2<f64>) -> Mat<f64> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[[i, j]])
+}
+
+/// A faer matrix as an f32 ndarray matrix.
+pub fn to_nd(a: MatRef<f64>) -> Array2<f32> {
+    Array2::from_shape_fn((a.nrows(), a.ncols()), |(i, j)| a[(i, j)] as f32)
+}
+
+/// `a·b`.
+pub fn mul(a: MatRef<f64>, b: MatRef<f64>) -> Mat<f64> {
+    let mut c = Mat::zeros(a.nrows(), b.ncols());
+    matmul(c.as_mut(), Accum::Replace, a, b, 1.0, Par::Seq);
+    c
+}
+
+/// `x·wᵀ` for f32 ndarray matrices (`x` [rows, in], `w` [out, in]), through faer.
+pub fn mul_t(x: ArrayView2<f32>, w: ArrayView2<f32>) -> Array2<f32> {
+    let xf = Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[[i, j]]);
+    let wf = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[[i, j]]);
+    let mut c = Mat::<f32>::zeros(x.nrows(), w.nrows());
+    matmul(
+        c.as_mut(),
+        Accum::Replace,
+        xf.as_ref(),
+        wf.transpose(),
+        1.0f32,
+        Par::Seq,
+    );
+    Array2::from_shape_fn((x.nrows(), w.nrows()), |(i, j)| c[(i, j)])
+}
+
+/// The Gram `xᵀ·x` of rows `x` ([n, d] → [d, d]), each row weighted by `w` when given.
+pub fn gram(x: ArrayView2<f32>, w: Option<&[f64]>) -> Mat<f64> {
+    let xf = Mat::from_fn(x.nrows(), x.ncols(), |i, j| {
+        f64::from(x[[i, j]]) * w.map_or(1.0, |w| w[i].sqrt())
+    });
+    mul(xf.transpose(), xf.as_ref())
+}
+
+/// Ridge added to a Gram before factoring: `λ = rel · tr(G)/d` (at least a tiny absolute
+/// floor, so an all-zero Gram still factors).
+pub fn ridge(g: MatRef<f64>, rel: f64) -> f64 {
+    let d = g.nrows().max(1);
+    let tr: f64 = (0..g.nrows()).map(|i| g[(i, i)]).sum();
+    (rel * tr / d as f64).max(1e-12)
+}
+
+/// The lower Cholesky factor L of `g + λI` (`g = L·Lᵀ`), retrying with a larger ridge if
+/// rounding makes the matrix indefinite.
+pub fn cholesky(g: MatRef<f64>, rel: f64) -> Mat<f64> {
+    let mut lambda = ridge(g, rel);
+    loop {
+        let mut a = g.to_owned();
+        for i in 0..a.nrows() {
+            a[(i, i)] += lambda;
+        }
+        if let Ok(llt) = a.llt(Side::Lower) {
+            return llt.L().to_owned();
+        }
+        lambda *= 10.0;
+    }
+}
+
+/// An activation-aware (whitened) SVD of one projection: for inputs with Gram `G = L·Lᵀ`,
+/// `Lᵀ·Wᵀ = U·Σ·Vᵀ`; keeping `r` terms gives the rank-`r` `Ŵ` minimising `‖X·Wᵀ − X·Ŵᵀ‖_F`.
+pub struct WhitenedSvd {
+    /// Singular values of `Lᵀ·Wᵀ` (non-increasing): σ²_i is the squared output error
+    /// (over the Gram's tokens) that dropping term i adds.
+    pub sigma: Vec<f64>,
+    /// `L⁻ᵀ·U·Σ` (`[in, p]`): the input-side factor of every term.
+    left: Mat<f64>,
+    /// `V` (`[out, p]`).
+    right: Mat<f64>,
+}
+
+impl WhitenedSvd {
+    /// Decomposes the canonical `w` (`[out, in]`) under the input Gram `g` (`[in, in]`).
+    pub fn new(w: ArrayView2<f32>, g: MatRef<f64>, rel_ridge: f64) -> Self {
+        let l = cholesky(g, rel_ridge);
+        let wt = to_faer(w).transpose().to_owned(); // [in, out]
+        let lw = mul(l.transpose(), wt.as_ref()); // Lᵀ·Wᵀ
+        let (u, s, v) = match lw.thin_svd() {
+            Ok(svd) => (
+                svd.U().to_owned(),
+                svd.S()
+                    .column_vector()
+                    .iter()
+                    .copied()
+                    .collect::<Vec<f64>>(),
+                svd.V().to_owned(),
+            ),
+            // Non-convergence (NaN/Inf weights): an empty spectrum; callers keep it dense.
+            Err(_) => (Mat::zeros(lw.nrows(), 0), vec![], Mat::zeros(lw.ncols(), 0)),
+        };
+        let p = s.len();
+        let mut us = Mat::from_fn(u.nrows(), p, |i, j| u[(i, j)] * s[j]);
+        // L⁻ᵀ·(U·Σ): solve Lᵀ·Y = U·Σ (upper triangular).
+        l.transpose().solve_upper_triangular_in_place(us.as_mut());
+        WhitenedSvd {
+            sigma: s,
+            left: us,
+            right: v,
+        }
+    }
+
+    /// The rank-`r` factors in canonical orientation: `u` (`[out, r]`), `v` (`[r, in]`), with
+    /// `W ≈ u·v`.
+    pub fn factors(&self, r: usize) -> (Array2<f32>, Array2<f32>) {
+        let r = r.min(self.sigma.len());
+        let u = Array2::from_shape_fn((self.right.nrows(), r), |(i, j)| self.right[(i, j)] as f32);
+        let v = Array2::from_shape_fn((r, self.left.nrows()), |(i, j)| self.left[(j, i)] as f32);
+        (u, v)
+    }
+}
+
+/// Ridge least squares toward a prior: `argmin_W ‖A·W − T‖² + λ‖W − P‖²` with `A` [n, p],
+/// `T`, `P` [n|p, q] given as `AᵀA` (`[p, p]`), `AᵀT` (`[p, q]`) and `P`.
+/// `λ = rel · tr(AᵀA)/p`. Returns `W` (`[p, q]`).
+pub fn ridge_solve(ata: MatRef<f64>, att: MatRef<f64>, prior: MatRef<f64>, rel: f64) -> Mat<f64> {
+    let lambda = ridge(ata, rel);
+    let mut a = ata.to_owned();
+    for i in 0..a.nrows() {
+        a[(i, i)] += lambda;
+    }
+    let mut rhs = Mat::from_fn(att.nrows(), att.ncols(), |i, j| {
+        att[(i, j)] + lambda * prior[(i, j)]
+    });
+    let l = cholesky(a.as_ref(), 0.0);
+    l.solve_lower_triangular_in_place(rhs.as_mut());
+    l.transpose().solve_upper_triangular_in_place(rhs.as_mut());
+    rhs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array;
+
+    fn rnd(seed: u64, r: usize, c: usize) -> Array2<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        Array::from_shape_fn((r, c), |_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 20001) as f32 / 10000.0 - 1.0
+        })
+    }
+
+    #[test]
+    fn full_rank_whitened_svd_reproduces_the_matrix() {
+        let w = rnd(1, 6, 5);
+        let x = rnd(2, 40, 5);
+        let g = gram(x.view(), None);
+        let s = WhitenedSvd::new(w.view(), g.as_ref(), 1e-9);
+        let (u, v) = s.factors(5);
+        let back = u.dot(&v);
+        for (a, b) in back.iter().zip(w.iter()) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn truncation_error_is_the_dropped_energy() {
+        // ‖X·Wᵀ − X·Ŵᵀ‖² = Σ_{i>r} σ_i² (up to the ridge).
+        let w = rnd(3, 8, 6);
+        let x = rnd(4, 100, 6);
+        let g = gram(x.view(), None);
+        let s = WhitenedSvd::new(w.view(), g.as_ref(), 1e-12);
+        for r in 0..=6 {
+            let (u, v) = s.factors(r);
+            let d = x.dot(&w.t()) - x.dot(&u.dot(&v).t());
+            let err: f64 = d.iter().map(|&e| f64::from(e).powi(2)).sum();
+            let want: f64 = s.sigma[r..].iter().map(|v| v * v).sum();
+            assert!(
+                (err - want).abs() <= 1e-3 * want.max(1.0),
+                "r {r}: {err} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn ridge_solve_is_least_squares() {
+        let a = rnd(5, 50, 4);
+        let wt = rnd(6, 4, 3);
+        let t = a.dot(&wt);
+        let af = to_faer(a.view());
+        let ata = mul(af.transpose(), af.as_ref());
+        let att = mul(af.transpose(), to_faer(t.view()).as_ref());
+        let w = ridge_solve(ata.as_ref(), att.as_ref(), Mat::zeros(4, 3).as_ref(), 1e-10);
+        for i in 0..4 {
+            for j in 0..3 {
+                assert!((w[(i, j)] - f64::from(wt[[i, j]])).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn mul_t_matches_ndarray() {
+        let x = rnd(7, 5, 4);
+        let w = rnd(8, 3, 4);
+        let a = mul_t(x.view(), w.view());
+        let b = x.dot(&w.t());
+        for (p, q) in a.iter().zip(b.iter()) {
+            assert!((p - q).abs() < 1e-5);
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! How one projection of a rewritten expert is stored, and the expert built from them.
+//!
+//! A projection is a canonical `[out, in]` matrix `W` (the block computes `x·Wᵀ`) kept as:
+//! - [`Proj::Dense`]: `W` itself;
+//! - [`Proj::LowRank`]: `W ≈ u·v` (`u` `[out, r]`, `v` `[r, in]`), written as two MatMuls;
+//! - [`Proj::BaseDelta`]: `W ≈ B + u·v`, with `B` a base shared by several experts of the
+//!   layer (stored once, in the layer's `bases`) and a low-rank delta of rank `r ≥ 0`.
+//!
+//! A kept subset of intermediate neurons is a [`ProjFfn`] whose intermediate size is
+//! smaller than the original's (gate/up rows and down columns sliced), with `neurons`
+//! saying which were kept. Every compression pass produces a [`ProjFfn`], the statistics
+//! evaluate it ([`ProjFfn::forward`]), and the emitter writes it.
+use super::Act;
+use crate::passes::merge_experts::ExpertParams;
+use ndarray::{Array1, Array2, ArrayView2};
+
+/// One stored projection (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Proj {
+    /// `W` (`[out, in]`).
+    Dense(Array2<f32>),
+    /// `W ≈ u·v`.
+    LowRank {
+        /// `[out, r]`.
+        u: Array2<f32>,
+        /// `[r, in]`.
+        v: Array2<f32>,
+    },
+    /// `W ≈ bases[base] + u·v`.
+    BaseDelta {
+        /// Index into the layer's shared bases.
+        base: usize,
+        /// `[out, r]` (r may be 0).
+        u: Array2<f32>,
+        /// `[r, in]`.
+        v: Array2<f32>,
+    },
+}
+
+impl Proj {
+    /// Canonical shape `[out, in]`.
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            Proj::Dense(w) => [w.nrows(), w.ncols()],
+            Proj::LowRank { u, v } | Proj::BaseDelta { u, v, .. } => [u.nrows(), v.ncols()],
+        }
+    }
+
+    /// Elements this projection stores itself (a shared base is counted once by its layer).
+    pub fn stored(&self) -> usize {
+        match self {
+            Proj::Dense(w) => w.len(),
+            Proj::LowRank { u, v } | Proj::BaseDelta { u, v, .. } => u.len() + v.len(),
+        }
+    }
+
+    /// Multiply-adds per token.
+    pub fn flops(&self) -> usize {
+        let [o, i] = self.shape();
+        match self {
+            Proj::Dense(_) => o * i,
+            Proj::LowRank { u, .. } => u.ncols() * (o + i),
+            Proj::BaseDelta { u, .. } => o * i + u.ncols() * (o + i),
+        }
+    }
+
+    /// The rank of a factored projection.
+    pub fn rank(&self) -> Option<usize> {
+        match self {
+            Proj::Dense(_) => None,
+            Proj::LowRank { u, .. } | Proj::BaseDelta { u, .. } => Some(u.ncols()),
+        }
+    }
+
+    /// The form's name in reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Proj::Dense(_) => "dense",
+            Proj::LowRank { .. } => "low-rank",
+            Proj::BaseDelta { .. } => "base+delta",
+        }
+    }
+
+    /// The matrix it stands for.
+    pub fn dense(&self, bases: &[Array2<f32>]) -> Array2<f32> {
+        match self {
+            Proj::Dense(w) => w.clone(),
+            Proj::LowRank { u, v } => u.dot(v),
+            Proj::BaseDelta { base, u, v } => &bases[*base] + &u.dot(v),
+        }
+    }
+
+    /// `x·Ŵᵀ` for rows `x` (`[rows, in]`).
+    pub fn apply(&self, x: ArrayView2<f32>, bases: &[Array2<f32>]) -> Array2<f32> {
+        use crate::linalg::mul_t;
+        match self {
+            Proj::Dense(w) => mul_t(x, w.view()),
+            Proj::LowRank { u, v } => mul_t(mul_t(x, v.view()).view(), u.view()),
+            Proj::BaseDelta { base, u, v } => {
+                let mut y = mul_t(x, bases[*base].view());
+                if u.ncols() > 0 {
+                    y += &mul_t(mul_t(x, v.view()).view(), u.view());
+                }
+                y
+            }
+        }
+    }
+}
+
+/// An expert FFN whose projections are [`Proj`]s.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjFfn {
+    /// Gate projection `[I', H]` (gated FFNs).
+    pub gate: Option<Proj>,
+    /// Up projection `[I', H]`.
+    pub up: Proj,
+    /// Down projection `[H, I']`.
+    pub down: Proj,
+    /// Gate bias `[I']`.
+    pub gate_bias: Option<Array1<f32>>,
+    /// Up bias `[I']`.
+    pub up_bias: Option<Array1<f32>>,
+    /// Down bias `[H]`.
+    pub down_bias: Option<Array1<f32>>,
+    /// The nonlinearity.
+    pub act: Act,
+    /// Intermediate neurons of the original expert that were kept (None: all, in order).
+    pub neurons: Option<Vec<usize>>,
+}
+
+impl ProjFfn {
+    /// Dense projections of `p`.
+    pub fn dense(p: ExpertParams, act: Act) -> Self {
+        ProjFfn {
+            gate: p.gate.map(Proj::Dense),
+            up: Proj::Dense(p.up),
+            down: Proj::Dense(p.down),
+            gate_bias: p.gate_bias,
+            up_bias: p.up_bias,
+            down_bias: p.down_bias,
+            act,
+            neurons: None,
+        }
+    }
+
+    /// The dense parameters when every projection is dense (what the fused op can hold).
+    pub fn as_dense(&self) -> Option<ExpertParams> {
+        let d = |p: &Proj| match p {
+            Proj::Dense(w) => Some(w.clone()),
+            _ => None,
+        };
+        Some(ExpertParams {
+            gate: match &self.gate {
+                Some(g) => Some(d(g)?),
+                None => None,
+            },
+            up: d(&self.up)?,
+            down: d(&self.down)?,
+            gate_bias: self.gate_bias.clone(),
+            up_bias: self.up_bias.clone(),
+            down_bias: self.down_bias.clone(),
+        })
+    }
+
+    /// The dense parameters it stands for.
+    pub fn to_params(&self, bases: &[Array2<f32>]) -> ExpertParams {
+        ExpertParams {
+            gate: self.gate.as_ref().map(|g| g.dense(bases)),
+            up: self.up.dense(bases),
+            down: self.down.dense(bases),
+            gate_bias: self.gate_bias.clone(),
+            up_bias: self.up_bias.clone(),
+            down_bias: self.down_bias.clone(),
+        }
+    }
+
+    /// Intermediate size.
+    pub fn intermediate(&self) -> usize {
+        self.up.shape()[0]
+    }
+
+    /// The projections, named.
+    pub fn projs(&self) -> Vec<(&'static str, &Proj)> {
+        let mut v = Vec::new();
+        if let Some(g) = &self.gate {
+            v.push(("gate", g));
+        }
+        v.push(("up", &self.up));
+        v.push(("down", &self.down));
+        v
+    }
+
+    /// Elements it stores (shared bases excluded; biases included).
+    pub fn stored(&self) -> usize {
+        let b = |b: &Option<Array1<f32>>| b.as_ref().map_or(0, Array1::len);
+        self.projs().iter().map(|(_, p)| p.stored()).sum::<usize>()
+            + b(&self.gate_bias)
+            + b(&self.up_bias)
+            + b(&self.down_bias)
+    }
+
+    /// Multiply-adds per routed token.
+    pub fn flops(&self) -> usize {
+        self.projs().iter().map(|(_, p)| p.flops()).sum()
+    }
+
+    /// The down projection's input `[rows, I']` for inputs `x` (`[rows, H]`).
+    pub fn hidden(&self, x: ArrayView2<f32>, bases: &[Array2<f32>]) -> Array2<f32> {
+        let lin = |p: &Proj, b: &Option<Array1<f32>>| {
+            let mut y = p.apply(x, bases);
+            if let Some(b) = b {
+                y += b;
+            }
+            y
+        };
+        let up = lin(&self.up, &self.up_bias);
+        match &self.gate {
+            Some(g) => {
+                let mut gt = lin(g, &self.gate_bias);
+                gt.mapv_inplace(|v| self.act.eval(v));
+                gt * up
+            }
+            None => up.mapv(|v| self.act.eval(v)),
+        }
+    }
+
+    /// Outputs `[rows, H]`.
+    pub fn forward(&self, x: ArrayView2<f32>, bases: &[Array2<f32>]) -> Array2<f32> {
+        let h = self.hidden(x, bases);
+        let mut y = self.down.apply(h.view(), bases);
+        if let Some(b) = &self.down_bias {
+            y += b;
+        }
+        y
+    }
+}
