@@ -50,10 +50,7 @@ const REFIT_RIDGE: f64 = 1e-2;
 /// Calibration rows per expert used to measure errors (from its reservoir).
 const EVAL_ROWS: usize = 256;
 /// Byte fractions of a layer the auto planner tries.
-const GRID: &[f64] = &[
-    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85,
-    0.9, 0.95,
-];
+const GRID: &[f64] = &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
 
 /// Which compression family (`--compress`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -157,6 +154,23 @@ pub struct CompressionSummary {
     pub flops_before: f64,
     /// After.
     pub flops_after: f64,
+    /// How the plan was chosen among the auto planner's alternatives (measured end to end
+    /// on calibration samples), when there were several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chosen_by: Option<Vec<AlternativeScore>>,
+}
+
+/// One alternative the auto planner measured end to end.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlternativeScore {
+    /// The plan's name.
+    pub plan: String,
+    /// Its score on the selection samples (KL for language models, else relative L2).
+    pub score: f64,
+    /// What the score is.
+    pub metric: String,
+    /// Whether it was chosen.
+    pub chosen: bool,
 }
 
 /// Everything a layer's candidates are measured and built with.
@@ -165,21 +179,75 @@ struct LayerData<'a> {
     stats: &'a LayerStats,
     act: Act,
     experts: Vec<ExpertParams>,
-    /// Evaluation rows `[T, H]`, their importance weights and routes.
-    x: Array2<f32>,
-    omega: Vec<f64>,
-    routes: Vec<Route>,
-    /// Per expert: the evaluation rows routed to it (reservoir rows), and their weight
-    /// `ω · w²` (importance × routing weight squared).
-    rows: Vec<Vec<usize>>,
-    row_w: Vec<Vec<f64>>,
-    /// The original routed output on `x`, and Σ ω‖y‖².
+    /// Rows that fit (Grams, refits, neuron scores).
+    fit: Rows,
+    /// Rows that measure errors.
+    eval: Rows,
+    /// The original routed output on the evaluation rows, and Σ ω‖y‖².
     y: Array2<f32>,
     energy: f64,
     /// Per expert: Σ w² x xᵀ over its routed tokens (the input Gram gate/up are whitened by).
     in_gram: Vec<Mat<f64>>,
     /// Routed-expert elements of the layer.
     elements: usize,
+}
+
+/// Calibration rows of a layer with their routing.
+struct Rows {
+    /// `[T, H]`.
+    x: Array2<f32>,
+    /// Importance weight of each row: the sum over rows estimates a sum over calibration
+    /// tokens (each token sits in the reservoirs of its k experts).
+    omega: Vec<f64>,
+    routes: Vec<Route>,
+    /// Per expert: the rows routed to it, and their weight `ω · w²` (routing weight squared).
+    rows: Vec<Vec<usize>>,
+    row_w: Vec<Vec<f64>>,
+}
+
+impl Rows {
+    fn new(
+        block: &MoeBlock,
+        wr: &Array2<f32>,
+        rb: Option<&Array1<f32>>,
+        per_expert: &[Vec<&[f32]>],
+        counts: &[u64],
+    ) -> Self {
+        let n = block.router.num_experts;
+        let h = block.hidden();
+        let k = block.router.top_k as f64;
+        let mut xs: Vec<f32> = Vec::new();
+        let mut omega = Vec::new();
+        for (e, res) in per_expert.iter().enumerate() {
+            for r in res {
+                xs.extend_from_slice(r);
+                omega.push(counts[e] as f64 / res.len() as f64 / k);
+            }
+        }
+        let x = Array2::from_shape_vec((omega.len(), h), xs).expect("rows of h");
+        let mut logits = crate::linalg::mul_t(x.view(), wr.view());
+        if let Some(b) = rb {
+            logits += b;
+        }
+        let routes = route(block, logits.view(), usize::MAX);
+        let mut rows = vec![Vec::new(); n];
+        let mut row_w = vec![Vec::new(); n];
+        for (tk, r) in routes.iter().enumerate() {
+            for (slot, &e) in r.experts.iter().enumerate() {
+                if r.kept[slot] {
+                    rows[e].push(tk);
+                    row_w[e].push(omega[tk] * f64::from(r.weights[slot]).powi(2));
+                }
+            }
+        }
+        Rows {
+            x,
+            omega,
+            routes,
+            rows,
+            row_w,
+        }
+    }
 }
 
 fn elements_of(p: &ExpertParams) -> usize {
@@ -231,55 +299,61 @@ impl<'a> LayerData<'a> {
                 block.name
             )));
         }
-        // Evaluation rows: up to EVAL_ROWS of each expert's reservoir, weighted so that the
-        // sum over rows estimates a sum over calibration tokens (each token sits in the
-        // reservoirs of its k experts).
-        let k = block.router.top_k as f64;
-        let mut xs: Vec<f32> = Vec::new();
-        let mut omega = Vec::new();
-        for (e, res) in stats.samples.iter().enumerate() {
-            let take = res.len().min(EVAL_ROWS);
-            if take == 0 {
-                continue;
-            }
-            let w = stats.counts[e] as f64 / take as f64 / k;
-            for r in res.iter().take(take) {
-                if r.len() != h {
-                    return Err(Error::Usage(format!(
-                        "{}: calibration samples have {} features, the block's hidden size is {h} \
-                         (statistics of another model?)",
-                        block.name,
-                        r.len()
-                    )));
-                }
-                xs.extend_from_slice(r);
-                omega.push(w);
+        for res in &stats.samples {
+            if let Some(r) = res.iter().find(|r| r.len() != h) {
+                return Err(Error::Usage(format!(
+                    "{}: calibration samples have {} features, the block's hidden size is {h} \
+                     (statistics of another model?)",
+                    block.name,
+                    r.len()
+                )));
             }
         }
-        let t = omega.len();
-        let x = Array2::from_shape_vec((t, h), xs).expect("rows of h");
-        // Routes from the router's own logits.
         let wr = Array2::from_shape_vec((n, h), matrix(g, &block.router.weight)?).map_err(|e| {
             Error::Tensor {
                 tensor: block.router.weight.tensor.clone(),
                 reason: e.to_string(),
             }
         })?;
-        let mut logits = crate::linalg::mul_t(x.view(), wr.view());
-        if let Some(b) = &block.router.bias {
-            logits += &Array1::from(vector(g, b)?);
+        let rb = match &block.router.bias {
+            Some(b) => Some(Array1::from(vector(g, b)?)),
+            None => None,
+        };
+        // Every 4th reservoir row measures errors; the others fit (Grams, refits, scores), so
+        // a refit is never judged on the rows it was fitted to.
+        let split = |eval: bool| -> Vec<Vec<&[f32]>> {
+            stats
+                .samples
+                .iter()
+                .map(|res| {
+                    let few = res.len() < 4;
+                    let v: Vec<&[f32]> = res
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| few || (i % 4 == 3) == eval)
+                        .map(|(_, r)| r.as_slice())
+                        .collect();
+                    if eval {
+                        v.into_iter().take(EVAL_ROWS).collect()
+                    } else {
+                        v
+                    }
+                })
+                .collect()
+        };
+        let fit = Rows::new(block, &wr, rb.as_ref(), &split(false), &stats.counts);
+        let thin: Vec<usize> = (0..n)
+            .filter(|&e| stats.samples[e].len() < h.min(256))
+            .collect();
+        if !thin.is_empty() {
+            log::warn!(
+                "{}: experts {thin:?} kept fewer routed calibration rows than min(hidden size, 256); \
+                 calibrated errors will look smaller than they are (calibrate on more data, or \
+                 raise --reservoir)",
+                block.name
+            );
         }
-        let routes = route(block, logits.view(), usize::MAX);
-        let mut rows = vec![Vec::new(); n];
-        let mut row_w = vec![Vec::new(); n];
-        for (tk, r) in routes.iter().enumerate() {
-            for (slot, &e) in r.experts.iter().enumerate() {
-                if r.kept[slot] {
-                    rows[e].push(tk);
-                    row_w[e].push(omega[tk] * f64::from(r.weights[slot]).powi(2));
-                }
-            }
-        }
+        let eval = Rows::new(block, &wr, rb.as_ref(), &split(true), &stats.counts);
         let act = block.experts[0].ffn.act;
         let in_gram: Vec<Mat<f64>> = (0..n)
             .map(|e| {
@@ -291,8 +365,8 @@ impl<'a> LayerData<'a> {
                         Mat::from_fn(h, h, |i, j| m[[i, j]] * s)
                     }
                     None => {
-                        let xe = x.select(Axis(0), &rows[e]);
-                        gram(xe.view(), Some(&row_w[e]))
+                        let xe = fit.x.select(Axis(0), &fit.rows[e]);
+                        gram(xe.view(), Some(&fit.row_w[e]))
                     }
                 }
             })
@@ -303,11 +377,8 @@ impl<'a> LayerData<'a> {
             stats,
             act,
             experts,
-            x,
-            omega,
-            routes,
-            rows,
-            row_w,
+            fit,
+            eval,
             y: Array2::zeros((0, 0)),
             energy: 0.0,
             in_gram,
@@ -318,7 +389,7 @@ impl<'a> LayerData<'a> {
         d.energy =
             d.y.rows()
                 .into_iter()
-                .zip(&d.omega)
+                .zip(&d.eval.omega)
                 .map(|(r, w)| w * r.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>())
                 .sum();
         Ok(d)
@@ -378,7 +449,7 @@ impl<'a> LayerData<'a> {
             .map(|(i, t)| {
                 let mut rows = Vec::new();
                 let mut w = Vec::new();
-                for (tk, r) in self.routes.iter().enumerate() {
+                for (tk, r) in self.eval.routes.iter().enumerate() {
                     let s: f32 = r
                         .experts
                         .iter()
@@ -391,7 +462,7 @@ impl<'a> LayerData<'a> {
                         w.push(s);
                     }
                 }
-                let xs = self.x.select(Axis(0), &rows);
+                let xs = self.eval.x.select(Axis(0), &rows);
                 let mut o = t.ffn.forward(xs.view(), bases);
                 for (mut row, s) in o.rows_mut().into_iter().zip(&w) {
                     row *= *s;
@@ -399,7 +470,7 @@ impl<'a> LayerData<'a> {
                 (rows, o)
             })
             .collect();
-        let mut y = Array2::<f32>::zeros(self.x.raw_dim());
+        let mut y = Array2::<f32>::zeros(self.eval.x.raw_dim());
         for (rows, o) in parts {
             for (j, &tk) in rows.iter().enumerate() {
                 let mut dst = y.row_mut(tk);
@@ -415,17 +486,17 @@ impl<'a> LayerData<'a> {
         let num: f64 = (&yh - &self.y)
             .rows()
             .into_iter()
-            .zip(&self.omega)
+            .zip(&self.eval.omega)
             .map(|(r, w)| w * r.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>())
             .sum();
         num / self.energy.max(1e-30)
     }
 
-    /// Evaluation rows routed to any of `ids`, with their weights (ω·w² summed).
+    /// Fitting rows routed to any of `ids`, with their weights (ω·w² summed).
     fn target_rows(&self, ids: &[usize]) -> (Vec<usize>, Vec<f64>) {
         let mut acc: std::collections::BTreeMap<usize, f64> = Default::default();
         for &e in ids {
-            for (&r, &w) in self.rows[e].iter().zip(&self.row_w[e]) {
+            for (&r, &w) in self.fit.rows[e].iter().zip(&self.fit.row_w[e]) {
                 *acc.entry(r).or_default() += w;
             }
         }
@@ -468,7 +539,7 @@ fn spectra(
 ) -> TargetSpectra {
     let g_in = d.target_gram(ids);
     let (rows, w) = d.target_rows(ids);
-    let xs = d.x.select(Axis(0), &rows);
+    let xs = d.fit.x.select(Axis(0), &rows);
     let h = ProjFfn::dense(hidden_of.clone(), d.act).hidden(xs.view(), &[]);
     let g_h = gram(h.view(), Some(&w));
     let svds = ws
@@ -522,6 +593,9 @@ fn rel_loss(e: &MatrixEnergies, r: Rank) -> f64 {
 struct Targets {
     plan: LayerPlan,
     params: Vec<ExpertParams>,
+    /// Spectra, computed once per set of targets.
+    low_rank: std::sync::OnceLock<(Vec<TargetSpectra>, Vec<Vec<MatrixEnergies>>)>,
+    base_delta: std::sync::OnceLock<BaseDeltaParts>,
 }
 
 impl Targets {
@@ -531,7 +605,12 @@ impl Targets {
             .iter()
             .map(|e| e.ffn.as_dense().expect("dense before compression"))
             .collect();
-        Targets { plan, params }
+        Targets {
+            plan,
+            params,
+            low_rank: Default::default(),
+            base_delta: Default::default(),
+        }
     }
 
     fn bias_elements(&self) -> usize {
@@ -773,7 +852,7 @@ fn build_neurons(d: &LayerData, t: &Targets, keep: usize) -> (Vec<NewExpert>, Ve
         .zip(&t.params)
         .map(|(e, p)| {
             let (rows, _) = d.target_rows(&e.ids);
-            let xs = d.x.select(Axis(0), &rows);
+            let xs = d.fit.x.select(Axis(0), &rows);
             let dense = ProjFfn::dense(p.clone(), d.act);
             let h = dense.hidden(xs.view(), &[]);
             let scores = neuron_scores(h.view(), p.down.view());
@@ -847,7 +926,7 @@ fn refit_merged(d: &LayerData, plan: &mut LayerPlan) {
             let mut member = vec![false; n];
             t.ids.iter().for_each(|&i| member[i] = true);
             let (rows, _) = d.target_rows(&t.ids);
-            let xs = d.x.select(Axis(0), &rows);
+            let xs = d.fit.x.select(Axis(0), &rows);
             let h = t.ffn.hidden(xs.view(), &[]);
             let mut a = h;
             let mut target = Array2::<f32>::zeros((rows.len(), p.down.nrows()));
@@ -857,7 +936,7 @@ fn refit_merged(d: &LayerData, plan: &mut LayerPlan) {
                 .map(|&e| (e, originals[e].forward(xs.view(), &[])))
                 .collect();
             for (j, &tk) in rows.iter().enumerate() {
-                let r = &d.routes[tk];
+                let r = &d.fit.routes[tk];
                 let mut s = 0f32;
                 for (slot, &e) in r.experts.iter().enumerate() {
                     if member[e] && r.kept[slot] {
@@ -925,14 +1004,18 @@ fn stored_elements(b: &Built) -> usize {
 
 /// Applies `family` to `t` at `budget` elements (biases included).
 fn apply_family(d: &LayerData, t: &Targets, family: Family, budget: usize) -> Option<Built> {
+    if budget >= t.dense_elements() && family != Family::None {
+        // Everything fits: the experts as they are (exact).
+        return Some(dense_built(t, family_name(family).into()));
+    }
     let fixed = t.bias_elements();
     let avail = budget.checked_sub(fixed)?;
     match family {
         Family::LowRank => {
-            let (spectra, en) = target_spectra(d, t);
+            let (spectra, en) = t.low_rank.get_or_init(|| target_spectra(d, t));
             let flat: Vec<MatrixEnergies> = en.iter().flatten().cloned().collect();
             let (ranks, _) = allocate_ranks(&flat, avail);
-            let (experts, matrices) = build_low_rank(t, &spectra, &en, &ranks);
+            let (experts, matrices) = build_low_rank(t, spectra, en, &ranks);
             Some(Built {
                 experts,
                 bases: vec![],
@@ -942,12 +1025,12 @@ fn apply_family(d: &LayerData, t: &Targets, family: Family, budget: usize) -> Op
             })
         }
         Family::BaseDelta => {
-            let parts = base_delta_parts(d, t);
+            let parts = t.base_delta.get_or_init(|| base_delta_parts(d, t));
             let avail = avail.checked_sub(base_elements(&parts.base))?;
             let flat: Vec<MatrixEnergies> = parts.en.iter().flatten().cloned().collect();
             let (ranks, _) = allocate_ranks(&flat, avail);
             let mut bases = vec![];
-            let (experts, matrices) = build_base_delta(t, &parts, &ranks, &mut bases);
+            let (experts, matrices) = build_base_delta(t, parts, &ranks, &mut bases);
             Some(Built {
                 experts,
                 bases,
@@ -1058,7 +1141,9 @@ fn build(g: &Graph, d: &LayerData, recipe: Recipe, mopts: &MergeOptions) -> Resu
     })
 }
 
-/// The candidates of one layer for the auto planner (measured).
+/// The candidates of one layer for the auto planner (measured). Spectra are computed once
+/// per set of targets (unmerged, and each merge); each grid point only re-allocates ranks
+/// and measures.
 fn layer_candidates(g: &Graph, d: &LayerData, families: &[Family]) -> Result<Vec<Candidate>> {
     let total = d.elements;
     let mut out = vec![Candidate {
@@ -1066,19 +1151,24 @@ fn layer_candidates(g: &Graph, d: &LayerData, families: &[Family]) -> Result<Vec
         error: 0.0,
         recipe: Recipe::Dense,
     }];
-    let measure = |recipe: Recipe, out: &mut Vec<Candidate>| -> Result<()> {
-        if let Some(b) = build(g, d, recipe, &auto_merge_options(None))? {
+    let push = |b: Option<Built>, recipe: Recipe, out: &mut Vec<Candidate>| {
+        if let Some(b) = b {
             out.push(Candidate {
                 elements: stored_elements(&b),
                 error: d.error(&b.experts, &b.bases),
                 recipe,
             });
         }
-        Ok(())
     };
+    let ident = Targets::new(d.identity());
     for &f in families {
         for &frac in GRID {
-            measure(Recipe::Family(f, (frac * total as f64) as usize), &mut out)?;
+            let b = (frac * total as f64) as usize;
+            push(
+                apply_family(d, &ident, f, b),
+                Recipe::Family(f, b),
+                &mut out,
+            );
         }
     }
     let n = d.experts.len();
@@ -1089,11 +1179,20 @@ fn layer_candidates(g: &Graph, d: &LayerData, families: &[Family]) -> Result<Vec
         .collect();
     ms.dedup();
     for m in ms {
-        measure(Recipe::Merge(m, None), &mut out)?;
+        let t = merged_targets(g, d, m, &auto_merge_options(None))?;
+        push(
+            Some(dense_built(&t, String::new())),
+            Recipe::Merge(m, None),
+            &mut out,
+        );
         for &frac in GRID {
             let b = (frac * total as f64) as usize;
             if (b as f64) < (m as f64 / n as f64) * total as f64 {
-                measure(Recipe::Merge(m, Some((Family::LowRank, b))), &mut out)?;
+                push(
+                    apply_family(d, &t, Family::LowRank, b),
+                    Recipe::Merge(m, Some((Family::LowRank, b))),
+                    &mut out,
+                );
             }
         }
     }
@@ -1148,13 +1247,15 @@ fn choose(cands: &[Vec<Candidate>], budget: usize) -> Option<Vec<usize>> {
     Some(pick)
 }
 
-/// Plans the compression of every chosen layer.
+/// Plans the compression of every chosen layer: one plan for a fixed family; for `auto`,
+/// several complete alternatives (the per-layer choice by calibrated error, and each family
+/// on its own), which the caller measures end to end and picks from.
 pub fn plan(
     g: &Graph,
     det: &Detection,
     stats: &CalibStats,
     opts: &CompressOptions,
-) -> Result<(Vec<LayerPlan>, CompressionSummary)> {
+) -> Result<Vec<Alternative>> {
     let chosen = merge::select_layers(det, stats, opts.layers.as_deref())?;
     let bar = crate::progress::count_bar(opts.progress, chosen.len() as u64, "layers");
     bar.set_message("preparing");
@@ -1191,7 +1292,14 @@ pub fn plan(
     };
     let layer_fixed: Vec<usize> = targets.iter().map(Targets::bias_elements).collect();
     let merged_total: usize = targets.iter().map(Targets::dense_elements).sum();
-    let (builts, plan_name): (Vec<Built>, String) = match opts.family {
+    let alternatives: Vec<(Vec<Built>, String)> = match opts.family {
+        f if f != Family::None && budget >= merged_total => vec![(
+            targets
+                .iter()
+                .map(|t| dense_built(t, "dense".into()))
+                .collect(),
+            "dense: everything fits the budget".into(),
+        )],
         Family::None => {
             if merged_total > budget {
                 return Err(Error::Usage(format!(
@@ -1201,43 +1309,31 @@ pub fn plan(
                     4 * budget
                 )));
             }
-            (
+            vec![(
                 targets
                     .iter()
                     .map(|t| dense_built(t, "merged".into()))
                     .collect(),
                 "merge only".into(),
-            )
+            )]
         }
         Family::LowRank | Family::BaseDelta => {
             bar.set_message("factoring");
-            (
+            vec![(
                 global_factored(&data, &targets, opts.family, budget)?,
-                "global allocation".into(),
-            )
+                format!("{}, global rank allocation", family_name(opts.family)),
+            )]
         }
         Family::Neurons => {
             bar.set_message("pruning neurons");
-            // One keep fraction for every layer: the largest that fits.
-            let mut out = Vec::new();
-            let frac = budget as f64 / merged_total.max(1) as f64;
-            for (d, t) in data.iter().zip(&targets) {
-                let b = (frac * t.dense_elements() as f64) as usize;
-                let built = apply_family(d, t, Family::Neurons, b).ok_or_else(|| {
-                    Error::Usage(format!(
-                        "{}: a budget of {} bytes leaves no neuron per expert",
-                        d.block.name,
-                        4 * b
-                    ))
-                })?;
-                out.push(built);
-            }
-            (out, "uniform neuron fraction".into())
+            vec![(
+                uniform_neurons(&data, &targets, budget)?,
+                "neurons, one fraction for every layer".into(),
+            )]
         }
         Family::Auto => {
-            let per_layer = if opts.merge.is_some() {
-                None
-            } else {
+            let mut alts = Vec::new();
+            if opts.merge.is_none() {
                 bar.set_message("measuring candidates");
                 let cands: Vec<Vec<Candidate>> = data
                     .iter()
@@ -1251,61 +1347,99 @@ pub fn plan(
                         c
                     })
                     .collect::<Result<_>>()?;
-                match choose(&cands, budget) {
-                    Some(pick) => {
-                        let mut out = Vec::new();
-                        let mut err = 0.0;
-                        for ((d, c), &p) in data.iter().zip(&cands).zip(&pick) {
-                            err += c[p].error;
-                            out.push(
-                                build(g, d, c[p].recipe, &auto_merge_options(None))?.ok_or_else(
-                                    || Error::Graph {
-                                        node: Some(d.block.name.clone()),
-                                        reason: "a measured candidate could not be rebuilt".into(),
-                                    },
-                                )?,
-                            );
-                        }
-                        Some((out, err))
+                if let Some(pick) = choose(&cands, budget) {
+                    let mut out = Vec::new();
+                    for ((d, c), &p) in data.iter().zip(&cands).zip(&pick) {
+                        out.push(
+                            build(g, d, c[p].recipe, &auto_merge_options(None))?.ok_or_else(
+                                || Error::Graph {
+                                    node: Some(d.block.name.clone()),
+                                    reason: "a measured candidate could not be rebuilt".into(),
+                                },
+                            )?,
+                        );
                     }
-                    None => None,
-                }
-            };
-            let global = global_factored(&data, &targets, Family::LowRank, budget).ok();
-            let global_err: Option<f64> = global.as_ref().map(|bs| {
-                bs.iter()
-                    .zip(&data)
-                    .map(|(b, d)| d.error(&b.experts, &b.bases))
-                    .sum()
-            });
-            match (per_layer, global, global_err) {
-                (Some((p, pe)), Some(gl), Some(ge)) => {
-                    if ge < pe {
-                        (gl, "global low-rank (lower calibrated error)".into())
-                    } else {
-                        (p, "per-layer candidates (lower calibrated error)".into())
-                    }
-                }
-                (Some((p, _)), _, _) => (p, "per-layer candidates".into()),
-                (None, Some(gl), _) => (gl, "global low-rank".into()),
-                _ => {
-                    return Err(Error::Usage(format!(
-                        "a budget of {} bytes is below what any compression can store \
-                         (biases alone take {})",
-                        4 * budget,
-                        4 * layer_fixed.iter().sum::<usize>()
-                    )))
+                    alts.push((out, "per-layer choice by calibrated error per byte".into()));
                 }
             }
+            for f in [Family::LowRank, Family::BaseDelta] {
+                if let Ok(b) = global_factored(&data, &targets, f, budget) {
+                    alts.push((b, format!("{}, global rank allocation", family_name(f))));
+                }
+            }
+            if let Ok(b) = uniform_neurons(&data, &targets, budget) {
+                alts.push((b, "neurons, one fraction for every layer".into()));
+            }
+            if alts.is_empty() {
+                return Err(Error::Usage(format!(
+                    "a budget of {} bytes is below what any compression can store \
+                     (biases alone take {})",
+                    4 * budget,
+                    4 * layer_fixed.iter().sum::<usize>()
+                )));
+            }
+            alts
         }
     };
     bar.finish_and_clear();
+    alternatives
+        .into_iter()
+        .map(|(builts, name)| finish(&data, &targets, builts, name, opts.family, budget))
+        .collect()
+}
+
+fn family_name(f: Family) -> &'static str {
+    match f {
+        Family::Auto => "auto",
+        Family::LowRank => "low-rank",
+        Family::BaseDelta => "base-delta",
+        Family::Neurons => "neurons",
+        Family::None => "none",
+    }
+}
+
+/// Neuron pruning at one keep fraction for every layer (the largest that fits).
+fn uniform_neurons(data: &[LayerData], targets: &[Targets], budget: usize) -> Result<Vec<Built>> {
+    let total: usize = targets.iter().map(Targets::dense_elements).sum();
+    let frac = budget as f64 / total.max(1) as f64;
+    data.iter()
+        .zip(targets)
+        .map(|(d, t)| {
+            let b = (frac * t.dense_elements() as f64) as usize;
+            apply_family(d, t, Family::Neurons, b).ok_or_else(|| {
+                Error::Usage(format!(
+                    "{}: a budget of {} bytes leaves no neuron per expert",
+                    d.block.name,
+                    4 * b
+                ))
+            })
+        })
+        .collect()
+}
+
+/// One complete compression plan.
+pub struct Alternative {
+    /// Per layer.
+    pub plans: Vec<LayerPlan>,
+    /// The summary.
+    pub summary: CompressionSummary,
+}
+
+/// Layer plans and the summary of one set of built layers.
+fn finish(
+    data: &[LayerData],
+    targets: &[Targets],
+    builts: Vec<Built>,
+    plan_name: String,
+    family: Family,
+    budget: usize,
+) -> Result<Alternative> {
     let mut plans = Vec::new();
     let (mut bytes_before, mut bytes_after, mut flops_before, mut flops_after) =
         (0u64, 0u64, 0.0, 0.0);
     for ((d, t), b) in data.iter().zip(targets).zip(builts) {
         let elements = stored_elements(&b);
-        let base = b.merged.unwrap_or(t.plan);
+        let base = b.merged.unwrap_or_else(|| t.plan.clone());
         let fb = flops(d, &Targets::new(d.identity()).plan.experts);
         let fa = flops(d, &b.experts);
         let comp = LayerCompression {
@@ -1342,10 +1476,10 @@ pub fn plan(
             ),
         });
     }
-    Ok((
+    Ok(Alternative {
         plans,
-        CompressionSummary {
-            family: opts.family,
+        summary: CompressionSummary {
+            family,
             plan: plan_name,
             budget_bytes: 4 * budget as u64,
             bytes_before,
@@ -1353,8 +1487,9 @@ pub fn plan(
             fraction: bytes_after as f64 / bytes_before.max(1) as f64,
             flops_before,
             flops_after,
+            chosen_by: None,
         },
-    ))
+    })
 }
 
 /// Routed multiply-adds per token: `k · Σ_e f_e · flops(target of e)`.
@@ -1377,6 +1512,12 @@ fn global_factored(
     family: Family,
     budget: usize,
 ) -> Result<Vec<Built>> {
+    if budget >= targets.iter().map(Targets::dense_elements).sum() {
+        return Ok(targets
+            .iter()
+            .map(|t| dense_built(t, family_name(family).into()))
+            .collect());
+    }
     let fixed: usize = targets.iter().map(Targets::bias_elements).sum();
     let over = || {
         Error::Usage(format!(

@@ -196,6 +196,23 @@ mod tests {
     }
 
     #[test]
+    fn planted_low_rank_matrix_is_recovered_to_the_noise_floor() {
+        // W = A·B (rank 3) + noise of 1e-4: rank 3 recovers W to the noise, and the spectrum
+        // beyond 3 is noise.
+        let (a, b) = (rnd(11, 24, 3), rnd(12, 3, 16));
+        let noise = rnd(13, 24, 16) * 1e-4;
+        let w = a.dot(&b) + &noise;
+        let x = rnd(14, 200, 16);
+        let g = gram(x.view(), None);
+        let s = WhitenedSvd::new(w.view(), g.as_ref(), 1e-9);
+        let (u, v) = s.factors(3);
+        let err = (&u.dot(&v) - &a.dot(&b)).mapv(|e| e * e).sum().sqrt();
+        let floor = noise.mapv(|e| e * e).sum().sqrt();
+        assert!(err <= 2.0 * floor, "{err} vs noise {floor}");
+        assert!(s.sigma[3] < 1e-3 * s.sigma[2], "{:?}", &s.sigma[..5]);
+    }
+
+    #[test]
     fn ridge_solve_is_least_squares() {
         let a = rnd(5, 50, 4);
         let wt = rnd(6, 4, 3);

@@ -132,7 +132,7 @@ struct CalibArgs {
     #[arg(long, default_value_t = 8)]
     batch: usize,
     /// Routed input rows kept per expert.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     reservoir: usize,
     /// Seed of the reservoirs.
     #[arg(long, default_value_t = 0)]

@@ -96,6 +96,68 @@ pub struct StageSeconds {
     pub fidelity: f64,
 }
 
+/// Fitting samples the auto planner's alternatives are compared on.
+const SELECTION_SAMPLES: usize = 16;
+
+/// Picks among the compression alternatives: the one whose written model is closest to the
+/// original end to end on `selection` (KL for language models, else relative L2). With one
+/// alternative, or no selection samples, the first is taken.
+fn choose_alternative(
+    model: &Model,
+    det: &Detection,
+    mut alts: Vec<crate::compress::Alternative>,
+    selection: &[(String, Value)],
+    opts: &ReduceOptions,
+) -> Result<crate::compress::Alternative> {
+    if alts.len() == 1 || selection.is_empty() {
+        if alts.len() > 1 {
+            log::warn!(
+                "no calibration samples to compare the compression plans on: taking '{}'",
+                alts[0].summary.plan
+            );
+        }
+        return Ok(alts.swap_remove(0));
+    }
+    let mut scores = Vec::new();
+    for a in &alts {
+        let mut m = model.clone();
+        crate::emit::merged::rewrite(&mut m, det, &a.plans, opts.emit)?;
+        let f = fidelity::measure(
+            model,
+            det,
+            &m,
+            selection,
+            opts.runtime,
+            #[cfg(feature = "ort")]
+            opts.ep,
+            opts.batch,
+        )?;
+        let (score, metric) = match f.kl {
+            Some(kl) => (kl, "kl"),
+            None => (f.rel_l2, "rel_l2"),
+        };
+        log::info!("compression plan '{}': {metric} {score:.5}", a.summary.plan);
+        scores.push((if score.is_nan() { f64::INFINITY } else { score }, metric));
+    }
+    let best = (0..alts.len())
+        .min_by(|&a, &b| scores[a].0.total_cmp(&scores[b].0).then(a.cmp(&b)))
+        .expect("alternatives");
+    let table: Vec<crate::compress::AlternativeScore> = alts
+        .iter()
+        .zip(&scores)
+        .enumerate()
+        .map(|(i, (a, (s, m)))| crate::compress::AlternativeScore {
+            plan: a.summary.plan.clone(),
+            score: *s,
+            metric: m.to_string(),
+            chosen: i == best,
+        })
+        .collect();
+    let mut a = alts.swap_remove(best);
+    a.summary.chosen_by = Some(table);
+    Ok(a)
+}
+
 fn samples(data: &[(String, Value)]) -> usize {
     data.first().map_or(0, |(_, v)| v.shape()[0])
 }
@@ -131,7 +193,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
         Some(p) => Some(calib::load_inputs(model, &Source::Npz(p.clone()))?),
         None => None,
     };
-    let (stats, calibration, heldout): (CalibStats, CalibrationReport, Data) =
+    let (stats, calibration, heldout, selection): (CalibStats, CalibrationReport, Data, Data) =
         match (&opts.stats, &opts.calib) {
             (Some(path), _) => {
                 let stats = calib::load(path)?;
@@ -152,7 +214,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                         .map_or("none".into(), |p| p.display().to_string()),
                     tokens: stats.layers.first().map_or(0, |l| l.tokens),
                 };
-                (stats, rep, held)
+                (stats, rep, held, vec![])
             }
             (None, Some(c)) => {
                 let all = match c.source {
@@ -192,7 +254,11 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                     heldout_source: held_src,
                     tokens: stats.layers.first().map_or(0, |l| l.tokens),
                 };
-                (stats, rep, held)
+                // The auto planner's alternatives are compared on the last fitting samples
+                // (never on the held-out ones, which only measure the result).
+                let nf = samples(&fit);
+                let (_, sel) = split(&fit, nf - nf.min(SELECTION_SAMPLES));
+                (stats, rep, held, sel)
             }
             (None, None) => {
                 return Err(Error::Usage(
@@ -225,8 +291,9 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             let mut c = c.clone();
             c.merge = m;
             c.layers = opts.layers.clone();
-            let (p, s) = crate::compress::plan(&model.graph, det, &stats, &c)?;
-            (p, Some(s))
+            let alts = crate::compress::plan(&model.graph, det, &stats, &c)?;
+            let a = choose_alternative(model, det, alts, &selection, opts)?;
+            (a.plans, Some(a.summary))
         }
         (None, Some(m)) => (merge::plan(&model.graph, det, &stats, &m)?, None),
         (None, None) => {

@@ -22,7 +22,7 @@ pub struct StatsConfig {
 impl Default for StatsConfig {
     fn default() -> Self {
         StatsConfig {
-            reservoir: 256,
+            reservoir: 1024,
             seed: 0,
             moments: true,
         }

@@ -234,3 +234,76 @@ impl ProjFfn {
         y
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::passes::base_delta::base_delta;
+    use crate::passes::merge_experts::merge_weighted;
+    use ndarray::{array, Array2};
+
+    fn expert(s: f32) -> ExpertParams {
+        ExpertParams {
+            gate: Some(array![[s, 1.0], [2.0, -s], [0.5, s]]),
+            up: array![[s, 0.0], [1.0, 1.0], [-1.0, s]],
+            down: array![[1.0, s, 0.0], [s, 2.0, 1.0]],
+            gate_bias: None,
+            up_bias: None,
+            down_bias: Some(array![0.1, -0.2]),
+        }
+    }
+
+    #[test]
+    fn rank_zero_deltas_are_the_plain_merge() {
+        let (a, b) = (expert(1.0), expert(-2.0));
+        let (base, _) = base_delta(&[&a, &b], &[0.7, 0.3]);
+        let bases = vec![
+            base.gate.clone().unwrap(),
+            base.up.clone(),
+            base.down.clone(),
+        ];
+        let z = |o: usize, i: usize| Proj::BaseDelta {
+            base: 0,
+            u: Array2::zeros((o, 0)),
+            v: Array2::zeros((0, i)),
+        };
+        let mut f = ProjFfn::dense(a.clone(), Act::Silu);
+        f.gate = Some(z(3, 2));
+        f.up = Proj::BaseDelta {
+            base: 1,
+            u: Array2::zeros((3, 0)),
+            v: Array2::zeros((0, 2)),
+        };
+        f.down = Proj::BaseDelta {
+            base: 2,
+            u: Array2::zeros((2, 0)),
+            v: Array2::zeros((0, 3)),
+        };
+        f.down_bias = base.down_bias.clone();
+        let merged = merge_weighted(&[&a, &b], &[0.7, 0.3]);
+        assert_eq!(f.to_params(&bases), merged);
+        let x = array![[0.3f32, -1.0], [2.0, 0.5]];
+        let want = ProjFfn::dense(merged, Act::Silu).forward(x.view(), &[]);
+        let got = f.forward(x.view(), &bases);
+        for (p, q) in got.iter().zip(want.iter()) {
+            assert!((p - q).abs() < 1e-6);
+        }
+        assert_eq!(f.stored(), 2, "only the bias is stored: the base is shared");
+    }
+
+    #[test]
+    fn low_rank_apply_equals_the_product() {
+        let u = array![[1.0f32, 0.0], [2.0, 1.0], [0.0, -1.0]];
+        let v = array![[0.5f32, 1.0, 0.0, 2.0], [1.0, -1.0, 1.0, 0.0]];
+        let p = Proj::LowRank {
+            u: u.clone(),
+            v: v.clone(),
+        };
+        let x = array![[1.0f32, 2.0, 3.0, 4.0]];
+        let want = x.dot(&u.dot(&v).t());
+        assert_eq!(p.apply(x.view(), &[]), want);
+        assert_eq!(p.stored(), 6 + 8);
+        assert_eq!(p.flops(), 2 * (3 + 4));
+        assert_eq!(p.shape(), [3, 4]);
+    }
+}
