@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds smoe-opt and runs the main job on the bundled example model (tract runtime, no GPU):
-# the trained MoE language model of testdata/lm, half of its experts merged (MC-SMoE), with
-# held-out fidelity and perplexity before/after.
+# the trained MoE language model of testdata/lm, its experts compressed to half their bytes
+# (auto plan: low rank, shared base + deltas, neuron pruning, merging, chosen by measured error),
+# with held-out fidelity and perplexity before/after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release
@@ -9,7 +10,7 @@ bin=./target/release/smoe-opt
 lm=testdata/lm
 mkdir -p demo-out
 $bin inspect "$lm/model.onnx"
-$bin "$lm/model.onnx" -o demo-out/model.onnx --keep 0.75 \
+$bin "$lm/model.onnx" -o demo-out/model.onnx --target-size 0.5 \
     --calib-text "$lm/calib.txt" --tokenizer "$lm/tokenizer.json" --seq-len 128 --runtime tract \
     --eval-data "$lm/eval.npz" --report demo-out/report.json
 $bin eval "$lm/model.onnx" --data "$lm/eval.npz" --runtime tract

@@ -681,6 +681,81 @@ fn build_low_rank(
     (out, reports)
 }
 
+/// Once gate/up are factored, the down projection sees approximate activations ĥ: refit it
+/// by least squares so that ĥ·Wᵀ reproduces the expert's original outputs on the routed
+/// fitting rows (toward the original down), then factor the refit at the rank the
+/// allocation gave it, whitened by ĥ's Gram. Errors of gate/up are thus partly corrected
+/// downstream instead of compounding.
+fn refit_factored_down(
+    d: &LayerData,
+    t: &Targets,
+    experts: &mut [NewExpert],
+    reports: &mut [MatrixReport],
+    bases: &[Array2<f32>],
+) {
+    let errors: Vec<Option<f64>> = experts
+        .par_iter_mut()
+        .zip(&t.params)
+        .map(|(e, p)| {
+            let dense = |q: &Proj| matches!(q, Proj::Dense(_));
+            if dense(&e.ffn.up) && e.ffn.gate.as_ref().is_none_or(dense) {
+                return None;
+            }
+            let (rows, w) = d.target_rows(&e.ids);
+            if rows.len() < 2 {
+                return None;
+            }
+            let xs = d.fit.x.select(Axis(0), &rows);
+            let hh = e.ffn.hidden(xs.view(), bases);
+            let mut y = ProjFfn::dense(p.clone(), d.act).forward(xs.view(), &[]);
+            if let Some(b) = &p.down_bias {
+                y -= b;
+            }
+            let refit = refit_down(hh.view(), y.view(), p.down.view(), REFIT_RIDGE);
+            match &e.ffn.down {
+                Proj::Dense(_) => {
+                    e.ffn.down = Proj::Dense(refit);
+                    Some(0.0)
+                }
+                Proj::LowRank { u, .. } => {
+                    let r = u.ncols();
+                    let g = gram(hh.view(), Some(&w));
+                    let svd = WhitenedSvd::new(refit.view(), g.as_ref(), WHITEN_RIDGE);
+                    let (u, v) = svd.factors(r);
+                    e.ffn.down = Proj::LowRank { u, v };
+                    let total: f64 = svd.sigma.iter().map(|x| x * x).sum();
+                    let lost: f64 = svd.sigma.iter().skip(r).map(|x| x * x).sum();
+                    Some(if total > 0.0 { lost / total } else { 0.0 })
+                }
+                Proj::BaseDelta { base, u, .. } => {
+                    let (base, r) = (*base, u.ncols());
+                    if r == 0 {
+                        return None;
+                    }
+                    let delta = &refit - &bases[base];
+                    let g = gram(hh.view(), Some(&w));
+                    let svd = WhitenedSvd::new(delta.view(), g.as_ref(), WHITEN_RIDGE);
+                    let (u, v) = svd.factors(r);
+                    e.ffn.down = Proj::BaseDelta { base, u, v };
+                    let total: f64 = svd.sigma.iter().map(|x| x * x).sum();
+                    let lost: f64 = svd.sigma.iter().skip(r).map(|x| x * x).sum();
+                    Some(if total > 0.0 { lost / total } else { 0.0 })
+                }
+            }
+        })
+        .collect();
+    for (e, err) in experts.iter().zip(errors) {
+        if let Some(err) = err {
+            for r in reports
+                .iter_mut()
+                .filter(|r| r.experts == e.ids && r.matrix == "down")
+            {
+                r.error = err;
+            }
+        }
+    }
+}
+
 /// Spectra of all targets of a layer (in parallel over targets).
 fn target_spectra(d: &LayerData, t: &Targets) -> (Vec<TargetSpectra>, Vec<Vec<MatrixEnergies>>) {
     let ws: Vec<Vec<(&'static str, Array2<f32>)>> = t
@@ -988,6 +1063,9 @@ enum Recipe {
     Family(Family, usize),
 }
 
+/// Which recipes a restricted per-layer choice may use.
+type RecipeFilter = fn(&Recipe) -> bool;
+
 /// A built layer form.
 struct Built {
     experts: Vec<NewExpert>,
@@ -1015,7 +1093,8 @@ fn apply_family(d: &LayerData, t: &Targets, family: Family, budget: usize) -> Op
             let (spectra, en) = t.low_rank.get_or_init(|| target_spectra(d, t));
             let flat: Vec<MatrixEnergies> = en.iter().flatten().cloned().collect();
             let (ranks, _) = allocate_ranks(&flat, avail);
-            let (experts, matrices) = build_low_rank(t, spectra, en, &ranks);
+            let (mut experts, mut matrices) = build_low_rank(t, spectra, en, &ranks);
+            refit_factored_down(d, t, &mut experts, &mut matrices, &[]);
             Some(Built {
                 experts,
                 bases: vec![],
@@ -1030,7 +1109,8 @@ fn apply_family(d: &LayerData, t: &Targets, family: Family, budget: usize) -> Op
             let flat: Vec<MatrixEnergies> = parts.en.iter().flatten().cloned().collect();
             let (ranks, _) = allocate_ranks(&flat, avail);
             let mut bases = vec![];
-            let (experts, matrices) = build_base_delta(t, parts, &ranks, &mut bases);
+            let (mut experts, mut matrices) = build_base_delta(t, parts, &ranks, &mut bases);
+            refit_factored_down(d, t, &mut experts, &mut matrices, &bases);
             Some(Built {
                 experts,
                 bases,
@@ -1347,9 +1427,40 @@ pub fn plan(
                         c
                     })
                     .collect::<Result<_>>()?;
-                if let Some(pick) = choose(&cands, budget) {
+                // The per-layer choice over every candidate, and restricted to each kind
+                // (the summed layer errors are only a proxy: the end-to-end comparison
+                // decides).
+                let kinds: [(&str, RecipeFilter); 4] = [
+                    ("every family and merging", |_| true),
+                    ("low rank", |r| {
+                        matches!(r, Recipe::Dense | Recipe::Family(Family::LowRank, _))
+                    }),
+                    ("neurons", |r| {
+                        matches!(r, Recipe::Dense | Recipe::Family(Family::Neurons, _))
+                    }),
+                    ("merging (+ low rank)", |r| {
+                        matches!(r, Recipe::Dense | Recipe::Merge(..))
+                    }),
+                ];
+                let mut seen = std::collections::BTreeSet::new();
+                for (label, keep) in kinds {
+                    let filtered: Vec<Vec<Candidate>> = cands
+                        .iter()
+                        .map(|c| c.iter().filter(|x| keep(&x.recipe)).cloned().collect())
+                        .collect();
+                    let Some(pick) = choose(&filtered, budget) else {
+                        continue;
+                    };
+                    let recipes: Vec<String> = pick
+                        .iter()
+                        .zip(&filtered)
+                        .map(|(&p, c)| format!("{:?}", c[p].recipe))
+                        .collect();
+                    if !seen.insert(recipes) {
+                        continue;
+                    }
                     let mut out = Vec::new();
-                    for ((d, c), &p) in data.iter().zip(&cands).zip(&pick) {
+                    for ((d, c), &p) in data.iter().zip(&filtered).zip(&pick) {
                         out.push(
                             build(g, d, c[p].recipe, &auto_merge_options(None))?.ok_or_else(
                                 || Error::Graph {
@@ -1359,7 +1470,16 @@ pub fn plan(
                             )?,
                         );
                     }
-                    alts.push((out, "per-layer choice by calibrated error per byte".into()));
+                    alts.push((
+                        out,
+                        format!("per-layer choice ({label}) by calibrated error per byte"),
+                    ));
+                }
+                // MC-SMoE's merge at the budget (adaptive per-layer counts), refitted.
+                for method in [merge::MergeMethod::MSmoe, merge::MergeMethod::HcSmoe] {
+                    if let Some(b) = merge_at_budget(g, det, stats, &data, method, budget, opts)? {
+                        alts.push(b);
+                    }
                 }
             }
             for f in [Family::LowRank, Family::BaseDelta] {
@@ -1386,6 +1506,52 @@ pub fn plan(
         .into_iter()
         .map(|(builts, name)| finish(&data, &targets, builts, name, opts.family, budget))
         .collect()
+}
+
+/// Merging alone to the largest expert count that fits `budget` (the method's own per-layer
+/// counts), merged down projections refitted.
+fn merge_at_budget(
+    g: &Graph,
+    det: &Detection,
+    stats: &CalibStats,
+    data: &[LayerData],
+    method: merge::MergeMethod,
+    budget: usize,
+    opts: &CompressOptions,
+) -> Result<Option<(Vec<Built>, String)>> {
+    let n_total: usize = data.iter().map(|d| d.experts.len()).sum();
+    let total: usize = data.iter().map(|d| d.elements).sum();
+    // Experts are the same size within a layer; keep the total count that fits.
+    let per_expert = total as f64 / n_total.max(1) as f64;
+    let keep = ((budget as f64 / per_expert).floor() as usize).min(n_total);
+    if keep < data.len() {
+        return Ok(None);
+    }
+    let mopts = MergeOptions {
+        method,
+        align: None,
+        grouping: None,
+        budget: merge::Budget::Experts(keep / data.len()),
+        layers: opts.layers.clone(),
+        progress: false,
+    };
+    let mut plans = merge::plan(g, det, stats, &mopts)?;
+    let mut out = Vec::new();
+    for (p, d) in plans.iter_mut().zip(data) {
+        refit_merged(d, p);
+        let t = Targets::new(p.clone());
+        let mut b = dense_built(&t, format!("merge {}", p.experts.len()));
+        b.merged = Some(t.plan);
+        out.push(b);
+    }
+    if out.iter().map(stored_elements).sum::<usize>() > budget {
+        return Ok(None);
+    }
+    let name = match method {
+        merge::MergeMethod::HcSmoe => "hc-smoe",
+        _ => "m-smoe",
+    };
+    Ok(Some((out, format!("{name} merge, refitted"))))
 }
 
 fn family_name(f: Family) -> &'static str {
@@ -1546,9 +1712,11 @@ fn global_factored(
         Ok(parts
             .iter()
             .zip(targets)
-            .map(|((s, en), t)| {
+            .zip(data)
+            .map(|(((s, en), t), d)| {
                 let k: usize = en.iter().map(Vec::len).sum();
-                let (experts, matrices) = build_low_rank(t, s, en, &ranks[at..at + k]);
+                let (mut experts, mut matrices) = build_low_rank(t, s, en, &ranks[at..at + k]);
+                refit_factored_down(d, t, &mut experts, &mut matrices, &[]);
                 at += k;
                 Built {
                     experts,
@@ -1576,10 +1744,13 @@ fn global_factored(
         Ok(parts
             .iter()
             .zip(targets)
-            .map(|(p, t)| {
+            .zip(data)
+            .map(|((p, t), d)| {
                 let k: usize = p.en.iter().map(Vec::len).sum();
                 let mut bases = vec![];
-                let (experts, matrices) = build_base_delta(t, p, &ranks[at..at + k], &mut bases);
+                let (mut experts, mut matrices) =
+                    build_base_delta(t, p, &ranks[at..at + k], &mut bases);
+                refit_factored_down(d, t, &mut experts, &mut matrices, &bases);
                 at += k;
                 Built {
                     experts,

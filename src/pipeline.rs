@@ -257,6 +257,63 @@ impl PipelineReport {
                     groups.join(" ")
                 );
             }
+            if let Some(c) = &r.compression {
+                let _ = writeln!(
+                    s,
+                    "compression ({}): {} -> {} expert bytes ({:.1}% of {}, budget {}), routed MACs/token {:.0} -> {:.0}",
+                    c.plan,
+                    c.bytes_before,
+                    c.bytes_after,
+                    100.0 * c.fraction,
+                    c.bytes_before,
+                    c.budget_bytes,
+                    c.flops_before,
+                    c.flops_after
+                );
+                for a in c.chosen_by.iter().flatten() {
+                    let _ = writeln!(
+                        s,
+                        "  {} {:<60} {} {:.5}",
+                        if a.chosen { "*" } else { " " },
+                        a.plan,
+                        a.metric,
+                        a.score
+                    );
+                }
+                let _ = writeln!(
+                    s,
+                    "{:<10} {:<28} {:>10} {:>10} {:>9}  ranks / neurons",
+                    "layer", "written", "bytes", "after", "error"
+                );
+                for l in &r.layers {
+                    if let Some(lc) = &l.compression {
+                        let mut forms: Vec<String> = lc
+                            .matrices
+                            .iter()
+                            .filter_map(|m| {
+                                m.rank
+                                    .map(|r| format!("{}:{r}", m.matrix))
+                                    .or(m.neurons.map(|n| format!("{}:{n}n", m.matrix)))
+                            })
+                            .collect();
+                        if forms.len() > 6 {
+                            let more = forms.len() - 6;
+                            forms.truncate(6);
+                            forms.push(format!("(+{more})"));
+                        }
+                        let _ = writeln!(
+                            s,
+                            "{:<10} {:<28} {:>10} {:>10} {:>9.4}  {}",
+                            l.block,
+                            lc.family,
+                            lc.bytes_before,
+                            lc.bytes_after,
+                            lc.error,
+                            forms.join(" ")
+                        );
+                    }
+                }
+            }
             match &r.fidelity {
                 Some(f) => {
                     let _ = write!(

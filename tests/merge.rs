@@ -418,7 +418,7 @@ fn usage_errors_are_clear() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["--method", "m-smoe", "--calib", io.to_str().unwrap()],
-            "--experts M or --keep F",
+            "--experts M, --keep F or --target-size F",
         ),
         (vec!["--keep", "0.5"], "routing statistics"),
         (

@@ -8,9 +8,8 @@
 //! and unmerged layers exactly; merged layers with the router-merging variant (one logit per
 //! group, `log Σ exp`, top-k over groups), which is not the exact semantics — each block's
 //! `semantics` says which was written.
-use super::builder::Emitter;
-use super::portable::{self, Target, TargetFfn};
-use super::{built, fused, prune_dead, splice, BlockRewrite, EmitForm};
+use super::portable::{Target, TargetFfn};
+use super::{write_blocks, BlockRewrite, BlockWrite, EmitForm, Fused};
 use crate::error::{Error, Result};
 use crate::merge::LayerPlan;
 use crate::model::Model;
@@ -24,98 +23,55 @@ pub const PRUNED: &str = "pruned: top-k over the kept router rows";
 pub const GROUP_LSE: &str =
     "router-merging: top-k over group logits log-sum-exp(z_i, i in group) (approximate)";
 
-/// Rewrites every planned block of `model`.
+/// Rewrites every planned block of `model` (through the one block emitter).
 pub fn rewrite(
     model: &mut Model,
     det: &Detection,
     plans: &[LayerPlan],
     form: EmitForm,
 ) -> Result<Vec<BlockRewrite>> {
-    let opset = model.default_opset();
-    let mut out = Vec::new();
-    let mut fused_used = false;
+    let mut items = Vec::new();
     for plan in plans {
         let block = det
             .blocks
             .iter()
             .find(|b| b.name == plan.block)
             .ok_or_else(|| Error::Usage(format!("no block {}", plan.block)))?;
-        let mut em = Emitter::new(&model.graph, &format!("smoe/{}", block.name), opset);
         let merged = plan.experts.iter().any(|e| e.ids.len() > 1);
         let dense: Option<Vec<_>> = plan.experts.iter().map(|e| e.ffn.as_dense()).collect();
-        let fit = fused::unfit(block)
-            .or_else(|| {
-                dense.is_none().then(|| {
-                    "compressed experts (low-rank, base+delta) have no com.microsoft.MoE form"
-                        .to_string()
-                })
-            })
-            .or_else(|| {
-                (merged && block.router.top_k > plan.experts.len()).then(|| {
-                    format!(
-                        "top-{} over {} group logits is impossible",
-                        block.router.top_k,
-                        plan.experts.len()
-                    )
-                })
-            });
-        let mut skipped = None;
-        let (logits, semantics) = match (form, fit) {
-            (EmitForm::OrtFused, None) => {
-                fused_used = true;
-                let dense = dense.unwrap_or_default();
-                let params: Vec<_> = dense.iter().collect();
-                let groups: Vec<Vec<usize>> = plan.experts.iter().map(|e| e.ids.clone()).collect();
-                let l = fused::emit_with(
-                    &mut em,
-                    block,
-                    &params,
-                    plan.router_rows.as_deref(),
-                    merged.then_some(groups.as_slice()),
-                )?;
-                let sem = match (&plan.router_rows, merged) {
-                    (Some(_), _) => PRUNED,
-                    (None, true) => GROUP_LSE,
-                    (None, false) => EXACT,
-                };
-                (l, sem)
-            }
-            (f, why) => {
-                if let (EmitForm::OrtFused, Some(why)) = (f, why) {
-                    log::warn!("{}: written in portable form: {why}", block.name);
-                    skipped = Some(format!("portable: {why}"));
-                }
-                let targets: Vec<Target> = plan
-                    .experts
-                    .iter()
-                    .map(|e| Target {
-                        ffn: TargetFfn::Proj(&e.ffn, &plan.bases),
-                        ids: e.ids.clone(),
-                    })
-                    .collect();
-                let l = portable::emit(&mut em, block, &targets, plan.router_rows.as_deref())?;
-                let sem = if plan.router_rows.is_some() {
-                    PRUNED
-                } else {
-                    EXACT
-                };
-                (l, sem)
-            }
+        let fused = match dense {
+            None => Fused::Unfit(
+                "compressed experts (low-rank, base+delta) have no com.microsoft.MoE form".into(),
+            ),
+            Some(_) if merged && block.router.top_k > plan.experts.len() => Fused::Unfit(format!(
+                "top-{} over {} group logits is impossible",
+                block.router.top_k,
+                plan.experts.len()
+            )),
+            Some(d) => Fused::Params(
+                d,
+                merged.then(|| plan.experts.iter().map(|e| e.ids.clone()).collect()),
+            ),
         };
-        let added = splice(model, block, built(em))?;
-        out.push(BlockRewrite {
-            block: block.name.clone(),
-            rewritten: true,
-            skipped,
-            nodes_removed: block.nodes.len(),
-            nodes_added: added,
-            logits: Some(logits),
-            semantics: Some(semantics.to_string()),
+        let semantics = match (&plan.router_rows, merged) {
+            (Some(_), _) => (PRUNED, PRUNED),
+            (None, true) => (EXACT, GROUP_LSE),
+            (None, false) => (EXACT, EXACT),
+        };
+        items.push(BlockWrite {
+            block,
+            targets: plan
+                .experts
+                .iter()
+                .map(|e| Target {
+                    ffn: TargetFfn::Proj(&e.ffn, &plan.bases),
+                    ids: e.ids.clone(),
+                })
+                .collect(),
+            router_rows: plan.router_rows.as_deref(),
+            fused,
+            semantics: Some(semantics),
         });
     }
-    if fused_used {
-        model.import_opset("com.microsoft", 1);
-    }
-    prune_dead(model)?;
-    Ok(out)
+    write_blocks(model, items, form)
 }

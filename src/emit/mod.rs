@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::ir::{prune, Patch};
 use crate::model::Model;
 use crate::moe::Detection;
+use crate::passes::merge_experts::ExpertParams;
 use builder::Emitter;
 use portable::Target;
 use serde::Serialize;
@@ -91,17 +92,104 @@ pub(crate) fn prune_dead(model: &mut Model) -> Result<()> {
     Ok(())
 }
 
-/// Replaces every identified block of `det` by its canonical emission with the same
-/// experts (`--method none`): outputs must not change.
-pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<BlockRewrite>> {
+/// What the fused op can be given for one block.
+pub(crate) enum Fused {
+    /// The block's own experts (read from the graph when written).
+    Own,
+    /// New dense experts, with their groups when merged (router-merging variant).
+    Params(Vec<ExpertParams>, Option<Vec<Vec<usize>>>),
+    /// The fused op cannot hold this block: why.
+    Unfit(String),
+}
+
+/// One block to write: the portable form's targets, what the fused op can take, and the
+/// names of the semantics each form computes (None for exact re-emission).
+pub(crate) struct BlockWrite<'a> {
+    /// The block replaced.
+    pub block: &'a crate::moe::MoeBlock,
+    /// Portable targets.
+    pub targets: Vec<Target<'a>>,
+    /// Router rows kept (pruning).
+    pub router_rows: Option<&'a [usize]>,
+    /// Fused-op material.
+    pub fused: Fused,
+    /// (portable semantics, fused semantics).
+    pub semantics: Option<(&'static str, &'static str)>,
+}
+
+/// The one block emitter: writes every item in `form` (portable where the fused op does not
+/// fit, with the reason), splices it in place of the block, prunes what died.
+pub(crate) fn write_blocks(
+    model: &mut Model,
+    items: Vec<BlockWrite>,
+    form: EmitForm,
+) -> Result<Vec<BlockRewrite>> {
     let opset = model.default_opset();
     let mut out = Vec::new();
     let mut fused_used = false;
+    for item in items {
+        let block = item.block;
+        let mut em = Emitter::new(&model.graph, &format!("smoe/{}", block.name), opset);
+        let unfit = fused::unfit(block).or(match &item.fused {
+            Fused::Unfit(why) => Some(why.clone()),
+            _ => None,
+        });
+        let mut skipped = None;
+        let (logits, semantics) = match (form, unfit) {
+            (EmitForm::OrtFused, None) => {
+                fused_used = true;
+                let l = match &item.fused {
+                    Fused::Params(p, groups) => {
+                        let refs: Vec<&ExpertParams> = p.iter().collect();
+                        fused::emit_with(
+                            &mut em,
+                            block,
+                            &refs,
+                            item.router_rows,
+                            groups.as_deref(),
+                        )?
+                    }
+                    _ => fused::emit(&mut em, block)?,
+                };
+                (l, item.semantics.map(|s| s.1))
+            }
+            (f, why) => {
+                if let (EmitForm::OrtFused, Some(why)) = (f, why) {
+                    log::warn!("{}: written in portable form: {why}", block.name);
+                    skipped = Some(format!("portable: {why}"));
+                }
+                let l = portable::emit(&mut em, block, &item.targets, item.router_rows)?;
+                (l, item.semantics.map(|s| s.0))
+            }
+        };
+        let added = splice(model, block, built(em))?;
+        out.push(BlockRewrite {
+            block: block.name.clone(),
+            rewritten: true,
+            skipped,
+            nodes_removed: block.nodes.len(),
+            nodes_added: added,
+            logits: Some(logits),
+            semantics: semantics.map(str::to_string),
+        });
+    }
+    if fused_used {
+        model.import_opset("com.microsoft", 1);
+    }
+    prune_dead(model)?;
+    Ok(out)
+}
+
+/// Replaces every identified block of `det` by its canonical emission with the same
+/// experts (`--method none`): outputs must not change.
+pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<BlockRewrite>> {
+    let mut skipped = Vec::new();
+    let mut items = Vec::new();
     for (block, &identified) in det.blocks.iter().zip(&det.identified) {
         if !identified || block.experts.len() < block.router.num_experts {
             let why = "experts missing from the export cannot be re-emitted exactly".to_string();
             log::warn!("{}: left unchanged: {why}", block.name);
-            out.push(BlockRewrite {
+            skipped.push(BlockRewrite {
                 block: block.name.clone(),
                 rewritten: false,
                 skipped: Some(why),
@@ -120,34 +208,17 @@ pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<
                 ids: vec![e.index],
             })
             .collect();
-        let mut em = Emitter::new(&model.graph, &format!("smoe/{}", block.name), opset);
-        let mut note = None;
-        let logits = match (form, fused::unfit(block)) {
-            (EmitForm::OrtFused, None) => {
-                fused_used = true;
-                fused::emit(&mut em, block)?
-            }
-            (EmitForm::OrtFused, Some(why)) => {
-                log::warn!("{}: written in portable form: {why}", block.name);
-                note = Some(format!("portable: {why}"));
-                portable::emit(&mut em, block, &targets, None)?
-            }
-            (EmitForm::Portable, _) => portable::emit(&mut em, block, &targets, None)?,
-        };
-        let added = splice(model, block, built(em))?;
-        out.push(BlockRewrite {
-            block: block.name.clone(),
-            rewritten: true,
-            skipped: note,
-            nodes_removed: block.nodes.len(),
-            nodes_added: added,
-            logits: Some(logits),
+        items.push(BlockWrite {
+            block,
+            targets,
+            router_rows: None,
+            fused: Fused::Own,
             semantics: None,
         });
     }
-    if fused_used {
-        model.import_opset("com.microsoft", 1);
-    }
-    prune_dead(model)?;
+    let mut out = write_blocks(model, items, form)?;
+    out.extend(skipped);
+    let order = |name: &str| det.blocks.iter().position(|b| b.name == name);
+    out.sort_by_key(|r| order(&r.block));
     Ok(out)
 }
