@@ -7,7 +7,8 @@ Each model is compressed with `--target-size 0.5` for every fixed family (low-ra
 base-delta), calibrated on random hidden states (`--calib-random`, timing only: the weights of
 the bench blocks are random). Prints a markdown table: median ms after warm-up, intra-op threads
 = 2, ratio = compressed / original (below 1 = faster), and the routed multiply-adds per token
-the report gives (flops after / before).
+the report gives (flops after / before). "re-emitted" is the same block written by smoe-opt
+without compression (`--method none`), so the last column isolates what compression buys.
 """
 import argparse, json, os, statistics, subprocess, tempfile, time
 
@@ -38,12 +39,15 @@ def timeit(path, b, s):
     return statistics.median(ts) * 1e3
 
 
-print("| model | family | flops after/before | shape | original ms | compressed ms | ratio |")
-print("|---|---|---|---|---|---|---|")
+print("| model | family | flops after/before | shape | exporter ms | re-emitted ms | compressed ms | ratio to exporter | ratio to re-emitted |")
+print("|---|---|---|---|---|---|---|---|---|")
 tmp = tempfile.mkdtemp()
 for m in a.models:
     name = os.path.basename(os.path.dirname(m)) or m
     base = {shape: timeit(m, *shape) for shape in ((1, 512), (1, 1))}
+    re = os.path.join(tmp, f"{name}-none.onnx")
+    subprocess.run([a.bin, m, "-o", re, "--method", "none", "-q"], check=True)
+    reemit = {shape: timeit(re, *shape) for shape in ((1, 512), (1, 1))}
     for family in ("low-rank", "neurons", "base-delta"):
         o = os.path.join(tmp, f"{name}-{family}.onnx")
         rep = o + ".json"
@@ -54,4 +58,5 @@ for m in a.models:
         for (b, s), label in (((1, 512), "prefill 1x512"), ((1, 1), "decode 1x1")):
             t = timeit(o, b, s)
             print(f"| {name} | {family} | {c['flops_after'] / c['flops_before']:.2f} | {label} | "
-                  f"{base[(b, s)]:.3f} | {t:.3f} | {t / base[(b, s)]:.2f} |", flush=True)
+                  f"{base[(b, s)]:.3f} | {reemit[(b, s)]:.3f} | {t:.3f} | {t / base[(b, s)]:.2f} | "
+                  f"{t / reemit[(b, s)]:.2f} |", flush=True)

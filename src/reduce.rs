@@ -109,7 +109,7 @@ fn choose_alternative(
     selection: &[(String, Value)],
     opts: &ReduceOptions,
 ) -> Result<crate::compress::Alternative> {
-    if alts.len() == 1 || selection.is_empty() {
+    if alts.len() == 1 || samples(selection) == 0 {
         if alts.len() > 1 {
             log::warn!(
                 "no calibration samples to compare the compression plans on: taking '{}'",
@@ -198,7 +198,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             (Some(path), _) => {
                 let stats = calib::load(path)?;
                 let held = eval_from_file.unwrap_or_default();
-                if held.is_empty() {
+                if samples(&held) == 0 {
                     log::warn!(
                         "--stats without --eval-data: fidelity cannot be measured on held-out data"
                     );
@@ -269,7 +269,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                 ))
             }
         };
-    if opts.max_error.is_some() && heldout.is_empty() {
+    if opts.max_error.is_some() && samples(&heldout) == 0 {
         return Err(Error::Usage(
             "--max-error needs held-out samples: give --eval-data FILE.npz, or calibration data \
              with at least 2 samples and --holdout > 0"
@@ -308,7 +308,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
     model.graph.verify()?;
     seconds.emit = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
-    let fidelity = if heldout.is_empty() {
+    let fidelity = if samples(&heldout) == 0 {
         None
     } else {
         Some(fidelity::measure(

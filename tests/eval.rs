@@ -1,11 +1,12 @@
 //! `smoe-opt eval` against the training script's own held-out numbers (torch and
-//! onnxruntime, testdata/lm/truth.json), and a reduced language model's fidelity report
+//! onnxruntime, testdata/lm{,_upcycled}/truth.json), and a reduced language model's fidelity report
 //! (top-1 agreement, KL) recomputed independently in Python.
 #![cfg(feature = "tract")]
 mod common;
 use common::*;
 use serde_json::Value;
 
+/// `smoe-opt eval` of `model` on the held-out windows (the same text for both LMs).
 fn eval(model: &std::path::Path, runtime: &str) -> Value {
     let lm = root().join("testdata/lm");
     let o = bin()
@@ -22,7 +23,13 @@ fn eval(model: &std::path::Path, runtime: &str) -> Value {
 
 #[test]
 fn perplexity_matches_the_training_scripts_reference() {
-    let lm = root().join("testdata/lm");
+    for name in ["lm", "lm_upcycled"] {
+        let lm = root().join("testdata").join(name);
+        check_against_truth(&lm);
+    }
+}
+
+fn check_against_truth(lm: &std::path::Path) {
     let truth: Value =
         serde_json::from_slice(&std::fs::read(lm.join("truth.json")).unwrap()).unwrap();
     let want = &truth["ort_heldout"];
