@@ -112,7 +112,9 @@ fn choose_alternative(
     if alts.len() == 1 || samples(selection) == 0 {
         if alts.len() > 1 {
             log::warn!(
-                "no calibration samples to compare the compression plans on: taking '{}'",
+                "no calibration samples to compare the compression plans end to end (with \
+                 --stats, also give the calibration data): taking '{}', which only per-layer \
+                 errors chose",
                 alts[0].summary.plan
             );
         }
@@ -214,7 +216,17 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                         .map_or("none".into(), |p| p.display().to_string()),
                     tokens: stats.layers.first().map_or(0, |l| l.tokens),
                 };
-                (stats, rep, held, vec![])
+                // Calibration data given beside --stats serves the auto planner's end-to-end
+                // comparison (its last samples).
+                let sel = match &opts.calib {
+                    Some(c) if opts.compress.is_some() && !matches!(c.source, Source::DataFree) => {
+                        let all = calib::load_inputs(model, &c.source)?;
+                        let n = samples(&all);
+                        split(&all, n - n.min(SELECTION_SAMPLES)).1
+                    }
+                    _ => vec![],
+                };
+                (stats, rep, held, sel)
             }
             (None, Some(c)) => {
                 let all = match c.source {
