@@ -91,6 +91,9 @@ pub struct CompressOptions {
     pub layers: Option<Vec<usize>>,
     /// Progress bar over layers.
     pub progress: bool,
+    /// Per chosen layer, how much its calibrated error moves the model's output end to end
+    /// (measured by the caller); the auto planner then also weighs layers by it.
+    pub layer_weights: Option<Vec<f64>>,
 }
 
 /// One stored matrix of a compressed layer.
@@ -1443,10 +1446,34 @@ pub fn plan(
                     }),
                 ];
                 let mut seen = std::collections::BTreeSet::new();
-                for (label, keep) in kinds {
+                // With measured sensitivities, each choice is also made on layer errors
+                // weighted by how much they move the model's output end to end.
+                let weightings: Vec<(Option<&Vec<f64>>, &str)> = match &opts.layer_weights {
+                    Some(w) if w.len() == data.len() => {
+                        vec![(None, ""), (Some(w), ", layers weighted by sensitivity")]
+                    }
+                    _ => vec![(None, "")],
+                };
+                let runs: Vec<(&str, RecipeFilter, Option<&Vec<f64>>, &str)> = kinds
+                    .iter()
+                    .flat_map(|&(label, keep)| {
+                        weightings.iter().map(move |&(w, wl)| (label, keep, w, wl))
+                    })
+                    .collect();
+                for (label, keep, weights, wlabel) in runs {
                     let filtered: Vec<Vec<Candidate>> = cands
                         .iter()
-                        .map(|c| c.iter().filter(|x| keep(&x.recipe)).cloned().collect())
+                        .enumerate()
+                        .map(|(l, c)| {
+                            c.iter()
+                                .filter(|x| keep(&x.recipe))
+                                .cloned()
+                                .map(|mut x| {
+                                    x.error *= weights.map_or(1.0, |w| w[l]);
+                                    x
+                                })
+                                .collect()
+                        })
                         .collect();
                     let Some(pick) = choose(&filtered, budget) else {
                         continue;
@@ -1472,7 +1499,7 @@ pub fn plan(
                     }
                     alts.push((
                         out,
-                        format!("per-layer choice ({label}) by calibrated error per byte"),
+                        format!("per-layer choice ({label}{wlabel}) by calibrated error per byte"),
                     ));
                 }
                 // MC-SMoE's merge at the budget (adaptive per-layer counts), refitted.

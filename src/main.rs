@@ -450,6 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             merge: None,
                             layers: None,
                             progress,
+                            layer_weights: None,
                         }),
                         layers: a.layers.as_ref().map(|l| l.0.clone()),
                         stats: a.stats.clone(),

@@ -99,6 +99,71 @@ pub struct StageSeconds {
 /// Fitting samples the auto planner's alternatives are compared on.
 const SELECTION_SAMPLES: usize = 16;
 
+/// How much each layer's calibrated error moves the model's output end to end: every layer in
+/// turn is compressed alone (low rank at the target fraction), the written model measured on
+/// `selection` (KL, else relative L2) and divided by the layer's calibrated error. None
+/// without selection samples or with a single layer.
+fn sensitivities(
+    model: &Model,
+    det: &Detection,
+    stats: &CalibStats,
+    c: &crate::compress::CompressOptions,
+    selection: &[(String, Value)],
+    opts: &ReduceOptions,
+) -> Result<Option<Vec<f64>>> {
+    use crate::compress::{CompressOptions, Family, TargetSize};
+    let layers: Vec<usize> = match &c.layers {
+        Some(l) => l.clone(),
+        None => (0..det.identified_blocks().len()).collect(),
+    };
+    if samples(selection) == 0 || layers.len() < 2 {
+        return Ok(None);
+    }
+    let frac = match c.target {
+        TargetSize::Fraction(f) => f,
+        TargetSize::Bytes(_) => 0.5,
+    };
+    let mut w = Vec::new();
+    for &l in &layers {
+        let probe = CompressOptions {
+            family: Family::LowRank,
+            target: TargetSize::Fraction(frac),
+            merge: None,
+            layers: Some(vec![l]),
+            progress: false,
+            layer_weights: None,
+        };
+        let alt = crate::compress::plan(&model.graph, det, stats, &probe)?.swap_remove(0);
+        let err = alt.plans[0].compress.as_ref().map_or(0.0, |x| x.error);
+        let mut m = model.clone();
+        crate::emit::merged::rewrite(&mut m, det, &alt.plans, opts.emit)?;
+        let f = fidelity::measure(
+            model,
+            det,
+            &m,
+            selection,
+            opts.runtime,
+            #[cfg(feature = "ort")]
+            opts.ep,
+            opts.batch,
+        )?;
+        let score = f.kl.unwrap_or(f.rel_l2);
+        let s = if err > 1e-12 && score.is_finite() {
+            score / err
+        } else {
+            1.0
+        };
+        log::info!("layer {l}: calibrated error {err:.4}, end to end {score:.5}: weight {s:.3}");
+        w.push(s);
+    }
+    let mean = w.iter().sum::<f64>() / w.len() as f64;
+    if mean.is_finite() && mean > 0.0 {
+        Ok(Some(w.into_iter().map(|x| x / mean).collect()))
+    } else {
+        Ok(None)
+    }
+}
+
 /// Picks among the compression alternatives: the one whose written model is closest to the
 /// original end to end on `selection` (KL for language models, else relative L2). With one
 /// alternative, or no selection samples, the first is taken.
@@ -303,6 +368,9 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             let mut c = c.clone();
             c.merge = m;
             c.layers = opts.layers.clone();
+            if c.family == crate::compress::Family::Auto && c.merge.is_none() {
+                c.layer_weights = sensitivities(model, det, &stats, &c, &selection, opts)?;
+            }
             let alts = crate::compress::plan(&model.graph, det, &stats, &c)?;
             let a = choose_alternative(model, det, alts, &selection, opts)?;
             (a.plans, Some(a.summary))
