@@ -786,24 +786,52 @@ fn target_spectra(d: &LayerData, t: &Targets) -> (Vec<TargetSpectra>, Vec<Vec<Ma
 
 /// Base + delta material of a layer: the base, the deltas' spectra and energies.
 struct BaseDeltaParts {
-    base: ExpertParams,
+    /// One base per group of targets.
+    bases: Vec<ExpertParams>,
+    /// The group (base) of each target.
+    group: Vec<usize>,
     deltas: Vec<Vec<(&'static str, Array2<f32>)>>,
     spectra: Vec<TargetSpectra>,
     en: Vec<Vec<MatrixEnergies>>,
 }
 
-fn base_delta_parts(d: &LayerData, t: &Targets) -> BaseDeltaParts {
-    let refs: Vec<&ExpertParams> = t.params.iter().collect();
-    let w: Vec<f64> = t
-        .plan
-        .experts
+/// Base + delta material of a layer's targets: one base per group (`labels`: a group label
+/// per target; None: one base for the layer).
+fn base_delta_parts(d: &LayerData, t: &Targets, labels: Option<&[usize]>) -> BaseDeltaParts {
+    let n = t.params.len();
+    let labels: Vec<usize> = labels.map_or(vec![0; n], <[usize]>::to_vec);
+    let mut names: Vec<usize> = labels.clone();
+    names.sort_unstable();
+    names.dedup();
+    let group: Vec<usize> = labels
         .iter()
-        .map(|e| e.ids.iter().map(|&i| d.stats.frequency[i]).sum())
+        .map(|l| names.binary_search(l).expect("own label"))
         .collect();
-    let (base, deltas) = base_delta(&refs, &w);
+    let mut bases = Vec::new();
+    let mut deltas: Vec<Option<DeltaMats>> = vec![None; n];
+    for g in 0..names.len() {
+        let members: Vec<usize> = (0..n).filter(|&i| group[i] == g).collect();
+        let refs: Vec<&ExpertParams> = members.iter().map(|&i| &t.params[i]).collect();
+        let w: Vec<f64> = members
+            .iter()
+            .map(|&i| {
+                t.plan.experts[i]
+                    .ids
+                    .iter()
+                    .map(|&e| d.stats.frequency[e])
+                    .sum()
+            })
+            .collect();
+        let (base, ds) = base_delta(&refs, &w);
+        bases.push(base);
+        for (&i, dm) in members.iter().zip(ds) {
+            deltas[i] = Some(dm);
+        }
+    }
     let deltas: Vec<Vec<(&'static str, Array2<f32>)>> = deltas
         .into_iter()
-        .map(|(g, u, dn)| {
+        .map(|dm| {
+            let (g, u, dn) = dm.expect("every target in a group");
             let mut v = Vec::new();
             if let Some(g) = g {
                 v.push(("gate", g));
@@ -829,11 +857,20 @@ fn base_delta_parts(d: &LayerData, t: &Targets) -> BaseDeltaParts {
         .map(|(s, w)| energies(s, w, &totals))
         .collect();
     BaseDeltaParts {
-        base,
+        bases,
+        group,
         deltas,
         spectra,
         en,
     }
+}
+
+/// One target's delta matrices (gate, up, down).
+type DeltaMats = (Option<Array2<f32>>, Array2<f32>, Array2<f32>);
+
+/// Elements of every base of `parts`.
+fn bases_elements(parts: &BaseDeltaParts) -> usize {
+    parts.bases.iter().map(base_elements).sum()
 }
 
 fn base_elements(b: &ExpertParams) -> usize {
@@ -847,21 +884,26 @@ fn build_base_delta(
     ranks: &[Rank],
     bases: &mut Vec<Array2<f32>>,
 ) -> (Vec<NewExpert>, Vec<MatrixReport>) {
-    let mut index = std::collections::BTreeMap::new();
-    for (name, m) in mats(&parts.base) {
-        index.insert(name, bases.len());
-        bases.push(m.clone());
+    let mut index: Vec<std::collections::BTreeMap<&'static str, usize>> = Vec::new();
+    for b in &parts.bases {
+        let mut ix = std::collections::BTreeMap::new();
+        for (name, m) in mats(b) {
+            ix.insert(name, bases.len());
+            bases.push(m.clone());
+        }
+        index.push(ix);
     }
     let mut out = Vec::new();
     let mut reports = Vec::new();
     let mut it = ranks.iter();
-    for (((e, p), s), (es, ds)) in t
+    for ((((e, p), s), (es, ds)), &grp) in t
         .plan
         .experts
         .iter()
         .zip(&t.params)
         .zip(&parts.spectra)
         .zip(parts.en.iter().zip(&parts.deltas))
+        .zip(&parts.group)
     {
         let mut projs: Vec<Proj> = Vec::new();
         for (((name, svd), m), ((_, w), _)) in
@@ -873,7 +915,7 @@ fn build_base_delta(
                 Rank::Factor(k) => {
                     let (u, v) = svd.factors(k);
                     Proj::BaseDelta {
-                        base: index[name],
+                        base: index[grp][name],
                         u,
                         v,
                     }
@@ -907,16 +949,26 @@ fn build_base_delta(
             },
         });
     }
-    for (name, m) in mats(&parts.base) {
-        reports.push(MatrixReport {
-            experts: t.plan.experts.iter().flat_map(|e| e.ids.clone()).collect(),
-            matrix: format!("{name} (shared base)"),
-            form: "dense".into(),
-            rank: None,
-            neurons: None,
-            bytes: 4 * m.len() as u64,
-            error: 0.0,
-        });
+    for (g, b) in parts.bases.iter().enumerate() {
+        let members: Vec<usize> = t
+            .plan
+            .experts
+            .iter()
+            .zip(&parts.group)
+            .filter(|(_, &x)| x == g)
+            .flat_map(|(e, _)| e.ids.clone())
+            .collect();
+        for (name, m) in mats(b) {
+            reports.push(MatrixReport {
+                experts: members.clone(),
+                matrix: format!("{name} (shared base)"),
+                form: "dense".into(),
+                rank: None,
+                neurons: None,
+                bytes: 4 * m.len() as u64,
+                error: 0.0,
+            });
+        }
     }
     (out, reports)
 }
@@ -1064,6 +1116,8 @@ enum Recipe {
     Merge(usize, Option<(Family, usize)>),
     /// A family on the unmerged experts at an element budget.
     Family(Family, usize),
+    /// Base + delta with one base per m-smoe group of `m`, at an element budget.
+    GroupBase(usize, usize),
 }
 
 /// Which recipes a restricted per-layer choice may use.
@@ -1107,20 +1161,8 @@ fn apply_family(d: &LayerData, t: &Targets, family: Family, budget: usize) -> Op
             })
         }
         Family::BaseDelta => {
-            let parts = t.base_delta.get_or_init(|| base_delta_parts(d, t));
-            let avail = avail.checked_sub(base_elements(&parts.base))?;
-            let flat: Vec<MatrixEnergies> = parts.en.iter().flatten().cloned().collect();
-            let (ranks, _) = allocate_ranks(&flat, avail);
-            let mut bases = vec![];
-            let (mut experts, mut matrices) = build_base_delta(t, parts, &ranks, &mut bases);
-            refit_factored_down(d, t, &mut experts, &mut matrices, &bases);
-            Some(Built {
-                experts,
-                bases,
-                matrices,
-                merged: None,
-                family: "base-delta".into(),
-            })
+            let parts = t.base_delta.get_or_init(|| base_delta_parts(d, t, None));
+            apply_base_delta(d, t, parts, avail)
         }
         Family::Neurons => {
             let per_neuron: usize = t
@@ -1155,6 +1197,44 @@ fn apply_family(d: &LayerData, t: &Targets, family: Family, budget: usize) -> Op
         }
         Family::Auto | Family::None => None,
     }
+}
+
+/// Base + delta forms from `parts` in `avail` elements (biases already taken off).
+fn apply_base_delta(
+    d: &LayerData,
+    t: &Targets,
+    parts: &BaseDeltaParts,
+    avail: usize,
+) -> Option<Built> {
+    let avail = avail.checked_sub(bases_elements(parts))?;
+    let flat: Vec<MatrixEnergies> = parts.en.iter().flatten().cloned().collect();
+    let (ranks, _) = allocate_ranks(&flat, avail);
+    let mut bases = vec![];
+    let (mut experts, mut matrices) = build_base_delta(t, parts, &ranks, &mut bases);
+    refit_factored_down(d, t, &mut experts, &mut matrices, &bases);
+    let family = if parts.bases.len() > 1 {
+        format!("base-delta ({} bases)", parts.bases.len())
+    } else {
+        "base-delta".into()
+    };
+    Some(Built {
+        experts,
+        bases,
+        matrices,
+        merged: None,
+        family,
+    })
+}
+
+/// Group labels (the dominant expert of each) for `m` bases over a layer's own experts:
+/// m-smoe's grouping by router-logit similarity.
+fn base_groups(d: &LayerData, m: usize) -> Vec<usize> {
+    use crate::passes::group_experts::{group_experts, logit_similarity};
+    group_experts(
+        &d.stats.frequency,
+        &logit_similarity(&d.stats.logit_cosine),
+        m,
+    )
 }
 
 fn dense_built(t: &Targets, family: String) -> Built {
@@ -1206,6 +1286,12 @@ fn build(g: &Graph, d: &LayerData, recipe: Recipe, mopts: &MergeOptions) -> Resu
     Ok(match recipe {
         Recipe::Dense => Some(dense_built(&Targets::new(d.identity()), "dense".into())),
         Recipe::Family(f, b) => apply_family(d, &Targets::new(d.identity()), f, b),
+        Recipe::GroupBase(m, b) => {
+            let t = Targets::new(d.identity());
+            let parts = base_delta_parts(d, &t, Some(&base_groups(d, m)));
+            let avail = b.checked_sub(t.bias_elements());
+            avail.and_then(|a| apply_base_delta(d, &t, &parts, a))
+        }
         Recipe::Merge(m, then) => {
             let t = merged_targets(g, d, m, mopts)?;
             let name = format!("merge {m}");
@@ -1255,6 +1341,24 @@ fn layer_candidates(g: &Graph, d: &LayerData, families: &[Family]) -> Result<Vec
         }
     }
     let n = d.experts.len();
+    if families.contains(&Family::BaseDelta) {
+        let mut gs: Vec<usize> = [0.5, 0.25]
+            .iter()
+            .map(|f| ((f * n as f64).round() as usize).max(2))
+            .filter(|&m| m < n)
+            .collect();
+        gs.dedup();
+        for m in gs {
+            let parts = base_delta_parts(d, &ident, Some(&base_groups(d, m)));
+            for &frac in GRID {
+                let b = (frac * total as f64) as usize;
+                let built = b
+                    .checked_sub(ident.bias_elements())
+                    .and_then(|a| apply_base_delta(d, &ident, &parts, a));
+                push(built, Recipe::GroupBase(m, b), &mut out);
+            }
+        }
+    }
     let mut ms: Vec<usize> = [0.75, 0.5, 0.25]
         .iter()
         .map(|f| ((f * n as f64).round() as usize).max(1))
@@ -1433,8 +1537,16 @@ pub fn plan(
                 // The per-layer choice over every candidate, and restricted to each kind
                 // (the summed layer errors are only a proxy: the end-to-end comparison
                 // decides).
-                let kinds: [(&str, RecipeFilter); 4] = [
+                let kinds: [(&str, RecipeFilter); 5] = [
                     ("every family and merging", |_| true),
+                    ("shared bases", |r| {
+                        matches!(
+                            r,
+                            Recipe::Dense
+                                | Recipe::Family(Family::BaseDelta, _)
+                                | Recipe::GroupBase(..)
+                        )
+                    }),
                     ("low rank", |r| {
                         matches!(r, Recipe::Dense | Recipe::Family(Family::LowRank, _))
                     }),
@@ -1504,8 +1616,12 @@ pub fn plan(
                 }
                 // MC-SMoE's merge at the budget (adaptive per-layer counts), refitted.
                 for method in [merge::MergeMethod::MSmoe, merge::MergeMethod::HcSmoe] {
-                    if let Some(b) = merge_at_budget(g, det, stats, &data, method, budget, opts)? {
-                        alts.push(b);
+                    for refit in [true, false] {
+                        if let Some(b) =
+                            merge_at_budget(g, det, stats, &data, (method, refit), budget, opts)?
+                        {
+                            alts.push(b);
+                        }
                     }
                 }
             }
@@ -1542,7 +1658,7 @@ fn merge_at_budget(
     det: &Detection,
     stats: &CalibStats,
     data: &[LayerData],
-    method: merge::MergeMethod,
+    (method, refit): (merge::MergeMethod, bool),
     budget: usize,
     opts: &CompressOptions,
 ) -> Result<Option<(Vec<Built>, String)>> {
@@ -1565,7 +1681,9 @@ fn merge_at_budget(
     let mut plans = merge::plan(g, det, stats, &mopts)?;
     let mut out = Vec::new();
     for (p, d) in plans.iter_mut().zip(data) {
-        refit_merged(d, p);
+        if refit {
+            refit_merged(d, p);
+        }
         let t = Targets::new(p.clone());
         let mut b = dense_built(&t, format!("merge {}", p.experts.len()));
         b.merged = Some(t.plan);
@@ -1578,7 +1696,8 @@ fn merge_at_budget(
         merge::MergeMethod::HcSmoe => "hc-smoe",
         _ => "m-smoe",
     };
-    Ok(Some((out, format!("{name} merge, refitted"))))
+    let how = if refit { "refitted" } else { "as merged" };
+    Ok(Some((out, format!("{name} merge, {how}"))))
 }
 
 fn family_name(f: Family) -> &'static str {
@@ -1758,9 +1877,9 @@ fn global_factored(
         let parts: Vec<BaseDeltaParts> = data
             .iter()
             .zip(targets)
-            .map(|(d, t)| base_delta_parts(d, t))
+            .map(|(d, t)| base_delta_parts(d, t, None))
             .collect();
-        let bases: usize = parts.iter().map(|p| base_elements(&p.base)).sum();
+        let bases: usize = parts.iter().map(bases_elements).sum();
         avail = avail.checked_sub(bases).ok_or_else(over)?;
         let flat: Vec<MatrixEnergies> = parts
             .iter()
