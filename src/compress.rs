@@ -193,6 +193,8 @@ struct LayerData<'a> {
     in_gram: Vec<Mat<f64>>,
     /// Routed-expert elements of the layer.
     elements: usize,
+    /// The layer's refitted m-smoe merges, by expert count (computed once).
+    merges: std::sync::Mutex<std::collections::BTreeMap<usize, LayerPlan>>,
 }
 
 /// Calibration rows of a layer with their routing.
@@ -386,6 +388,7 @@ impl<'a> LayerData<'a> {
             energy: 0.0,
             in_gram,
             elements,
+            merges: Default::default(),
         };
         let ident = d.identity();
         d.y = d.output(&ident.experts, &[]);
@@ -1275,9 +1278,17 @@ fn auto_merge_options(layers: Option<Vec<usize>>) -> MergeOptions {
     }
 }
 
+/// The layer merged to `m` experts (m-smoe, refitted); computed once per `m` (alignment is
+/// the expensive part) and reused by every candidate and the final build.
 fn merged_targets(g: &Graph, d: &LayerData, m: usize, opts: &MergeOptions) -> Result<Targets> {
+    if let Some(p) = d.merges.lock().ok().and_then(|c| c.get(&m).cloned()) {
+        return Ok(Targets::new(p));
+    }
     let mut plan = merge::plan_layer(g, d.block, d.stats, m, opts)?;
     refit_merged(d, &mut plan);
+    if let Ok(mut c) = d.merges.lock() {
+        c.insert(m, plan.clone());
+    }
     Ok(Targets::new(plan))
 }
 
