@@ -89,6 +89,91 @@ fn run_all(
     Ok(out)
 }
 
+/// The original model's outputs on some samples, computed once and compared with several
+/// written models by [`measure_against`] (the auto planner's plans).
+pub struct Reference {
+    rt: Runtime,
+    outputs: Vec<Vec<(String, Value)>>,
+    label: String,
+}
+
+/// Runs `original` on `data` — as exported, else its exact re-emission — in the first
+/// runtime of `rt` that can.
+pub fn reference(
+    original: &Model,
+    det: &Detection,
+    data: &[(String, Value)],
+    rt: Runtime,
+    #[cfg(feature = "ort")] ep: crate::runtime::ort::Ep,
+    batch: usize,
+) -> Result<Reference> {
+    let run = |m: &Model, r: Runtime| {
+        open_in(
+            m,
+            r,
+            #[cfg(feature = "ort")]
+            ep,
+        )
+        .and_then(|mut s| run_all(s.as_mut(), data, batch))
+    };
+    let mut last_err = None;
+    for r in candidates(rt) {
+        match run(original, r) {
+            Ok(outputs) => {
+                return Ok(Reference {
+                    rt: r,
+                    outputs,
+                    label: "original".into(),
+                })
+            }
+            Err(e) => {
+                let mut re = original.clone();
+                crate::emit::reemit(&mut re, det, crate::emit::EmitForm::Portable)?;
+                match run(&re, r) {
+                    Ok(outputs) => {
+                        return Ok(Reference {
+                            rt: r,
+                            outputs,
+                            label: format!(
+                                "exact re-emission of the original (the exported graph failed: {e})"
+                            ),
+                        })
+                    }
+                    Err(e2) => last_err = Some(e2),
+                }
+            }
+        }
+    }
+    Err(last_err.unwrap_or_else(|| Error::Usage("no runtime could run the model".into())))
+}
+
+/// Runs `written` on the reference's samples, in its runtime, and measures the distance.
+pub fn measure_against(
+    reference: &Reference,
+    written: &Model,
+    data: &[(String, Value)],
+    #[cfg(feature = "ort")] ep: crate::runtime::ort::Ep,
+    batch: usize,
+) -> Result<Fidelity> {
+    let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
+    let mut s = open_in(
+        written,
+        reference.rt,
+        #[cfg(feature = "ort")]
+        ep,
+    )?;
+    let out = run_all(s.as_mut(), data, batch)?;
+    let runtime = s.runtime().to_string();
+    compare(
+        data,
+        &reference.outputs,
+        &out,
+        runtime,
+        reference.label.clone(),
+        samples,
+    )
+}
+
 /// Runs `original` and `written` on `data` and measures the distance.
 pub fn measure(
     original: &Model,

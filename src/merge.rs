@@ -12,7 +12,6 @@
 //!
 //! The result ([`LayerPlan`]) holds the new experts' weights and which router experts each one
 //! answers; `emit::rewrite` writes them.
-use crate::calib::ffn::DenseFfn;
 use crate::calib::stats::LayerStats;
 use crate::calib::CalibStats;
 use crate::error::{Error, Result};
@@ -410,8 +409,8 @@ pub(crate) fn plan_layer(
                 let rows: Vec<&Vec<f32>> = s.samples[d].iter().chain(&s.samples[j]).collect();
                 let h = b.hidden();
                 let x = Array2::from_shape_fn((rows.len(), h), |(a, c)| rows[a][c]);
-                let hr = DenseFfn::from_params(r, act).hidden(x.view());
-                let ht = DenseFfn::from_params(t, act).hidden(x.view());
+                let hr = ProjFfn::dense(r.clone(), act).hidden(x.view(), &[]);
+                let ht = ProjFfn::dense(t.clone(), act).hidden(x.view(), &[]);
                 activation_cost(hr.view(), ht.view())
             }
         };

@@ -108,7 +108,7 @@ fn sensitivities(
     det: &Detection,
     stats: &CalibStats,
     c: &crate::compress::CompressOptions,
-    selection: &[(String, Value)],
+    sel: Option<&Selection>,
     opts: &ReduceOptions,
 ) -> Result<Option<Vec<f64>>> {
     use crate::compress::{CompressOptions, Family, TargetSize};
@@ -116,9 +116,9 @@ fn sensitivities(
         Some(l) => l.clone(),
         None => (0..det.identified_blocks().len()).collect(),
     };
-    if samples(selection) == 0 || layers.len() < 2 {
+    let Some(sel) = sel.filter(|_| layers.len() >= 2) else {
         return Ok(None);
-    }
+    };
     let frac = match c.target {
         TargetSize::Fraction(f) => f,
         TargetSize::Bytes(_) => 0.5,
@@ -135,28 +135,16 @@ fn sensitivities(
         };
         let alt = crate::compress::plan(&model.graph, det, stats, &probe)?.swap_remove(0);
         let err = alt.plans[0].compress.as_ref().map_or(0.0, |x| x.error);
-        let mut m = model.clone();
-        crate::emit::merged::rewrite(&mut m, det, &alt.plans, opts.emit)?;
         // The other layers stay in the exporter's form, which may be shape-specialised and
         // fail on these samples: then the layers are not weighted (the plans still are
         // compared end to end, with every layer rewritten).
-        let f = match fidelity::measure(
-            model,
-            det,
-            &m,
-            selection,
-            opts.runtime,
-            #[cfg(feature = "ort")]
-            opts.ep,
-            opts.batch,
-        ) {
-            Ok(f) => f,
+        let score = match score_plans(model, det, &alt.plans, sel, opts) {
+            Ok((score, _)) => score,
             Err(e) => {
                 log::info!("layer sensitivities not measured: {e}");
                 return Ok(None);
             }
         };
-        let score = f.kl.unwrap_or(f.rel_l2);
         let s = if err > 1e-12 && score.is_finite() {
             score / err
         } else {
@@ -173,6 +161,37 @@ fn sensitivities(
     }
 }
 
+/// Calibration samples the auto planner compares plans on, with the original's outputs.
+struct Selection {
+    data: Data,
+    reference: fidelity::Reference,
+}
+
+/// Writes `plans` into a copy of `model` and scores it against the original's outputs on
+/// `selection`: KL of next-token distributions for language models, else relative L2.
+fn score_plans(
+    model: &Model,
+    det: &Detection,
+    plans: &[crate::merge::LayerPlan],
+    sel: &Selection,
+    opts: &ReduceOptions,
+) -> Result<(f64, &'static str)> {
+    let mut m = model.clone();
+    crate::emit::merged::rewrite(&mut m, det, plans, opts.emit)?;
+    let f = fidelity::measure_against(
+        &sel.reference,
+        &m,
+        &sel.data,
+        #[cfg(feature = "ort")]
+        opts.ep,
+        opts.batch,
+    )?;
+    Ok(match f.kl {
+        Some(kl) => (kl, "kl"),
+        None => (f.rel_l2, "rel_l2"),
+    })
+}
+
 /// Picks among the compression alternatives: the one whose written model is closest to the
 /// original end to end on `selection` (KL for language models, else relative L2). With one
 /// alternative, or no selection samples, the first is taken.
@@ -180,38 +199,26 @@ fn choose_alternative(
     model: &Model,
     det: &Detection,
     mut alts: Vec<crate::compress::Alternative>,
-    selection: &[(String, Value)],
+    sel: Option<&Selection>,
     opts: &ReduceOptions,
 ) -> Result<crate::compress::Alternative> {
-    if alts.len() == 1 || samples(selection) == 0 {
-        if alts.len() > 1 {
-            log::warn!(
-                "no calibration samples to compare the compression plans end to end (with \
-                 --stats, also give the calibration data): taking '{}', which only per-layer \
-                 errors chose",
+    let sel = match sel {
+        Some(sel) if alts.len() > 1 => sel,
+        _ => {
+            if alts.len() > 1 {
+                log::warn!(
+                "no calibration samples (or no runtime ran the original on them) to compare the \
+                 compression plans end to end (with --stats, also give the calibration data): \
+                 taking '{}', which only per-layer errors chose",
                 alts[0].summary.plan
             );
+            }
+            return Ok(alts.swap_remove(0));
         }
-        return Ok(alts.swap_remove(0));
-    }
+    };
     let mut scores = Vec::new();
     for a in &alts {
-        let mut m = model.clone();
-        crate::emit::merged::rewrite(&mut m, det, &a.plans, opts.emit)?;
-        let f = fidelity::measure(
-            model,
-            det,
-            &m,
-            selection,
-            opts.runtime,
-            #[cfg(feature = "ort")]
-            opts.ep,
-            opts.batch,
-        )?;
-        let (score, metric) = match f.kl {
-            Some(kl) => (kl, "kl"),
-            None => (f.rel_l2, "rel_l2"),
-        };
+        let (score, metric) = score_plans(model, det, &a.plans, sel, opts)?;
         log::info!("compression plan '{}': {metric} {score:.5}", a.summary.plan);
         scores.push((if score.is_nan() { f64::INFINITY } else { score }, metric));
     }
@@ -377,11 +384,35 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             let mut c = c.clone();
             c.merge = m;
             c.layers = opts.layers.clone();
+            // The original's outputs on the selection samples, computed once for every
+            // plan compared end to end.
+            let sel = if c.family == crate::compress::Family::Auto && samples(&selection) > 0 {
+                match fidelity::reference(
+                    model,
+                    det,
+                    &selection,
+                    opts.runtime,
+                    #[cfg(feature = "ort")]
+                    opts.ep,
+                    opts.batch,
+                ) {
+                    Ok(reference) => Some(Selection {
+                        data: selection,
+                        reference,
+                    }),
+                    Err(e) => {
+                        log::warn!("the original did not run on the selection samples: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             if c.family == crate::compress::Family::Auto && c.merge.is_none() {
-                c.layer_weights = sensitivities(model, det, &stats, &c, &selection, opts)?;
+                c.layer_weights = sensitivities(model, det, &stats, &c, sel.as_ref(), opts)?;
             }
             let alts = crate::compress::plan(&model.graph, det, &stats, &c)?;
-            let a = choose_alternative(model, det, alts, &selection, opts)?;
+            let a = choose_alternative(model, det, alts, sel.as_ref(), opts)?;
             (a.plans, Some(a.summary))
         }
         (None, Some(m)) => (merge::plan(&model.graph, det, &stats, &m)?, None),

@@ -39,16 +39,6 @@ impl DenseFfn {
         })
     }
 
-    /// An FFN from canonical parameters (e.g. a merged expert).
-    pub fn from_params(p: &crate::passes::merge_experts::ExpertParams, act: Act) -> Self {
-        DenseFfn {
-            gate: p.gate.clone().map(|g| (g, p.gate_bias.clone())),
-            up: (p.up.clone(), p.up_bias.clone()),
-            down: (p.down.clone(), p.down_bias.clone()),
-            act,
-        }
-    }
-
     /// Intermediate activations `[rows, I]` (the down projection's input).
     pub fn hidden(&self, x: ArrayView2<f32>) -> Array2<f32> {
         let lin = |(w, b): &(Array2<f32>, Option<Array1<f32>>)| {
