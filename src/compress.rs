@@ -628,23 +628,26 @@ impl Targets {
     }
 }
 
-/// Low-rank forms of every target at the given ranks (one decision per matrix, in
-/// target-major order).
-fn build_low_rank(
+/// Factored forms of every target at the given ranks (one decision per matrix, in
+/// target-major order): dense where the rank is `Dense`, else what `factor(target, matrix,
+/// u, v)` makes of the rank-k factors.
+fn build_factored(
     t: &Targets,
     spectra: &[TargetSpectra],
     en: &[Vec<MatrixEnergies>],
     ranks: &[Rank],
+    factor: impl Fn(usize, &'static str, Array2<f32>, Array2<f32>) -> Proj,
 ) -> (Vec<NewExpert>, Vec<MatrixReport>) {
     let mut out = Vec::new();
     let mut reports = Vec::new();
     let mut it = ranks.iter();
-    for ((e, p), (s, es)) in t
+    for (i, ((e, p), (s, es))) in t
         .plan
         .experts
         .iter()
         .zip(&t.params)
         .zip(spectra.iter().zip(en))
+        .enumerate()
     {
         let mut projs: Vec<Proj> = Vec::new();
         for (((name, svd), m), (_, w)) in s.svds.iter().zip(es).zip(mats(p)) {
@@ -653,7 +656,7 @@ fn build_low_rank(
                 Rank::Dense => Proj::Dense(w.clone()),
                 Rank::Factor(k) => {
                     let (u, v) = svd.factors(k);
-                    Proj::LowRank { u, v }
+                    factor(i, name, u, v)
                 }
             };
             reports.push(MatrixReport {
@@ -685,6 +688,16 @@ fn build_low_rank(
         });
     }
     (out, reports)
+}
+
+/// Low-rank forms of every target at the given ranks.
+fn build_low_rank(
+    t: &Targets,
+    spectra: &[TargetSpectra],
+    en: &[Vec<MatrixEnergies>],
+    ranks: &[Rank],
+) -> (Vec<NewExpert>, Vec<MatrixReport>) {
+    build_factored(t, spectra, en, ranks, |_, _, u, v| Proj::LowRank { u, v })
 }
 
 /// Once gate/up are factored, the down projection sees approximate activations ĥ: refit it
@@ -793,7 +806,6 @@ struct BaseDeltaParts {
     bases: Vec<ExpertParams>,
     /// The group (base) of each target.
     group: Vec<usize>,
-    deltas: Vec<Vec<(&'static str, Array2<f32>)>>,
     spectra: Vec<TargetSpectra>,
     en: Vec<Vec<MatrixEnergies>>,
 }
@@ -862,7 +874,6 @@ fn base_delta_parts(d: &LayerData, t: &Targets, labels: Option<&[usize]>) -> Bas
     BaseDeltaParts {
         bases,
         group,
-        deltas,
         spectra,
         en,
     }
@@ -896,62 +907,14 @@ fn build_base_delta(
         }
         index.push(ix);
     }
-    let mut out = Vec::new();
-    let mut reports = Vec::new();
-    let mut it = ranks.iter();
-    for ((((e, p), s), (es, ds)), &grp) in t
-        .plan
-        .experts
-        .iter()
-        .zip(&t.params)
-        .zip(&parts.spectra)
-        .zip(parts.en.iter().zip(&parts.deltas))
-        .zip(&parts.group)
-    {
-        let mut projs: Vec<Proj> = Vec::new();
-        for (((name, svd), m), ((_, w), _)) in
-            s.svds.iter().zip(es).zip(mats(p).into_iter().zip(ds))
-        {
-            let r = *it.next().expect("one rank per matrix");
-            let proj = match r {
-                Rank::Dense => Proj::Dense(w.clone()),
-                Rank::Factor(k) => {
-                    let (u, v) = svd.factors(k);
-                    Proj::BaseDelta {
-                        base: index[grp][name],
-                        u,
-                        v,
-                    }
-                }
-            };
-            reports.push(MatrixReport {
-                experts: e.ids.clone(),
-                matrix: name.to_string(),
-                form: proj.kind().into(),
-                rank: proj.rank(),
-                neurons: None,
-                bytes: 4 * proj.stored() as u64,
-                error: rel_loss(m, r),
-            });
-            projs.push(proj);
-        }
-        let down = projs.pop().expect("down");
-        let up = projs.pop().expect("up");
-        let gate = projs.pop();
-        out.push(NewExpert {
-            ids: e.ids.clone(),
-            ffn: ProjFfn {
-                gate,
-                up,
-                down,
-                gate_bias: p.gate_bias.clone(),
-                up_bias: p.up_bias.clone(),
-                down_bias: p.down_bias.clone(),
-                act: e.ffn.act,
-                neurons: None,
-            },
+    let (out, mut reports) =
+        build_factored(t, &parts.spectra, &parts.en, ranks, |i, name, u, v| {
+            Proj::BaseDelta {
+                base: index[parts.group[i]][name],
+                u,
+                v,
+            }
         });
-    }
     for (g, b) in parts.bases.iter().enumerate() {
         let members: Vec<usize> = t
             .plan
