@@ -50,6 +50,16 @@ pub enum Error {
         /// The violated invariant.
         reason: String,
     },
+    /// A runtime (tract or onnxruntime) failed to load, compile or run a model.
+    #[error("{runtime}: {stage}: {reason}")]
+    Runtime {
+        /// `tract` or `onnxruntime`.
+        runtime: &'static str,
+        /// What it was doing (loading, optimising, running, …).
+        stage: String,
+        /// What it said.
+        reason: String,
+    },
     /// A patch could not be applied; the graph is left unchanged.
     #[error("patch '{label}' rejected: {reason}")]
     Patch {

@@ -62,8 +62,13 @@ pub struct BlockSummary {
     pub hidden: usize,
     /// Expert intermediate size I.
     pub intermediate: usize,
-    /// `swiglu`, `geglu`, `relu`, `gelu`, `gelu-tanh`, `silu`, `identity`.
+    /// `swiglu`, `geglu`, `relu`, `gelu`, `gelu-tanh`, `silu`, `identity`, `swiglu-clamped`.
     pub activation: String,
+    /// The parameters of a parametrised activation (`swiglu-clamped`), else absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activation_params: Option<ActivationParams>,
+    /// Element type of the block's weights (`float`, `float16`, `bfloat16`).
+    pub dtype: String,
     /// Whether the top-k weights are renormalised.
     pub renormalize: bool,
     /// `softmax`, `softmax-after-topk`, `sigmoid`.
@@ -86,9 +91,20 @@ pub struct BlockSummary {
     pub nodes: usize,
 }
 
+/// gpt-oss's SwiGLU parameters: `min(g, limit)·σ(alpha·min(g, limit))·(clamp(u, ±limit) + beta)`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActivationParams {
+    /// Slope inside the sigmoid.
+    pub alpha: f32,
+    /// Added to the clamped up projection.
+    pub beta: f32,
+    /// Clamp limit, or null.
+    pub limit: Option<f32>,
+}
+
 impl BlockSummary {
-    /// Summarises a block.
-    pub fn new(b: &crate::moe::MoeBlock, identified: bool) -> Self {
+    /// Summarises a block (`g`: the graph holding its weights).
+    pub fn new(g: &crate::ir::Graph, b: &crate::moe::MoeBlock, identified: bool) -> Self {
         let first = b.experts.first().map(|e| &e.ffn);
         BlockSummary {
             name: b.name.clone(),
@@ -100,6 +116,16 @@ impl BlockSummary {
             hidden: b.hidden(),
             intermediate: b.intermediate(),
             activation: first.map(|f| f.activation_name()).unwrap_or_default(),
+            activation_params: first.and_then(|f| match f.act {
+                crate::moe::Act::SwigluClamped { alpha, beta, limit } => {
+                    Some(ActivationParams { alpha, beta, limit })
+                }
+                _ => None,
+            }),
+            dtype: crate::moe::consts::const_proto(g, &b.router.weight.tensor)
+                .and_then(|t| t.data_type)
+                .map(dtype::name)
+                .unwrap_or_else(|| "float".into()),
             renormalize: b.router.renormalize,
             router_scoring: b.router.scoring,
             router_bias: b.router.bias.is_some(),
@@ -236,7 +262,7 @@ pub fn inspect(model: &Model) -> Inspection {
             .blocks
             .iter()
             .zip(&det.identified)
-            .map(|(b, &i)| BlockSummary::new(b, i))
+            .map(|(b, &i)| BlockSummary::new(g, b, i))
             .collect(),
         diagnostics: det.diagnostics,
         near_misses: det.near_misses,

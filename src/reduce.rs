@@ -266,7 +266,7 @@ fn split(data: &[(String, Value)], at: usize) -> (Data, Data) {
 pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Result<ReduceOutcome> {
     // Fail before calibrating on what cannot be written.
     for b in det.identified_blocks() {
-        crate::emit::portable::require_f32(&model.graph, b)?;
+        crate::emit::portable::block_float(&model.graph, b)?;
     }
     let original = model.clone();
     let mut seconds = StageSeconds::default();

@@ -82,7 +82,7 @@ fn check(py: &Path, dir: &Path, out: &Path, tag: &str) -> f64 {
         .graph
         .nodes()
         .all(|(_, n)| n.domain.as_deref().unwrap_or("").is_empty());
-    if portable && !tag.contains("dynamo") {
+    if portable {
         use smoe_opt::runtime::Session;
         let mut s = smoe_opt::runtime::tract::TractSession::from_model(&written)
             .unwrap_or_else(|e| panic!("{tag}: tract: {e}"));

@@ -54,6 +54,22 @@ fn detection_matches_generator_truth() {
                 l.get("capacity").cloned().unwrap_or(Value::Null),
                 "{ctx}"
             );
+            if let Some(p) = l.get("activation_params") {
+                for key in ["alpha", "beta", "limit"] {
+                    let (got, want) = (&b["activation_params"][key], &p[key]);
+                    assert!(
+                        (got.as_f64().unwrap() - want.as_f64().unwrap()).abs() < 1e-6,
+                        "{ctx}: activation {key}: {got} != {want}"
+                    );
+                }
+            } else {
+                assert!(b.get("activation_params").is_none(), "{ctx}");
+            }
+            let dtype = match t["precision"].as_str() {
+                Some("fp16") => "float16",
+                _ => "float",
+            };
+            assert_eq!(b["dtype"], dtype, "{ctx}: dtype");
             for key in ["expert_biases", "router_bias"] {
                 let want = l.get(key).cloned().unwrap_or(Value::Bool(false));
                 assert_eq!(b[key], want, "{ctx}: {key}");
@@ -115,6 +131,8 @@ fn detected_blocks_compute_what_the_model_computes() {
                 dir.join("model.onnx").to_str().unwrap(),
                 path.to_str().unwrap(),
                 dir.join("io.npz").to_str().unwrap(),
+                "--rtol",
+                ref_rtol(&dir),
             ],
         );
         assert!(

@@ -47,7 +47,9 @@ fn reemitted_models_match_the_original() {
                 out.to_str().unwrap(),
                 dir.join("io.npz").to_str().unwrap(),
                 "--rtol",
-                "1e-5",
+                out_rtol(&dir, "1e-5"),
+                "--original",
+                dir.join("model.onnx").to_str().unwrap(),
             ],
         );
         assert!(
@@ -64,6 +66,10 @@ fn reemitted_models_match_the_original() {
                 &[
                     dir.join("model.onnx").to_str().unwrap(),
                     out.to_str().unwrap(),
+                    "--rtol",
+                    out_rtol(&dir, "1e-5"),
+                    "--like",
+                    dir.join("io.npz").to_str().unwrap(),
                 ],
             );
             assert!(
@@ -149,7 +155,9 @@ fn ort_fused_emission_matches_where_it_fits() {
                 out.to_str().unwrap(),
                 dir.join("io.npz").to_str().unwrap(),
                 "--rtol",
-                "1e-4",
+                out_rtol(&dir, "1e-4"),
+                "--original",
+                dir.join("model.onnx").to_str().unwrap(),
             ],
         );
         assert!(
@@ -177,7 +185,8 @@ fn ort_fused_emission_matches_where_it_fits() {
             .filter(|l| {
                 l["router_scoring"] == "softmax"
                     && l.get("capacity").is_none()
-                    && ["swiglu", "relu"].contains(&l["activation"].as_str().unwrap())
+                    && ["swiglu", "relu", "swiglu-clamped"]
+                        .contains(&l["activation"].as_str().unwrap())
                     && l["experts_present"].as_array().unwrap().len()
                         == l["experts"].as_u64().unwrap() as usize
             })

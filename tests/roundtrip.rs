@@ -16,11 +16,15 @@ fn inline_models_round_trip_byte_identical() {
         let out = tmp.path().join(format!("{name}.onnx"));
         let m = Model::load(&input).unwrap();
         m.graph.verify().unwrap_or_else(|e| panic!("{name}: {e}"));
+        if !m.external_files().is_empty() {
+            // Saved inline its bytes differ by construction; external data round trips are
+            // the next tests'.
+            continue;
+        }
         let s = m.save(&out, &SaveOptions::default()).unwrap();
         assert!(s.data_path.is_none());
-        assert_eq!(
-            std::fs::read(&input).unwrap(),
-            std::fs::read(&out).unwrap(),
+        assert!(
+            std::fs::read(&input).unwrap() == std::fs::read(&out).unwrap(),
             "{name} changed"
         );
     }
@@ -107,7 +111,15 @@ fn written_models_pass_checker_and_run_in_onnxruntime() {
             );
             assert_eq!(out.with_extension("onnx.data").exists(), external, "{name}");
             let io = dir.join("io.npz");
-            let args = [out.to_str().unwrap(), io.to_str().unwrap(), "--rtol", "0"];
+            let orig = dir.join("model.onnx");
+            let args = [
+                out.to_str().unwrap(),
+                io.to_str().unwrap(),
+                "--rtol",
+                "0",
+                "--original",
+                orig.to_str().unwrap(),
+            ];
             let r = run_py(&py, "check_model.py", &args);
             assert!(
                 r.status.success(),

@@ -52,8 +52,9 @@ impl DenseFfn {
         match &self.gate {
             Some(g) => {
                 let mut gt = lin(g);
-                gt.mapv_inplace(|v| self.act.eval(v));
-                gt * up
+                let act = self.act;
+                gt.zip_mut_with(&up, |g, &u| *g = act.gated(*g, u));
+                gt
             }
             None => up.mapv(|v| self.act.eval(v)),
         }

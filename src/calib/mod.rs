@@ -5,6 +5,7 @@
 //! statistics ([`stats::LayerAcc`]). Expert outputs are computed here from the described
 //! weights, so the runtime only has to produce hidden states and logits.
 pub mod ffn;
+pub mod kv_cache;
 pub mod stats;
 
 use crate::error::{Error, Result};
@@ -134,7 +135,8 @@ pub fn calibrate_on(
             layers,
         });
     }
-    let reemitted = || -> Result<(Box<dyn Session>, Vec<String>)> {
+    // `ort`: run the re-emitted model in onnxruntime (the runtime in use), else in tract.
+    let reemitted = |ort: bool| -> Result<(Box<dyn Session>, Vec<String>)> {
         let mut re = model.clone();
         let rw = crate::emit::reemit(&mut re, det, crate::emit::EmitForm::Portable)?;
         let names: Vec<String> = det
@@ -148,16 +150,19 @@ pub fn calibrate_on(
                     .ok_or_else(|| Error::Usage(format!("{} was not re-emitted", r.block)))
             })
             .collect::<Result<_>>()?;
-        let s: Box<dyn Session> = match opts.runtime {
-            #[cfg(feature = "ort")]
-            Runtime::Ort => Box::new(crate::runtime::ort::OrtSession::from_model(
+        #[cfg(feature = "ort")]
+        if ort {
+            let s = crate::runtime::ort::OrtSession::from_model(
                 &instrument(&re, &blocks, &names)?,
                 opts.ep,
-            )?),
-            _ => Box::new(crate::runtime::tract::TractSession::from_model(
-                &instrument(&re, &blocks, &names)?,
-            )?),
-        };
+            )?;
+            return Ok((Box::new(s), names));
+        }
+        #[cfg(not(feature = "ort"))]
+        let _ = ort;
+        let s: Box<dyn Session> = Box::new(crate::runtime::tract::TractSession::from_model(
+            &instrument(&re, &blocks, &names)?,
+        )?);
         Ok((s, names))
     };
     let original: Vec<String> = blocks.iter().map(|b| b.router.logits.clone()).collect();
@@ -199,7 +204,7 @@ pub fn calibrate_on(
                     _ => {
                         log::info!("tract cannot run the exported graph ({e}); calibrating through smoe-opt's exact re-emission");
                         switched = true;
-                        reemitted()?
+                        reemitted(false).map_err(|e2| tract_cannot(opts.runtime, &e, &e2))?
                     }
                 },
             }
@@ -248,7 +253,7 @@ pub fn calibrate_on(
                     }
                     switched = true;
                     log::info!("the exported graph failed on batch {start}..{end} ({e}); continuing through smoe-opt's exact re-emission");
-                    (session, logits) = reemitted()?;
+                    (session, logits) = reemitted(session.runtime() == "onnxruntime")?;
                 }
             }
         };
@@ -328,6 +333,23 @@ fn instrument(model: &Model, blocks: &[&crate::moe::MoeBlock], logits: &[String]
     Ok(inst)
 }
 
+/// The error when tract cannot run a model even with its MoE blocks re-emitted: the rest
+/// of the graph (e.g. onnxruntime contrib ops such as GroupQueryAttention) needs
+/// onnxruntime, and the message says how to get it.
+fn tract_cannot(runtime: Runtime, original: &Error, reemitted: &Error) -> Error {
+    let what = format!(
+        "tract cannot run this model ({original}; with its MoE blocks re-emitted: {reemitted})"
+    );
+    match runtime {
+        #[cfg(feature = "ort")]
+        Runtime::Auto => Error::Usage(format!(
+            "{what}. onnxruntime is needed and was not found: {}",
+            crate::runtime::ort::HOW
+        )),
+        _ => Error::Usage(format!("{what}. Use --runtime ort (onnxruntime)")),
+    }
+}
+
 /// Samples `start..end` (first axis) of a value.
 pub fn slice(v: &Value, start: usize, end: usize) -> Value {
     match v {
@@ -356,7 +378,35 @@ fn expected(model: &Model) -> Vec<String> {
 
 /// The model's inputs for `source`, one array per model input (first axis = samples).
 pub fn load_inputs(model: &Model, source: &Source) -> Result<Vec<(String, Value)>> {
-    let inputs: Vec<_> = model.graph.data_inputs().map(describe).collect();
+    let all: Vec<_> = model.graph.data_inputs().map(describe).collect();
+    let given = match source {
+        Source::Npz(path) => crate::runtime::npz_names(path)?,
+        _ => Vec::new(),
+    };
+    // Past key/value caches the data does not give are empty (a prefill of each window).
+    let (past, inputs): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|i| kv_cache::is_past(i) && !given.contains(&i.name));
+    let mut out = load_given(model, source, inputs)?;
+    if !past.is_empty() {
+        let batch = out.first().map_or(0, |(_, v)| v.shape()[0]);
+        for i in &past {
+            out.push((i.name.clone(), kv_cache::empty_past(model, i, batch)?));
+        }
+        log::info!(
+            "{} past key/value inputs fed as empty caches (each window is a prefill)",
+            past.len()
+        );
+    }
+    Ok(out)
+}
+
+/// [`load_inputs`] for the inputs `inputs` (past caches excluded).
+fn load_given(
+    model: &Model,
+    source: &Source,
+    inputs: Vec<crate::inspect::ValueDesc>,
+) -> Result<Vec<(String, Value)>> {
     match source {
         Source::Npz(path) => {
             let all = read_npz(path)?;
@@ -372,7 +422,7 @@ pub fn load_inputs(model: &Model, source: &Source) -> Result<Vec<(String, Value)
                 };
                 let ok_type = matches!(
                     (v, i.dtype.as_str()),
-                    (Value::F32(_), "float") | (Value::I64(_), "int64")
+                    (Value::F32(_), "float" | "float16" | "bfloat16") | (Value::I64(_), "int64")
                 );
                 let rank = i.shape.as_ref().map_or(v.shape().len(), Vec::len);
                 if !ok_type || rank != v.shape().len() {
@@ -428,6 +478,22 @@ pub fn load_inputs(model: &Model, source: &Source) -> Result<Vec<(String, Value)
             let l = (*seq_len).max(1);
             if ids.is_empty() {
                 return Err(Error::Usage(format!("{}: no tokens", text.display())));
+            }
+            // onnxruntime's GroupQueryAttention refuses a right-padded prompt (it reads the
+            // sequence lengths from the mask), so its models get whole windows only.
+            let gqa = model
+                .graph
+                .nodes()
+                .any(|(_, n)| n.op_type.as_deref() == Some("GroupQueryAttention"));
+            let mut ids = ids;
+            if gqa && ids.len() > l && ids.len() % l != 0 {
+                let dropped = ids.len() % l;
+                ids.truncate(ids.len() - dropped);
+                log::info!(
+                    "{}: the last {dropped} tokens are not used: GroupQueryAttention models \
+                     are calibrated on whole windows of {l} (no padding)",
+                    text.display()
+                );
             }
             let n = ids.len().div_ceil(l);
             let pad = tok

@@ -1,6 +1,7 @@
 //! Building replacement subgraphs: fresh names, nodes, constants and weights.
-use crate::ir::builder::{attr_ints, node, tensor_f32, tensor_i64};
+use crate::ir::builder::{attr_ints, node, tensor_float, tensor_i64};
 use crate::ir::{Graph, Initializer};
+use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::{AttributeProto, NodeProto};
 use std::collections::HashSet;
 
@@ -19,6 +20,10 @@ pub struct Emitter<'g> {
     pub inits: Vec<Initializer>,
     /// Initializers already written for a layer's shared bases, by base index.
     pub bases: std::collections::BTreeMap<usize, String>,
+    /// Element type of the block's floating-point values (ONNX `DataType`): float, or the
+    /// float16/bfloat16 of a half-precision model, in which the block is written and
+    /// computes.
+    pub float: i32,
 }
 
 impl<'g> Emitter<'g> {
@@ -33,6 +38,7 @@ impl<'g> Emitter<'g> {
             nodes: Vec::new(),
             inits: Vec::new(),
             bases: Default::default(),
+            float: DataType::Float as i32,
         }
     }
 
@@ -93,11 +99,12 @@ impl<'g> Emitter<'g> {
         name
     }
 
-    /// A float32 constant initializer.
+    /// A floating-point constant initializer in the block's element type ([`Self::float`]).
     pub fn floats(&mut self, hint: &str, dims: &[i64], vals: &[f32]) -> String {
         let name = self.fresh(hint);
-        self.inits
-            .push(Initializer::inline(tensor_f32(&name, dims, vals)));
+        self.inits.push(Initializer::inline(tensor_float(
+            &name, dims, vals, self.float,
+        )));
         name
     }
 

@@ -2,8 +2,9 @@
 //!
 //! Written only where the block's semantics fit the op exactly as onnxruntime's CPU kernel
 //! (≥ 1.23) computes it: softmax over all N logits then top-k, optional renormalisation,
-//! every expert present, activation relu / silu / identity / tanh-GELU, or SwiGLU with
-//! standard alpha 1, beta 0 (written interleaved, `swiglu_fusion = 1`), no Switch capacity.
+//! every expert present, activation relu / silu / identity / tanh-GELU, or SwiGLU (plain,
+//! or gpt-oss's with alpha, beta and limit; written interleaved, `swiglu_fusion = 1`), no
+//! Switch capacity.
 //! Weights are stacked `[N, out, in]`; alpha, beta and fusion are always written.
 //! Shared experts are emitted beside the op in standard ops.
 use super::builder::Emitter;
@@ -28,7 +29,7 @@ pub fn unfit(block: &MoeBlock) -> Option<String> {
     }
     let f = &block.experts[0].ffn;
     match (f.gate.is_some(), f.act) {
-        (true, Act::Silu) => None,
+        (true, Act::Silu | Act::SwigluClamped { .. }) => None,
         (true, _) => Some("only SwiGLU is supported among gated activations".into()),
         (false, Act::Gelu) => Some(
             "the CPU kernel's gelu is the tanh approximation; this block uses exact gelu".into(),
@@ -66,7 +67,7 @@ pub fn emit_with(
             reason: format!("cannot emit as com.microsoft.MoE: {why}"),
         });
     }
-    portable::require_f32(em.graph(), block)?;
+    em.float = portable::block_float(em.graph(), block)?;
     let r = &block.router;
     let n = experts.len();
     if r.top_k > n {
@@ -152,14 +153,21 @@ pub fn emit_with(
         (false, Act::GeluTanh) => "gelu",
         (false, _) => "identity",
     };
+    let (alpha, beta, limit) = match f0.act {
+        Act::SwigluClamped { alpha, beta, limit } => (alpha, beta, limit),
+        _ => (1.0, 0.0, None),
+    };
     let mut attrs = vec![
         attr_int("k", r.top_k as i64),
         attr_string("activation_type", act),
         attr_int("normalize_routing_weights", i64::from(r.renormalize)),
         attr_int("swiglu_fusion", i64::from(gated)),
-        attr_float("activation_alpha", 1.0),
-        attr_float("activation_beta", 0.0),
+        attr_float("activation_alpha", alpha),
+        attr_float("activation_beta", beta),
     ];
+    if let Some(l) = limit {
+        attrs.push(attr_float("swiglu_limit", l));
+    }
     attrs.sort_by(|a, b| a.name.cmp(&b.name));
     let routed = em.op("MoE", &[&x2, &logits, &w1, &b1n, &w2, &b2n], attrs);
     em.nodes.last_mut().expect("just added").domain = Some("com.microsoft".into());

@@ -61,7 +61,7 @@ pub fn emit(
             em.opset
         )));
     }
-    require_f32(em.graph(), block)?;
+    em.float = block_float(em.graph(), block)?;
     let r = &block.router;
     let h = block.hidden() as i64;
     let n = router_rows.map_or(r.num_experts, <[usize]>::len);
@@ -117,7 +117,7 @@ pub fn emit(
         let onehot = em.op(
             "Cast",
             &[&onehot_b],
-            vec![attr_int("to", DataType::Float as i64)],
+            vec![attr_int("to", i64::from(em.float))],
         );
         // Per sequence, in token order: keep a token while its expert has taken <= cap tokens.
         let shape_x = em.op("Shape", &[&block.input], vec![]);
@@ -131,11 +131,7 @@ pub fn emit(
         let cum = em.op("CumSum", &[&oh3, &ax], vec![]);
         let capc = em.floats("capacity", &[], &[cap as f32]);
         let ok_b = em.op("LessOrEqual", &[&cum, &capc], vec![]);
-        let ok = em.op(
-            "Cast",
-            &[&ok_b],
-            vec![attr_int("to", DataType::Float as i64)],
-        );
+        let ok = em.op("Cast", &[&ok_b], vec![attr_int("to", i64::from(em.float))]);
         let kept = em.op("Mul", &[&oh3, &ok], vec![]);
         let kept_sum = em.reduce_sum(&kept, &[-1], false);
         let keep = em.reshape(&kept_sum, &[-1, 1]);
@@ -147,7 +143,7 @@ pub fn emit(
         &[&shape_x2],
         vec![crate::ir::builder::attr_tensor(
             "value",
-            crate::ir::builder::tensor_f32("", &[1], &[0.0]),
+            crate::ir::builder::tensor_float("", &[1], &[0.0], em.float),
         )],
     );
     // Router id -> target index (-1: no target); skipped when it is the identity.
@@ -171,7 +167,7 @@ pub fn emit(
     for (i, t) in targets.iter().enumerate() {
         let ti = em.ints(&format!("target{i}"), &[], &[i as i64]);
         let eq = em.op("Equal", &[&gid, &ti], vec![]);
-        let m = em.op("Cast", &[&eq], vec![attr_int("to", DataType::Float as i64)]); // [T, k]
+        let m = em.op("Cast", &[&eq], vec![attr_int("to", i64::from(em.float))]); // [T, k]
         let wm = em.op("Mul", &[&vals, &m], vec![]);
         let w = em.reduce_sum(&wm, &[-1], false); // [T]
         let hits = em.reduce_sum(&m, &[-1], false);
@@ -238,26 +234,26 @@ pub fn router_logits(
     Ok(logits)
 }
 
-/// Refuses blocks whose weights are not float32: the emitted subgraphs compute in float32
-/// (their constants, masks and merged weights are float32), so a float16/bfloat16 block
-/// would come out type-inconsistent.
-pub fn require_f32(g: &crate::ir::Graph, block: &MoeBlock) -> Result<()> {
+/// The element type a block computes in: its router weight's (float, float16 or bfloat16);
+/// the emitted subgraph keeps it, so a half-precision model stays half precision.
+pub fn block_float(g: &crate::ir::Graph, block: &MoeBlock) -> Result<i32> {
     let t = crate::moe::consts::const_proto(g, &block.router.weight.tensor);
     let dt = t
         .and_then(|t| t.data_type)
         .unwrap_or(DataType::Float as i32);
-    if dt != DataType::Float as i32 {
+    let ok = [DataType::Float, DataType::Float16, DataType::Bfloat16];
+    if !ok.iter().any(|d| *d as i32 == dt) {
         let name =
             DataType::try_from(dt).map_or(format!("type {dt}"), |d| d.as_str_name().to_lowercase());
         return Err(Error::Graph {
             node: Some(block.name.clone()),
             reason: format!(
-                "smoe-opt rewrites float32 MoE blocks; this block's weights are {name} \
-                 (export the model in float32, reduce it, then convert)"
+                "smoe-opt rewrites float32, float16 and bfloat16 MoE blocks; this block's router \
+                 weight is {name}"
             ),
         });
     }
-    Ok(())
+    Ok(dt)
 }
 
 /// The router weight as `[H, N]` for `MatMul(x, W)`.
@@ -329,6 +325,20 @@ fn act(em: &mut Emitter, x: &str, a: Act) -> String {
             let s = em.op("Sigmoid", &[x], vec![]);
             em.op("Mul", &[x, &s], vec![])
         }
+        Act::SwigluClamped { alpha, limit, .. } => {
+            // g' = min(g, limit); g'·σ(alpha·g')
+            let g = match limit {
+                Some(l) => {
+                    let lc = em.floats("limit", &[], &[l]);
+                    em.op("Min", &[x, &lc], vec![])
+                }
+                None => x.to_string(),
+            };
+            let ac = em.floats("alpha", &[], &[alpha]);
+            let ga = em.op("Mul", &[&g, &ac], vec![]);
+            let s = em.op("Sigmoid", &[&ga], vec![]);
+            em.op("Mul", &[&g, &s], vec![])
+        }
         Act::Gelu => {
             // 0.5·x·(1 + erf(x/√2))
             let c = em.floats("inv_sqrt2", &[], &[std::f32::consts::FRAC_1_SQRT_2]);
@@ -370,12 +380,30 @@ pub fn ffn(em: &mut Emitter, f: &Ffn, x: &str) -> Result<String> {
     linear(em, &h, &f.down, f.down_bias.as_ref())
 }
 
-/// The intermediate activation: `act(gate) · up` for gated FFNs, else `act(up)`.
+/// The intermediate activation: `act(gate) · up` for gated FFNs (gpt-oss: clamped, with
+/// `beta` added to up), else `act(up)`.
 fn hidden(em: &mut Emitter, up: &str, gate: Option<&str>, a: Act) -> String {
     match gate {
         Some(g) => {
             let ga = act(em, g, a);
-            em.op("Mul", &[&ga, up], vec![])
+            let up = match a {
+                Act::SwigluClamped { beta, limit, .. } => {
+                    // clamp(u, -limit, limit) + beta
+                    let u = match limit {
+                        Some(l) => {
+                            let hi = em.floats("limit", &[], &[l]);
+                            let lo = em.floats("neg_limit", &[], &[-l]);
+                            let u = em.op("Min", &[up, &hi], vec![]);
+                            em.op("Max", &[&u, &lo], vec![])
+                        }
+                        None => up.to_string(),
+                    };
+                    let b = em.floats("beta", &[], &[beta]);
+                    em.op("Add", &[&u, &b], vec![])
+                }
+                _ => up.to_string(),
+            };
+            em.op("Mul", &[&ga, &up], vec![])
         }
         None => act(em, up, a),
     }

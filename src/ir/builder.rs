@@ -67,6 +67,29 @@ pub fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
     }
 }
 
+/// A floating-point tensor of element type `dtype` (float, float16 or bfloat16; values
+/// rounded to nearest) stored as raw little-endian bytes.
+pub fn tensor_float(name: &str, dims: &[i64], data: &[f32], dtype: i32) -> TensorProto {
+    let raw: Vec<u8> = if dtype == DataType::Float16 as i32 {
+        data.iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect()
+    } else if dtype == DataType::Bfloat16 as i32 {
+        data.iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect()
+    } else {
+        return tensor_f32(name, dims, data);
+    };
+    TensorProto {
+        name: Some(name.to_string()),
+        dims: dims.to_vec(),
+        data_type: Some(dtype),
+        raw_data: Some(raw.into()),
+        ..Default::default()
+    }
+}
+
 /// An int64 tensor stored as raw little-endian bytes.
 pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
     TensorProto {

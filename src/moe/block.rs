@@ -89,13 +89,28 @@ pub enum Act {
     Relu,
     /// No nonlinearity.
     Identity,
+    /// gpt-oss's SwiGLU (gated FFNs only): with `g' = min(g, limit)` and
+    /// `u' = clamp(u, -limit, limit)`, the hidden unit is `g'·σ(alpha·g')·(u' + beta)`
+    /// (onnxruntime's `activation_alpha`, `activation_beta`, `swiglu_limit`).
+    SwigluClamped {
+        /// Slope inside the sigmoid (1.702 in gpt-oss).
+        alpha: f32,
+        /// Added to the clamped up projection (1 in gpt-oss).
+        beta: f32,
+        /// Clamp limit (7 in gpt-oss), if any.
+        limit: Option<f32>,
+    },
 }
 
 impl Act {
-    /// The nonlinearity at `v`.
+    /// The nonlinearity at `v` (for [`Act::SwigluClamped`], its gate part).
     pub fn eval(self, v: f32) -> f32 {
         match self {
             Act::Silu => v / (1.0 + (-v).exp()),
+            Act::SwigluClamped { alpha, limit, .. } => {
+                let g = limit.map_or(v, |l| v.min(l));
+                g / (1.0 + (-alpha * g).exp())
+            }
             Act::Relu => v.max(0.0),
             Act::Identity => v,
             Act::Gelu => 0.5 * v * (1.0 + erf(v / std::f32::consts::SQRT_2)),
@@ -103,6 +118,19 @@ impl Act {
                 let c = (2.0f32 / std::f32::consts::PI).sqrt();
                 0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
             }
+        }
+    }
+}
+
+impl Act {
+    /// A gated FFN's hidden unit from its gate `g` and up `u` pre-activations.
+    pub fn gated(self, g: f32, u: f32) -> f32 {
+        match self {
+            Act::SwigluClamped { beta, limit, .. } => {
+                let u = limit.map_or(u, |l| u.clamp(-l, l));
+                self.eval(g) * (u + beta)
+            }
+            _ => self.eval(g) * u,
         }
     }
 }
@@ -164,9 +192,11 @@ impl Ffn {
             Act::GeluTanh => "gelu-tanh",
             Act::Relu => "relu",
             Act::Identity => "identity",
+            Act::SwigluClamped { .. } => "swiglu-clamped",
         };
         match (self.gate.is_some(), self.act) {
             (true, Act::Silu) => "swiglu".into(),
+            (true, Act::SwigluClamped { .. }) => a.into(),
             (true, Act::Gelu | Act::GeluTanh) => "geglu".into(),
             (true, _) => format!("gated-{a}"),
             (false, _) => a.into(),

@@ -3,7 +3,7 @@
 //! (gate/up/down, fused gate|up halves), activation and biases; batched 3-D forms; shared
 //! experts.
 use super::block::{Act, BiasRef, Expert, Ffn, Form, RowSel, SharedExpert, WeightRef};
-use super::consts::{const_dims, const_scalar_int, is_const};
+use super::consts::{self, const_dims, const_scalar_int, is_const};
 use super::region::PASSTHROUGH;
 use super::router::FoundRouter;
 use super::view::View;
@@ -46,20 +46,24 @@ pub fn extract(v: &View, region: &[NodeId], r: &FoundRouter, x: &str) -> Result<
 
     let mut plain = Vec::new();
     let mut batched = Vec::new();
+    let mut by_expert: BTreeMap<usize, Vec<Linear>> = BTreeMap::new();
+    let mut specialised = false;
     for &id in region {
         if id == r.matmul || !matches!(v.op(id), "MatMul" | "Gemm") {
             continue;
         }
         if let Some(l) = linear_2d(v, id) {
             plain.push(l);
+        } else if let Some((l, e, spec)) = linear_sliced(v, id, &sel_values) {
+            // The weight itself names the expert.
+            by_expert.entry(e).or_default().push(l);
+            specialised |= spec;
         } else if let Some(l) = linear_3d(v, id, &sel_values, n)? {
             batched.push(l);
         }
     }
     let stop: HashSet<&str> = [x].into_iter().collect();
     let mut shared_uses = Vec::new();
-    let mut by_expert: BTreeMap<usize, Vec<Linear>> = BTreeMap::new();
-    let mut specialised = false;
     let mut dense = false;
     for l in plain {
         let anc = v.ancestors(&l.data, &within, &stop);
@@ -298,15 +302,7 @@ fn expert_index(v: &View, a: NodeId, sel: &HashSet<&str>) -> Option<(usize, bool
             if let Some(e) = const_scalar_int(v.g, idx) {
                 return usize::try_from(e).ok().map(|e| (e, false));
             }
-            // transformers 4.5x: `for expert_idx in expert_hit` — the i-th output of a Split
-            // over NonZero(hit mask) baked at trace time.
-            let src = v.skip_back(idx, PASSTHROUGH);
-            let (s, op) = v.producer(src)?;
-            if op == "Split" && sel.contains(v.input(s, 0)) {
-                let i = v.node(s).output.iter().position(|o| o == src)?;
-                return Some((i, true));
-            }
-            None
+            split_position(v, idx, sel).map(|i| (i, true))
         }
         "Equal" => {
             let (p, q) = (v.input(a, 0), v.input(a, 1));
@@ -320,6 +316,82 @@ fn expert_index(v: &View, a: NodeId, sel: &HashSet<&str>) -> Option<(usize, bool
         }
         _ => None,
     }
+}
+
+/// transformers' `for expert_idx in expert_hit` traced by TorchScript: the index is output
+/// `i` of a Split over NonZero(hit mask) whose sizes were baked at trace time (through
+/// reshapes, and through transformers 5's `expert_idx[0]`, a Gather of element 0). Returns
+/// `i`: the chain's expert when every expert was hit at export.
+fn split_position(v: &View, idx: &str, sel: &HashSet<&str>) -> Option<usize> {
+    let mut src = v.skip_back(idx, PASSTHROUGH);
+    if let Some((g, "Gather")) = v.producer(src) {
+        if const_scalar_int(v.g, v.input(g, 1)) == Some(0)
+            && v.attr_int(g, "axis").unwrap_or(0) == 0
+        {
+            src = v.skip_back(v.input(g, 0), PASSTHROUGH);
+        }
+    }
+    let (s, op) = v.producer(src)?;
+    if op == "Split" && sel.contains(v.input(s, 0)) {
+        return v.node(s).output.iter().position(|o| o == src);
+    }
+    None
+}
+
+/// MatMul(x, W[e]) (or `W[e]ᵀ` through a Transpose) where `W[e]` is one expert's slice of a
+/// stacked 3-D constant, gathered by a scalar index: a constant, or the position of a baked
+/// `Split` (transformers 5's eager expert loop traced by TorchScript; the exporter did not
+/// fold the slice). Returns the linear (its weight names expert `e`), `e`, and whether
+/// the index came from a baked Split.
+fn linear_sliced(v: &View, id: NodeId, sel: &HashSet<&str>) -> Option<(Linear, usize, bool)> {
+    if v.op(id) != "MatMul" {
+        return None;
+    }
+    let data = v.input(id, 0);
+    let mut w = v.skip_back(v.input(id, 1), &["Cast", "Identity"]);
+    let mut transposed = false;
+    if let Some((t, "Transpose")) = v.producer(w) {
+        let perm = v.attr_ints(t, "perm");
+        if perm.as_deref().is_some_and(|p| p != [1, 0]) {
+            return None;
+        }
+        transposed = true;
+        w = v.skip_back(v.input(t, 0), &["Cast", "Identity"]);
+    }
+    let (g, op) = v.producer(w)?;
+    if op != "Gather" || v.attr_int(g, "axis").unwrap_or(0) != 0 {
+        return None;
+    }
+    let stacked = v.input(g, 0);
+    let dims = const_dims(v.g, stacked).filter(|d| d.len() == 3 && is_const(v.g, stacked))?;
+    let idx = v.input(g, 1);
+    let (e, spec) = match const_scalar_int(v.g, idx) {
+        Some(e) => (usize::try_from(e).ok()?, false),
+        None => (split_position(v, idx, sel)?, true),
+    };
+    let (a, b) = (dims[1] as usize, dims[2] as usize);
+    // W[e] is [a, b]: used as W[e]ᵀ (x·W[e]ᵀ) it is canonical [out=a, in=b]; used as is
+    // (x·W[e]) it is stored [in=a, out=b].
+    let (shape, transpose) = if transposed {
+        ([a, b], false)
+    } else {
+        ([b, a], true)
+    };
+    let mut l = Linear {
+        node: id,
+        data: data.to_string(),
+        out: v.output(id, 0).to_string(),
+        w: WeightRef {
+            tensor: stacked.to_string(),
+            expert: Some(e),
+            transpose,
+            rows: None,
+            shape,
+        },
+        bias: None,
+    };
+    attach_bias(v, &mut l);
+    Some((l, e, spec))
 }
 
 /// If a Mul downstream of `value` scales it by one column of a routing-weight matrix
@@ -447,6 +519,125 @@ fn classify(v: &View, within: &HashSet<NodeId>, from: &str, ops: &[&str]) -> Res
     Ok(Act::Identity)
 }
 
+/// gpt-oss's clamped SwiGLU over separate gate and up projections (`g' = min(g, L)` by
+/// Min or Clip; `g'·σ(alpha·g')`; `u' = clamp(u, -L, L)` by Min/Max or Clip, plus `beta`; the
+/// product): as smoe-opt writes it and as torch exports gpt-oss's expert. None when the
+/// graph is not exactly that.
+fn clamped_swiglu(v: &View, within: &HashSet<NodeId>, gate: &str, up: &str) -> Option<Act> {
+    let scalar = |value: &str| consts::const_scalar_float(v.g, value);
+    let within_op = |id: NodeId| within.contains(&id);
+    // Upper bound applied to `value` by a single consumer Min(value, c) / Clip(value, _, c).
+    let upper = |value: &str| -> Option<(String, f32, Option<f32>)> {
+        let cons = v.consumers(value);
+        let [c] = cons else { return None };
+        if !within_op(*c) {
+            return None;
+        }
+        match v.op(*c) {
+            "Min" => {
+                let other = if v.input(*c, 0) == value {
+                    v.input(*c, 1)
+                } else {
+                    v.input(*c, 0)
+                };
+                Some((v.output(*c, 0).to_string(), scalar(other)?, None))
+            }
+            "Clip" => {
+                let lo = v
+                    .node(*c)
+                    .input
+                    .get(1)
+                    .filter(|s| !s.is_empty())
+                    .and_then(|s| scalar(s));
+                let hi = scalar(v.node(*c).input.get(2)?)?;
+                Some((v.output(*c, 0).to_string(), hi, lo))
+            }
+            _ => None,
+        }
+    };
+    // Gate: optional clamp, then Sigmoid(Mul(g', alpha)) and Mul(g', σ).
+    let (g, g_limit) = match upper(gate) {
+        Some((out, hi, None)) => (out, Some(hi)),
+        Some(_) => return None,
+        None => (gate.to_string(), None),
+    };
+    let mut alpha = None;
+    for &c in v.consumers(&g) {
+        if v.op(c) != "Mul" || !within_op(c) {
+            continue;
+        }
+        let other = if v.input(c, 0) == g {
+            v.input(c, 1)
+        } else {
+            v.input(c, 0)
+        };
+        if let Some(a) = scalar(other) {
+            let scaled = v.output(c, 0);
+            let sig = v
+                .consumers(scaled)
+                .iter()
+                .copied()
+                .find(|&s| v.op(s) == "Sigmoid")?;
+            let sv = v.output(sig, 0);
+            v.consumers(sv)
+                .iter()
+                .find(|&&m| v.op(m) == "Mul" && (v.input(m, 0) == g || v.input(m, 1) == g))?;
+            alpha = Some(a);
+        }
+    }
+    let alpha = alpha?;
+    // Up: optional clamp to [-L, L], optional + beta.
+    let mut u = up.to_string();
+    let mut u_limit = None;
+    if let Some((out, hi, lo)) = upper(&u) {
+        let lo = match lo {
+            Some(lo) => lo,
+            None => {
+                // Min then Max(·, -L).
+                let cons = v.consumers(&out);
+                let [m] = cons else { return None };
+                if v.op(*m) != "Max" {
+                    return None;
+                }
+                let other = if v.input(*m, 0) == out {
+                    v.input(*m, 1)
+                } else {
+                    v.input(*m, 0)
+                };
+                u = v.output(*m, 0).to_string();
+                scalar(other)?
+            }
+        };
+        if u == up {
+            u = out;
+        }
+        if lo != -hi {
+            return None;
+        }
+        u_limit = Some(hi);
+    }
+    let mut beta = 0.0;
+    let cons = v.consumers(&u);
+    if let [a] = cons {
+        if v.op(*a) == "Add" {
+            let other = if v.input(*a, 0) == u {
+                v.input(*a, 1)
+            } else {
+                v.input(*a, 0)
+            };
+            beta = scalar(other)?;
+        }
+    }
+    if g_limit != u_limit || (alpha == 1.0 && beta == 0.0 && g_limit.is_none()) {
+        return None;
+    }
+    Some(Act::SwigluClamped {
+        alpha,
+        beta,
+        limit: g_limit,
+    })
+}
+
 /// Builds an FFN from its linear layers.
 fn ffn_from(v: &View, within: &HashSet<NodeId>, uses: &[Linear]) -> Result<Ffn, String> {
     let nodes: HashSet<NodeId> = uses.iter().map(|l| l.node).collect();
@@ -479,8 +670,12 @@ fn ffn_from(v: &View, within: &HashSet<NodeId>, uses: &[Linear]) -> Result<Ffn, 
             if gate.w.shape[0] != inter || up.w.shape[0] != inter {
                 return Err("gate/up widths differ from the down projection's input".into());
             }
+            let act = match classify(v, within, &gate.out, &ops) {
+                Ok(a) => a,
+                Err(e) => clamped_swiglu(v, within, &gate.out, &up.out).ok_or(e)?,
+            };
             Ok(Ffn {
-                act: classify(v, within, &gate.out, &ops)?,
+                act,
                 gate: Some(gate.w.clone()),
                 up: up.w.clone(),
                 down: down.w.clone(),

@@ -7,6 +7,7 @@ use super::block::{Act, BiasRef, Expert, Ffn, Form, MoeBlock, Router, RowSel, Sc
 use super::consts::{const_dims, is_const};
 use super::view::View;
 use crate::ir::NodeId;
+use std::ops::Not;
 
 /// Which weight layout a fused block uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -23,12 +24,32 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
     let mut notes = Vec::new();
     let x = v.input(id, 0);
     let logits = v.input(id, 1);
-    let (mm, op) = v
-        .producer(v.skip_back(logits, &["Cast", "Identity"]))
-        .ok_or("router logits are a graph input")?;
-    if op != "MatMul" && op != "Gemm" {
-        return Err(format!("router logits come from {op}, not a MatMul"));
-    }
+    // Builders put a Reshape to [-1, N] (and casts) between the router and the op, and
+    // add the router bias as a separate Add.
+    let mut nodes = Vec::new();
+    let mut at = logits;
+    let mut bias_t = None;
+    let (mm, op) = loop {
+        let (p, op) = v.producer(at).ok_or("router logits are a graph input")?;
+        match op {
+            "Cast" | "Identity" | "Reshape" | "Squeeze" | "Unsqueeze" | "Flatten" => {}
+            "Add" if bias_t.is_none() => {
+                let (a, b) = (v.input(p, 0), v.input(p, 1));
+                let (data, c) = if is_const(v.g, b) { (a, b) } else { (b, a) };
+                if !is_const(v.g, c) {
+                    return Err("router logits come from an Add of two computed values".into());
+                }
+                bias_t = Some(c.to_string());
+                nodes.push(p);
+                at = data;
+                continue;
+            }
+            "MatMul" | "Gemm" => break (p, op),
+            _ => return Err(format!("router logits come from {op}, not a MatMul")),
+        }
+        nodes.push(p);
+        at = v.input(p, 0);
+    };
     let wr = v.input(mm, 1);
     let rd = const_dims(v.g, wr)
         .filter(|d| d.len() == 2 && is_const(v.g, wr))
@@ -38,6 +59,31 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
         (rd[0] as usize, rd[1] as usize)
     } else {
         (rd[1] as usize, rd[0] as usize)
+    };
+    if op == "Gemm" && v.input(mm, 2).is_empty().not() {
+        if bias_t.is_some() {
+            return Err("router has two biases".into());
+        }
+        bias_t = Some(v.input(mm, 2).to_string());
+    }
+    let router_bias = match bias_t {
+        Some(t) => {
+            let len = const_dims(v.g, &t)
+                .map(|d| d.iter().product::<i64>())
+                .unwrap_or(-1);
+            if len != n as i64 {
+                return Err(format!(
+                    "router bias '{t}' has {len} elements, not one per expert ({n})"
+                ));
+            }
+            Some(BiasRef {
+                tensor: t,
+                expert: None,
+                rows: None,
+                len: n,
+            })
+        }
+        None => None,
     };
     let k = v.attr_int(id, "k").unwrap_or(1) as usize;
     let act_name = v
@@ -98,15 +144,14 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
         ),
         _ => (RowSel { start: 0, step: 1 }, RowSel { start: 0, step: 1 }),
     };
-    if gated && (alpha != 1.0 || beta != 0.0 || v.attr_float(id, "swiglu_limit").is_some()) {
-        return Err(format!(
-            "SwiGLU variant alpha={alpha} beta={beta} with limit is not supported yet"
-        ));
-    }
+    let limit = v.attr_float(id, "swiglu_limit");
     let act = match act_name.as_str() {
         "relu" => Act::Relu,
         // onnxruntime's CPU kernel uses the tanh approximation.
         "gelu" => Act::GeluTanh,
+        "swiglu" if alpha != 1.0 || beta != 0.0 || limit.is_some() => {
+            Act::SwigluClamped { alpha, beta, limit }
+        }
         "silu" | "swiglu" => Act::Silu,
         "identity" => Act::Identity,
         other => return Err(format!("activation_type '{other}' is not supported")),
@@ -180,7 +225,7 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
                     rows: None,
                     shape: [n, h],
                 },
-                bias: None,
+                bias: router_bias,
                 num_experts: n,
                 top_k: k,
                 scoring: Scoring::Softmax,
@@ -190,7 +235,12 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
             },
             experts,
             shared: vec![],
-            nodes: vec![mm, id],
+            nodes: {
+                let mut all = vec![mm];
+                all.extend(nodes.into_iter().rev());
+                all.push(id);
+                all
+            },
             expert_bytes: 0,
         },
         layout,

@@ -217,8 +217,9 @@ impl ProjFfn {
         match &self.gate {
             Some(g) => {
                 let mut gt = lin(g, &self.gate_bias);
-                gt.mapv_inplace(|v| self.act.eval(v));
-                gt * up
+                let act = self.act;
+                gt.zip_mut_with(&up, |g, &u| *g = act.gated(*g, u));
+                gt
             }
             None => up.mapv(|v| self.act.eval(v)),
         }

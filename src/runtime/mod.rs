@@ -1,5 +1,6 @@
 //! Runtimes that execute models: tract (embedded, default) and onnxruntime (planned,
 //! through `ort`). Passes never call a runtime; calibration and verification do.
+mod npy_half;
 #[cfg(feature = "ort")]
 pub mod ort;
 #[cfg(feature = "tract")]
@@ -101,7 +102,24 @@ pub fn input<'a>(inputs: &'a [(String, Value)], name: &str) -> Result<&'a Value>
         .ok_or_else(|| Error::Usage(format!("input '{name}' was not given")))
 }
 
-/// Reads every array of an `.npz` file (float32, float64 → f32, int64, int32 → i64,
+/// The array names of an `.npz` file (without `.npy`), read from its directory only.
+pub fn npz_names(path: &Path) -> Result<Vec<String>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut npz = ndarray_npy::NpzReader::new(f).map_err(|e| Error::Decode {
+        path: path.to_path_buf(),
+        reason: format!("not an .npz archive: {e}"),
+    })?;
+    let names = npz.names().map_err(|e| Error::Decode {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(names
+        .into_iter()
+        .map(|n| n.trim_end_matches(".npy").to_string())
+        .collect())
+}
+
+/// Reads every array of an `.npz` file (float32, float64, float16 → f32, int64, int32 → i64,
 /// bool/uint8 → i64), keyed by name without `.npy`.
 pub fn read_npz(path: &Path) -> Result<Vec<(String, Value)>> {
     let err = |reason: String| Error::Decode {
@@ -125,6 +143,9 @@ pub fn read_npz(path: &Path) -> Result<Vec<(String, Value)>> {
         }
         try_as!(f32, Value::F32);
         try_as!(f64, |a: ArrayD<f64>| Value::F32(a.mapv(|v| v as f32)));
+        try_as!(npy_half::F16, |a: ArrayD<npy_half::F16>| Value::F32(
+            a.mapv(|v| v.0.to_f32())
+        ));
         try_as!(i64, Value::I64);
         try_as!(i32, |a: ArrayD<i32>| Value::I64(a.mapv(i64::from)));
         try_as!(bool, |a: ArrayD<bool>| Value::I64(a.mapv(i64::from)));

@@ -18,7 +18,8 @@ pub enum Ep {
     Cuda,
 }
 
-const HOW: &str = "install it with `pip install onnxruntime` (or onnxruntime-gpu for CUDA) \
+/// How to get onnxruntime (named in errors).
+pub const HOW: &str = "install it with `pip install onnxruntime` (or onnxruntime-gpu for CUDA) \
                    or set ORT_DYLIB_PATH=/path/to/libonnxruntime.so";
 
 /// Finds the onnxruntime shared library.
@@ -89,9 +90,10 @@ fn environment() -> Result<&'static ort::environment::Environment> {
 }
 
 fn err(context: &str, e: impl std::fmt::Display) -> Error {
-    Error::Graph {
-        node: None,
-        reason: format!("onnxruntime: {context}: {e}"),
+    Error::Runtime {
+        runtime: "onnxruntime",
+        stage: context.to_string(),
+        reason: e.to_string(),
     }
 }
 
@@ -101,6 +103,8 @@ pub struct OrtSession {
     /// The temporary model files of a large model (kept while the session lives).
     _files: Option<tempfile::TempDir>,
     inputs: Vec<String>,
+    /// Inputs the model declares as float16 (fed from f32 values, converted).
+    f16_inputs: Vec<bool>,
     outputs: Vec<String>,
 }
 
@@ -130,6 +134,11 @@ impl OrtSession {
             .iter()
             .map(|o| o.name().to_string())
             .collect();
+        let f16_inputs = session
+            .inputs()
+            .iter()
+            .map(|o| o.dtype().tensor_type() == Some(ort::value::TensorElementType::Float16))
+            .collect();
         let outputs = session
             .outputs()
             .iter()
@@ -142,6 +151,7 @@ impl OrtSession {
                 super::ModelSource::Bytes(_) => None,
             },
             inputs,
+            f16_inputs,
             outputs,
         })
     }
@@ -162,9 +172,11 @@ impl Session for OrtSession {
 
     fn run(&mut self, inputs: &[(String, Value)]) -> Result<Vec<(String, Value)>> {
         let mut feed: Vec<(String, ort::value::DynValue)> = Vec::new();
-        for name in &self.inputs {
+        for (name, &f16) in self.inputs.iter().zip(&self.f16_inputs) {
             let v = super::input(inputs, name)?;
             let t = match v {
+                Value::F32(a) if f16 => ort::value::Tensor::from_array(a.mapv(half::f16::from_f32))
+                    .map(|t| t.into_dyn()),
                 Value::F32(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
                 Value::I64(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
             }
@@ -179,6 +191,8 @@ impl Session for OrtSession {
                 Value::F32(a.to_owned())
             } else if let Ok(a) = v.try_extract_array::<i64>() {
                 Value::I64(a.to_owned())
+            } else if let Ok(a) = v.try_extract_array::<half::f16>() {
+                Value::F32(a.mapv(half::f16::to_f32))
             } else {
                 return Err(err(&format!("output '{name}'"), "unsupported element type"));
             };

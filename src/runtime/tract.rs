@@ -1,23 +1,45 @@
 //! tract (pure Rust) as a runtime. Requires tract ≥ 0.23: earlier versions ignore the
 //! `reduction` attribute of ScatterND/ScatterElements and give wrong MoE results.
+//!
+//! The model is compiled once per concrete input signature (element types and shapes),
+//! never with symbolic dimensions: exporters write symbolic shape algebra that tract's
+//! symbol resolution cannot always follow (dynamo exports fail with "Clashing resolution
+//! for expression", some TorchScript LMs with "square of symbols"), while every export that
+//! onnxruntime runs has a concrete shape at run time. Plans are cached per signature.
 use super::{Session, Value};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use std::collections::HashMap;
+use std::sync::Arc;
 use tract_onnx::prelude::*;
+
+/// Compiled plans kept per session (calibration uses one or two signatures: the batch
+/// shape and the last, shorter batch).
+const PLAN_CACHE: usize = 4;
+
+/// One input's element type and shape.
+type Signature = Vec<(DatumType, Vec<usize>)>;
 
 /// A model compiled by tract.
 pub struct TractSession {
-    plan: std::sync::Arc<TypedSimplePlan>,
+    model: InferenceModel,
+    plans: HashMap<Signature, Arc<TypedSimplePlan>>,
+    /// Signatures in the order they were compiled (the oldest is evicted first).
+    order: Vec<Signature>,
     /// The temporary model files of a large model (kept while the session lives).
     _files: Option<tempfile::TempDir>,
     inputs: Vec<String>,
+    /// Element types the model declares for its inputs (f32 values fed to a float16 input
+    /// are converted).
+    input_types: Vec<Option<DatumType>>,
     outputs: Vec<String>,
 }
 
 fn err(context: &str, e: impl std::fmt::Display) -> Error {
-    Error::Graph {
-        node: None,
-        reason: format!("tract: {context}: {e}"),
+    Error::Runtime {
+        runtime: "tract",
+        stage: context.to_string(),
+        reason: e.to_string(),
     }
 }
 
@@ -45,12 +67,15 @@ impl TractSession {
         }
     }
 
-    fn compile(model: InferenceModel) -> Result<Self> {
-        let inputs = model
+    fn compile(mut model: InferenceModel) -> Result<Self> {
+        let inputs: Vec<String> = model
             .input_outlets()
             .map_err(|e| err("inputs", e))?
             .iter()
             .map(|o| model.node(o.node).name.clone())
+            .collect();
+        let input_types = (0..inputs.len())
+            .map(|i| model.input_fact(i).ok().and_then(|f| f.datum_type()))
             .collect();
         let outputs = model
             .output_outlets()
@@ -63,17 +88,58 @@ impl TractSession {
                     .unwrap_or_else(|| model.node(o.node).name.clone())
             })
             .collect();
+        // Value-info shapes are the exporter's claims, not facts: drop them so that tract
+        // infers every intermediate shape from the concrete inputs.
+        for id in 0..model.nodes().len() {
+            for slot in 0..model.node(id).outputs.len() {
+                let outlet = OutletId::new(id, slot);
+                if model.input_outlets().is_ok_and(|i| i.contains(&outlet)) {
+                    continue;
+                }
+                let dt = model.outlet_fact(outlet).ok().and_then(|f| f.datum_type());
+                let fact = match dt {
+                    Some(dt) => InferenceFact::dt(dt),
+                    None => InferenceFact::default(),
+                };
+                model
+                    .set_outlet_fact(outlet, fact)
+                    .map_err(|e| err("dropping declared shapes", e))?;
+            }
+        }
+        Ok(TractSession {
+            model,
+            plans: HashMap::new(),
+            order: Vec::new(),
+            _files: None,
+            inputs,
+            input_types,
+            outputs,
+        })
+    }
+
+    /// The plan for one concrete input signature, compiled on first use.
+    fn plan(&mut self, sig: &Signature) -> Result<Arc<TypedSimplePlan>> {
+        if let Some(p) = self.plans.get(sig) {
+            return Ok(p.clone());
+        }
+        let mut model = self.model.clone();
+        for (i, (dt, shape)) in sig.iter().enumerate() {
+            model
+                .set_input_fact(i, InferenceFact::dt_shape(*dt, shape.as_slice()))
+                .map_err(|e| err(&format!("input '{}'", self.inputs[i]), e))?;
+        }
         let plan = model
             .into_optimized()
             .map_err(|e| err("optimising", format!("{e:#}")))?
             .into_runnable()
             .map_err(|e| err("planning", format!("{e:#}")))?;
-        Ok(TractSession {
-            plan,
-            _files: None,
-            inputs,
-            outputs,
-        })
+        if self.order.len() >= PLAN_CACHE {
+            let old = self.order.remove(0);
+            self.plans.remove(&old);
+        }
+        self.order.push(sig.clone());
+        self.plans.insert(sig.clone(), plan.clone());
+        Ok(plan)
     }
 }
 
@@ -92,16 +158,24 @@ impl Session for TractSession {
 
     fn run(&mut self, inputs: &[(String, Value)]) -> Result<Vec<(String, Value)>> {
         let mut feed = TVec::new();
-        for name in &self.inputs {
+        let mut sig = Signature::new();
+        for (name, declared) in self.inputs.iter().zip(&self.input_types) {
             let v = super::input(inputs, name)?;
-            let t: Tensor = match v {
+            let mut t: Tensor = match v {
                 Value::F32(a) => a.clone().into(),
                 Value::I64(a) => a.clone().into(),
             };
+            if let Some(dt) = declared.filter(|&d| d != t.datum_type() && d.is_float()) {
+                t = t
+                    .cast_to_dt(dt)
+                    .map_err(|e| err(&format!("input '{name}'"), e))?
+                    .into_owned();
+            }
+            sig.push((t.datum_type(), t.shape().to_vec()));
             feed.push(t.into());
         }
         let out = self
-            .plan
+            .plan(&sig)?
             .run(feed)
             .map_err(|e| err("running", format!("{e:#}")))?;
         let mut res = Vec::new();

@@ -550,6 +550,63 @@ def gen_v5(out):
                 layers=moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True)), torch_ref=w)
 
 
+def hit_experts(model, inputs):
+    """Per MoE layer, the experts the input routes at least one token to (torch, transformers 5)."""
+    hits = []
+    hooks = [layer.mlp.experts.register_forward_hook(
+        lambda mod, args, out: hits.append(sorted(set(args[1].reshape(-1).tolist()))))
+        for layer in model.model.layers]
+    with torch.no_grad():
+        model(**inputs)
+    for h in hooks:
+        h.remove()
+    return hits
+
+
+def gen_v5_stock(out):
+    """transformers 5 eager experts with the STOCK loop (`for expert_idx in expert_hit`), traced by
+    TorchScript without any loop patch: each chain gathers its expert's slice of the 3-D weights
+    with the i-th output of a Split over NonZero, sized at trace time."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    import transformers.models.mixtral.modeling_mixtral as mx
+    patch_masks(mx)
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, use_cache=False, tie_word_embeddings=False)
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2,
+                        attn_implementation="eager", **common)
+    torch.manual_seed(13)
+    model = MixtralForCausalLM(cfg).eval()
+    model.set_experts_implementation("eager")
+    init_weights(model, 13)
+    w = CausalLM(model).eval()
+    # (a) an export input that hits every expert of both layers: complete, but the hit count is
+    #     baked into the Split (onnxruntime fails on inputs that miss an expert).
+    inputs = lm_inputs(4, 32, 13)
+    hits = hit_experts(model, inputs)
+    assert all(len(h) == 8 for h in hits), hits
+    name = "mixtral_v5_ts_raw"
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    export(w, inputs, os.path.join(out, name, "model.onnx"), dynamo=False, dynamic=True)
+    finish(name, out, w, inputs,
+           dict(form="per-expert-3d", exporter="torchscript", family="mixtral", patched_loop=False,
+                experts_implementation="eager",
+                notes="stock transformers-5 loop: Split over hit experts baked in; breaks on inputs missing an expert",
+                layers=moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True)), torch_ref=w)
+    # (b) an export input that misses experts: a broken export (chains for the hit experts only,
+    #     bound by position), for diagnostics.
+    small = lm_inputs(1, 2, 14, pad=False)
+    hits = hit_experts(model, small)
+    assert any(len(h) < 8 for h in hits), hits
+    name = "mixtral_v5_ts_missing"
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    export(w, small, os.path.join(out, name, "model.onnx"), dynamo=False, dynamic=True)
+    finish(name, out, w, small,
+           dict(form="per-expert-3d", exporter="torchscript", family="mixtral", patched_loop=False,
+                broken_export=True, experts_implementation="eager",
+                notes="stock loop exported from a 2-token input: experts it did not hit are missing",
+                layers=moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True, present=hits)), torch_ref=w)
+
+
 # ---------------------------------------------------------------------------------------------
 # onnxruntime's fused com.microsoft.MoE, built with onnx.helper (as onnxruntime-genai writes it)
 # ---------------------------------------------------------------------------------------------
@@ -638,6 +695,8 @@ if __name__ == "__main__":
         gen_v4(a.out)
     elif a.only == "tokenizer":
         gen_tokenizer(a.out)
+    elif a.only == "v5-stock":
+        gen_v5_stock(a.out)
     else:
         gen_v5(a.out)
         gen_ort_fused(a.out)

@@ -60,7 +60,15 @@ class Block:
 
     def ffn(self, f, x):
         up = x @ self.weight(f["up"]).T + self.bias(f["up_bias"])
-        if f["gate"] is not None:
+        clamped = f["act"].get("swiglu-clamped") if isinstance(f["act"], dict) else None
+        if clamped is not None:
+            # gpt-oss: g = min(gate, limit), u = clamp(up, -limit, limit), g*sigmoid(alpha*g)*(u+beta)
+            g = x @ self.weight(f["gate"]).T + self.bias(f["gate_bias"])
+            lim = clamped["limit"]
+            if lim is not None:
+                g, up = np.minimum(g, lim), np.clip(up, -lim, lim)
+            h = g / (1 + np.exp(-clamped["alpha"] * g)) * (up + clamped["beta"])
+        elif f["gate"] is not None:
             h = self.act(x @ self.weight(f["gate"]).T + self.bias(f["gate_bias"]), f["act"]) * up
         else:
             h = self.act(up, f["act"])

@@ -1,0 +1,156 @@
+//! Empty key/value caches for decoder exports that take them as inputs
+//! (onnxruntime-genai builder models, optimum's `past_key_values.*`).
+//!
+//! Calibration and evaluation run whole windows (a prefill), so every past cache is empty:
+//! its batch dimension is the batch, its past-length dimension is 0 (a sliding-window
+//! cache is a buffer of the window's size, all of it invalid), and its head size is the
+//! model's. Builders leave the head size symbolic (`kv_cache_dim`, so that one export
+//! serves plain and quantised caches); it is read from the attention node that consumes the
+//! cache: `GroupQueryAttention`/`MultiHeadAttention` with a packed or separate query
+//! projection whose weight gives `heads × head_size` columns.
+use crate::error::{Error, Result};
+use crate::inspect::ValueDesc;
+use crate::model::Model;
+use crate::moe::consts::{const_dims, is_const};
+use crate::runtime::Value;
+use ndarray::{ArrayD, IxDyn};
+
+/// Whether a model input is a past key/value cache.
+pub fn is_past(input: &ValueDesc) -> bool {
+    let n = input.name.to_ascii_lowercase();
+    let rank4 = input.shape.as_ref().is_some_and(|s| s.len() == 4);
+    (n.starts_with("past") || n.contains(".past") || n.contains("_past")) && rank4
+}
+
+/// An empty cache for `input` with batch `batch` (zero past length).
+pub fn empty_past(model: &Model, input: &ValueDesc, batch: usize) -> Result<Value> {
+    let shape = input.shape.clone().unwrap_or_default();
+    let unknown = |dim: &str, why: &str| {
+        Error::Usage(format!(
+            "cannot tell dimension '{dim}' of the past key/value input '{}' ({why}); give the \
+             input in the calibration .npz (shape [batch, kv_heads, 0, head_size])",
+            input.name
+        ))
+    };
+    let mut dims = Vec::with_capacity(shape.len());
+    for (k, d) in shape.iter().enumerate() {
+        let v = match (k, d.as_u64(), d.as_str()) {
+            (0, _, _) => batch,
+            (_, Some(v), _) => v as usize,
+            (_, None, Some(name)) => {
+                let l = name.to_ascii_lowercase();
+                if let Some(w) = window(model, &input.name).filter(|_| l.contains("sliding")) {
+                    // GroupQueryAttention's sliding-window cache is a fixed-capacity buffer of
+                    // the window's size (onnxruntime refuses a smaller one); the attention
+                    // mask, one per new token, says none of it is valid yet.
+                    w
+                } else if k == 2 || l.contains("past") || l.contains("seq") || l.contains("len") {
+                    0
+                } else if k == 3 {
+                    head_size(model, &input.name).ok_or_else(|| {
+                        unknown(
+                            name,
+                            "no attention node that consumes it tells the head size",
+                        )
+                    })?
+                } else {
+                    return Err(unknown(name, "not a batch, length or head-size axis"));
+                }
+            }
+            (2, None, None) => 0,
+            (_, None, None) => {
+                if k == 3 {
+                    head_size(model, &input.name)
+                        .ok_or_else(|| unknown("?", "the head size is not declared"))?
+                } else {
+                    return Err(unknown("?", "the dimension is not declared"));
+                }
+            }
+        };
+        dims.push(v);
+    }
+    match input.dtype.as_str() {
+        "float" | "float16" | "bfloat16" => Ok(Value::F32(ArrayD::zeros(IxDyn(&dims)))),
+        other => Err(Error::Usage(format!(
+            "past key/value input '{}' has element type {other}; only float caches can be made",
+            input.name
+        ))),
+    }
+}
+
+/// The `local_window_size` of the attention node that reads `cache`.
+fn window(model: &Model, cache: &str) -> Option<usize> {
+    let g = &model.graph;
+    g.consumers(cache).iter().find_map(|&c| {
+        g.node(c)?
+            .attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some("local_window_size"))
+            .and_then(|a| a.i)
+            .filter(|&w| w > 0)
+            .map(|w| w as usize)
+    })
+}
+
+/// The head size of the attention node that reads `cache`, from its query projection.
+fn head_size(model: &Model, cache: &str) -> Option<usize> {
+    let g = &model.graph;
+    for &c in g.consumers(cache) {
+        let n = g.node(c)?;
+        let heads = |name: &str| {
+            n.attribute
+                .iter()
+                .find(|a| a.name.as_deref() == Some(name))
+                .and_then(|a| a.i)
+        };
+        let Some(q_heads) = heads("num_heads") else {
+            continue;
+        };
+        // GroupQueryAttention packs Q, K and V in its first input when `key` is absent.
+        let kv_heads = heads("kv_num_heads").unwrap_or(q_heads);
+        let packed = n.input.get(1).is_none_or(|k| k.is_empty());
+        let cols = projection_columns(model, n.input.first()?)?;
+        let div = if packed {
+            q_heads + 2 * kv_heads
+        } else {
+            q_heads
+        };
+        if div > 0 && cols % div == 0 {
+            return Some((cols / div) as usize);
+        }
+    }
+    None
+}
+
+/// Output columns of the MatMul (through a bias Add) that produces `value`.
+fn projection_columns(model: &Model, value: &str) -> Option<i64> {
+    let g = &model.graph;
+    let mut at = value.to_string();
+    for _ in 0..6 {
+        let p = g.producer(&at)?;
+        let n = g.node(p)?;
+        match n.op_type.as_deref() {
+            Some("Add") => {
+                let data = n.input.iter().find(|i| !is_const(g, i))?;
+                at = data.clone();
+            }
+            // Shape-preserving ops between the projection and the attention node.
+            Some("RotaryEmbedding" | "Cast" | "Identity") => at = n.input.first()?.clone(),
+            Some("MatMul") => {
+                let w = n.input.get(1)?;
+                let d = const_dims(g, w)?;
+                return (d.len() == 2).then_some(d[1]);
+            }
+            // Quantised builder models: com.microsoft.MatMulNBits (attribute N = columns).
+            Some("MatMulNBits") => {
+                return n
+                    .attribute
+                    .iter()
+                    .find(|a| a.name.as_deref() == Some("N"))
+                    .and_then(|a| a.i);
+            }
+            _ => return None,
+        }
+    }
+    None
+}

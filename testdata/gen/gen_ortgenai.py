@@ -1,0 +1,133 @@
+"""onnxruntime-genai builder models (what people ship to onnxruntime): tiny random `from_config`
+checkpoints saved with transformers, converted by `python -m onnxruntime_genai.models.builder`.
+
+Each output folder holds the builder's model.onnx (+ model.onnx.data), io.npz (inputs with
+empty past key/value caches, and onnxruntime's outputs) and truth.json (what the checkpoint's
+config says the MoE blocks are). fp32 outputs are also checked against the transformers model
+run in torch, so the builder graph itself is known to be right.
+
+Usage: gen_ortgenai.py --out DIR [--only NAME ...] [--precisions fp32 fp16 int4 int8]
+Developers only (needs torch, transformers 5, onnxruntime-genai; see requirements.txt).
+"""
+import argparse, collections, json, os, shutil, subprocess, sys, tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import onnxruntime_genai
+import torch
+import transformers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKENIZER = os.path.join(HERE, "..", "text", "tokenizer.json")
+VOCAB = 256
+
+
+def gptoss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+    cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=8,
+                       num_experts_per_tok=2, max_position_embeddings=128, sliding_window=16,
+                       layer_types=["sliding_attention", "full_attention"],
+                       bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    layer = dict(experts=8, top_k=2, hidden=32, intermediate=32, activation="swiglu-clamped",
+                 activation_params=dict(alpha=1.702, beta=1.0, limit=7.0), renormalize=True,
+                 router_scoring="softmax", router_bias=True, expert_biases=True, shared_experts=0,
+                 experts_present=list(range(8)))
+    return GptOssForCausalLM(cfg), [dict(layer, layer=i) for i in range(2)]
+
+
+ARCHS = {"gptoss": gptoss}
+
+
+def build(name, precision, out):
+    torch.manual_seed(7)
+    model, layers = ARCHS[name]()
+    for p in model.parameters():  # random but non-trivial weights, fixed by the seed
+        torch.nn.init.normal_(p, std=0.08)
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = os.path.join(tmp, "hf")
+        model.save_pretrained(hf)
+        shutil.copy(TOKENIZER, os.path.join(hf, "tokenizer.json"))
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, open(os.path.join(hf, "tokenizer_config.json"), "w"))
+        dst = os.path.join(out, f"ortgenai_{name}_{precision}")
+        shutil.rmtree(dst, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-m", hf, "-o", dst,
+                        "-p", precision, "-e", "cpu", "-c", os.path.join(tmp, "cache")],
+                       check=True, stdout=subprocess.DEVNULL)
+    for f in os.listdir(dst):  # keep the graph and its data only
+        if f not in ("model.onnx", "model.onnx.data"):
+            os.remove(os.path.join(dst, f))
+    path = os.path.join(dst, "model.onnx")
+    m = onnx.load(path)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = feeds(m, sess, batch=2, seq=7, seed=3, head_dim=model.config.head_dim)
+    outs = sess.run(None, feed)
+    names = [o.name for o in sess.get_outputs()]
+    logits = outs[names.index("logits")].astype(np.float32)
+    if precision == "fp32":
+        with torch.no_grad():
+            ref = model(input_ids=torch.from_numpy(feed["input_ids"])).logits.numpy()
+        err = float(np.abs(logits - ref).max() / np.abs(ref).max())
+        assert err < 1e-4, f"{name}: builder graph disagrees with transformers ({err})"
+    io = dict(feed)
+    io.update(zip(names, outs))
+    np.savez(os.path.join(dst, "io.npz"), **io)
+    truth = dict(name=os.path.basename(dst), form="ort-fused", exporter="onnxruntime-genai builder",
+                 precision=precision, family=name, layers=layers, patched_loop=True,
+                 onnxruntime_genai=onnxruntime_genai.__version__, transformers=transformers.__version__,
+                 ops=dict(collections.Counter(n.op_type for n in m.graph.node).most_common()))
+    json.dump(truth, open(os.path.join(dst, "truth.json"), "w"), indent=1, sort_keys=True)
+    size = sum(os.path.getsize(os.path.join(dst, f)) for f in os.listdir(dst))
+    print(f"{os.path.basename(dst)}: {size} bytes, {len(m.graph.node)} nodes")
+
+
+def feeds(m, sess, batch, seq, seed, head_dim):
+    """Token ids, a full attention mask and empty past caches (a prefill), as smoe-opt makes them:
+    batch dims = batch, past length 0, a sliding-window cache as large as the window (GroupQueryAttention)
+    and the checkpoint's head size."""
+    rng = np.random.default_rng(seed)
+    attn = {}
+    for n in m.graph.node:
+        for i in n.input:
+            if i.startswith("past_key_values"):
+                attn[i] = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+    f = {}
+    for i in sess.get_inputs():
+        dt = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(float16)": np.float16}[i.type]
+        if i.name == "input_ids":
+            f[i.name] = rng.integers(0, VOCAB, size=(batch, seq)).astype(dt)
+        elif i.name == "attention_mask":
+            f[i.name] = np.ones((batch, seq), dt)
+        elif i.name == "position_ids":
+            f[i.name] = np.tile(np.arange(seq, dtype=dt), (batch, 1))
+        elif i.name.startswith("past_key_values"):
+            a = attn[i.name]
+            dims = []
+            for k, d in enumerate(i.shape):
+                if k == 0:
+                    dims.append(batch)
+                elif isinstance(d, int):
+                    dims.append(d)
+                elif "sliding" in d:  # GroupQueryAttention's fixed-capacity window (else empty)
+                    dims.append(max(a.get("local_window_size", 0), 0))
+                elif k == 2:
+                    dims.append(0)
+                else:
+                    dims.append(head_dim)
+            f[i.name] = np.zeros(dims, dt)
+        else:
+            raise ValueError(f"unexpected input {i.name}")
+    return f
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", nargs="*", default=list(ARCHS))
+    ap.add_argument("--precisions", nargs="*", default=["fp32"])
+    a = ap.parse_args()
+    for name in a.only:
+        for p in a.precisions:
+            build(name, p, a.out)
