@@ -22,6 +22,13 @@ pub fn is_past(input: &ValueDesc) -> bool {
     (n.starts_with("past") || n.contains(".past") || n.contains("_past")) && rank4
 }
 
+/// Whether a model output is a present key/value cache (`present.N.key`, `present_key_values…`):
+/// fidelity leaves them out, as they are state handed to the next step, not predictions (and a
+/// sliding-window cache holds whatever its buffer held beyond the prompt).
+pub fn is_present_output(name: &str) -> bool {
+    name.to_ascii_lowercase().starts_with("present")
+}
+
 /// An empty cache for `input` with batch `batch` (zero past length).
 pub fn empty_past(model: &Model, input: &ValueDesc, batch: usize) -> Result<Value> {
     let shape = input.shape.clone().unwrap_or_default();

@@ -592,6 +592,33 @@ def gen_v5_stock(out):
                 experts_implementation="eager",
                 notes="stock transformers-5 loop: Split over hit experts baked in; breaks on inputs missing an expert",
                 layers=moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True)), torch_ref=w)
+    # Qwen3-MoE (top-k renormalised) and OLMoE (not renormalised): the same stock loop.
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, OlmoeConfig, OlmoeForCausalLM
+    import transformers.models.qwen3_moe.modeling_qwen3_moe as q3
+    import transformers.models.olmoe.modeling_olmoe as ol
+    patch_masks(q3)
+    patch_masks(ol)
+    fams = [("qwen3moe_v5_ts_raw", "qwen3_moe", Qwen3MoeForCausalLM,
+             Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_experts=8,
+                            num_experts_per_tok=2, head_dim=8, norm_topk_prob=True, attn_implementation="eager",
+                            **common), True),
+            ("olmoe_v5_ts_raw", "olmoe", OlmoeForCausalLM,
+             OlmoeConfig(hidden_size=32, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                         attn_implementation="eager", eos_token_id=1, pad_token_id=0, **common), False)]
+    for name, fam, cls, c, renorm in fams:
+        torch.manual_seed(15)
+        m = cls(c).eval()
+        m.set_experts_implementation("eager")
+        init_weights(m, 15)
+        wm = CausalLM(m).eval()
+        inp = lm_inputs(4, 32, 15)
+        assert all(len(h) == 8 for h in hit_experts(m, inp))
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        export(wm, inp, os.path.join(out, name, "model.onnx"), dynamo=False, dynamic=True)
+        finish(name, out, wm, inp,
+               dict(form="per-expert-3d", exporter="torchscript", family=fam, patched_loop=False,
+                    experts_implementation="eager",
+                    layers=moe_layer_truth(2, 8, 2, 32, 32, "swiglu", renorm)), torch_ref=wm)
     # (b) an export input that misses experts: a broken export (chains for the hit experts only,
     #     bound by position), for diagnostics.
     small = lm_inputs(1, 2, 14, pad=False)
