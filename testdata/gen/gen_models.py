@@ -563,62 +563,57 @@ def hit_experts(model, inputs):
     return hits
 
 
+def stock_model(cls, cfg, seed):
+    """A transformers-5 model with the eager experts (the stock `expert_hit` loop), seeded."""
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    model.set_experts_implementation("eager")
+    init_weights(model, seed)
+    return model, CausalLM(model).eval()
+
+
+def export_stock(out, name, model, w, inputs, family, layers, **extra):
+    """Exports with TorchScript, unpatched, from an input that hits every expert of every layer."""
+    hits = hit_experts(model, inputs)
+    assert all(len(h) == 8 for h in hits), hits
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    export(w, inputs, os.path.join(out, name, "model.onnx"), dynamo=False, dynamic=True)
+    finish(name, out, w, inputs,
+           dict(form="per-expert-3d", exporter="torchscript", family=family, patched_loop=False,
+                experts_implementation="eager", layers=layers, **extra), torch_ref=w)
+
+
 def gen_v5_stock(out):
     """transformers 5 eager experts with the STOCK loop (`for expert_idx in expert_hit`), traced by
     TorchScript without any loop patch: each chain gathers its expert's slice of the 3-D weights
     with the i-th output of a Split over NonZero, sized at trace time."""
     from transformers import MixtralConfig, MixtralForCausalLM
-    import transformers.models.mixtral.modeling_mixtral as mx
-    patch_masks(mx)
-    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=512, use_cache=False, tie_word_embeddings=False)
-    cfg = MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2,
-                        attn_implementation="eager", **common)
-    torch.manual_seed(13)
-    model = MixtralForCausalLM(cfg).eval()
-    model.set_experts_implementation("eager")
-    init_weights(model, 13)
-    w = CausalLM(model).eval()
-    # (a) an export input that hits every expert of both layers: complete, but the hit count is
-    #     baked into the Split (onnxruntime fails on inputs that miss an expert).
-    inputs = lm_inputs(4, 32, 13)
-    hits = hit_experts(model, inputs)
-    assert all(len(h) == 8 for h in hits), hits
-    name = "mixtral_v5_ts_raw"
-    os.makedirs(os.path.join(out, name), exist_ok=True)
-    export(w, inputs, os.path.join(out, name, "model.onnx"), dynamo=False, dynamic=True)
-    finish(name, out, w, inputs,
-           dict(form="per-expert-3d", exporter="torchscript", family="mixtral", patched_loop=False,
-                experts_implementation="eager",
-                notes="stock transformers-5 loop: Split over hit experts baked in; breaks on inputs missing an expert",
-                layers=moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True)), torch_ref=w)
-    # Qwen3-MoE (top-k renormalised) and OLMoE (not renormalised): the same stock loop.
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, OlmoeConfig, OlmoeForCausalLM
+    import transformers.models.mixtral.modeling_mixtral as mx
     import transformers.models.qwen3_moe.modeling_qwen3_moe as q3
     import transformers.models.olmoe.modeling_olmoe as ol
-    patch_masks(q3)
-    patch_masks(ol)
+    for mod in (mx, q3, ol):
+        patch_masks(mod)
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, use_cache=False, tie_word_embeddings=False,
+                  attn_implementation="eager")
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, **common)
+    model, w = stock_model(MixtralForCausalLM, cfg, 13)
+    # (a) an export input that hits every expert of both layers: complete, but the hit count is
+    #     baked into the Split (onnxruntime fails on inputs that miss an expert).
+    export_stock(out, "mixtral_v5_ts_raw", model, w, lm_inputs(4, 32, 13), "mixtral",
+                 moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True),
+                 notes="stock transformers-5 loop: Split over hit experts baked in; breaks on inputs missing an expert")
+    # Qwen3-MoE (top-k renormalised) and OLMoE (not renormalised): the same stock loop.
     fams = [("qwen3moe_v5_ts_raw", "qwen3_moe", Qwen3MoeForCausalLM,
              Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_experts=8,
-                            num_experts_per_tok=2, head_dim=8, norm_topk_prob=True, attn_implementation="eager",
-                            **common), True),
+                            num_experts_per_tok=2, head_dim=8, norm_topk_prob=True, **common), True),
             ("olmoe_v5_ts_raw", "olmoe", OlmoeForCausalLM,
              OlmoeConfig(hidden_size=32, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-                         attn_implementation="eager", eos_token_id=1, pad_token_id=0, **common), False)]
+                         eos_token_id=1, pad_token_id=0, **common), False)]
     for name, fam, cls, c, renorm in fams:
-        torch.manual_seed(15)
-        m = cls(c).eval()
-        m.set_experts_implementation("eager")
-        init_weights(m, 15)
-        wm = CausalLM(m).eval()
-        inp = lm_inputs(4, 32, 15)
-        assert all(len(h) == 8 for h in hit_experts(m, inp))
-        os.makedirs(os.path.join(out, name), exist_ok=True)
-        export(wm, inp, os.path.join(out, name, "model.onnx"), dynamo=False, dynamic=True)
-        finish(name, out, wm, inp,
-               dict(form="per-expert-3d", exporter="torchscript", family=fam, patched_loop=False,
-                    experts_implementation="eager",
-                    layers=moe_layer_truth(2, 8, 2, 32, 32, "swiglu", renorm)), torch_ref=wm)
+        m, wm = stock_model(cls, c, 15)
+        export_stock(out, name, m, wm, lm_inputs(4, 32, 15), fam, moe_layer_truth(2, 8, 2, 32, 32, "swiglu", renorm))
     # (b) an export input that misses experts: a broken export (chains for the hit experts only,
     #     bound by position), for diagnostics.
     small = lm_inputs(1, 2, 14, pad=False)
