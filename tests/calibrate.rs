@@ -256,3 +256,62 @@ fn saved_statistics_load_back_exactly() {
         assert!(a.samples.iter().all(|s| s.len() <= 5), "reservoir cap");
     }
 }
+
+#[test]
+fn past_key_value_inputs_are_fed_as_empty_caches() {
+    // onnxruntime-genai builder models take past caches as inputs; token data (text, random
+    // ids) does not give them. Fed empty (head size found from the graph: GroupQueryAttention's
+    // packed projection in fp32, the concatenated new keys in the fp16 MultiHeadAttention
+    // path), the statistics equal those of the io.npz run, whose caches the generator made.
+    if python().is_none() {
+        return; // onnxruntime (contrib attention ops) is needed
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["ortgenai_gptoss_fp32", "ortgenai_gptoss_fp16"] {
+        let dir = root().join("testdata/models").join(name);
+        // The token ids of io.npz alone, without its caches.
+        let io = smoe_opt::runtime::read_npz(&dir.join("io.npz")).unwrap();
+        let ids = io.iter().find(|(k, _)| k == "input_ids").unwrap().1.clone();
+        let smoe_opt::runtime::Value::I64(ids) = ids else {
+            panic!("int64 ids")
+        };
+        let npz = tmp.path().join(format!("{name}.ids.npz"));
+        let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&npz).unwrap());
+        w.add_array("input_ids", &ids).unwrap();
+        let mask = ids.mapv(|_| 1i64);
+        w.add_array("attention_mask", &mask).unwrap();
+        if name.ends_with("fp16") {
+            let pos = ndarray::ArrayD::from_shape_fn(ids.raw_dim(), |d| d[1] as i64);
+            w.add_array("position_ids", &pos).unwrap();
+        }
+        w.finish().unwrap();
+        let stats = |data: &std::path::Path, out: &str| -> serde_json::Value {
+            let out = tmp.path().join(out);
+            let o = bin()
+                .arg("calibrate")
+                .arg(dir.join("model.onnx"))
+                .arg("--calib")
+                .arg(data)
+                .args(["--runtime", "ort", "-o"])
+                .arg(&out)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+        };
+        let a = stats(&npz, &format!("{name}.ids.json"));
+        let b = stats(&dir.join("io.npz"), &format!("{name}.io.json"));
+        for (la, lb) in a["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(b["layers"].as_array().unwrap())
+        {
+            assert_eq!(la["counts"], lb["counts"], "{name}");
+        }
+    }
+}

@@ -126,6 +126,47 @@ fn head_size(model: &Model, cache: &str) -> Option<usize> {
             return Some((cols / div) as usize);
         }
     }
+    concat_head_size(model, cache)
+}
+
+/// The head size where the cache is concatenated (axis 2) with the new keys/values, as
+/// decomposed attention does (onnxruntime-genai's float16 MultiHeadAttention path):
+/// the other operand is `Transpose(Reshape(projection, [.., kv_heads, head_size or -1]))`.
+fn concat_head_size(model: &Model, cache: &str) -> Option<usize> {
+    let g = &model.graph;
+    for &c in g.consumers(cache) {
+        let n = g.node(c)?;
+        if n.op_type.as_deref() != Some("Concat") {
+            continue;
+        }
+        let axis = n
+            .attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some("axis"))
+            .and_then(|a| a.i);
+        if !matches!(axis, Some(2 | -2)) {
+            continue;
+        }
+        let other = n.input.iter().find(|i| *i != cache)?;
+        let mut at = other.clone();
+        for _ in 0..4 {
+            let p = g.node(g.producer(&at)?)?;
+            match p.op_type.as_deref() {
+                Some("Transpose" | "Cast" | "Identity") => at = p.input.first()?.clone(),
+                Some("Reshape") => {
+                    let shape = crate::moe::consts::const_ints(g, p.input.get(1)?)?;
+                    let (&last, rest) = shape.split_last()?;
+                    if last > 0 {
+                        return Some(last as usize);
+                    }
+                    let heads = *rest.last()?;
+                    let cols = projection_columns(model, p.input.first()?)?;
+                    return (heads > 0 && cols % heads == 0).then(|| (cols / heads) as usize);
+                }
+                _ => break,
+            }
+        }
+    }
     None
 }
 
