@@ -70,7 +70,8 @@ pub fn merge_weighted(members: &[&ExpertParams], w: &[f64]) -> ExpertParams {
     }
 }
 
-/// Reorders intermediate neurons: new neuron `a` is old neuron `perm[a]`.
+/// Reorders intermediate neurons: new neuron `a` is old neuron `perm[a]`. `perm` may also
+/// be a subset (the neurons kept by pruning, in order).
 pub fn permute(e: &ExpertParams, perm: &[usize]) -> ExpertParams {
     ExpertParams {
         gate: e.gate.as_ref().map(|g| g.select(Axis(0), perm)),

@@ -3,7 +3,8 @@
 //! What: score each intermediate neuron j of an expert by its calibrated importance
 //! `mean_t |h_tj| · ‖W_down[:, j]‖` (h = the down projection's input on the tokens routed
 //! to the expert), keep the `k` best (gate/up rows, their biases and down columns together),
-//! in their original order. The caller refits the kept down columns (`refit_down`): without
+//! in their original order (`merge_experts::permute` with the kept indices slices the
+//! expert). The caller refits the kept down columns (`refit_down`): without
 //! the refit the error is several times larger.
 //! Preconditions: `h` has one column per neuron of `p`.
 //! Limits: ties break to the lower index (deterministic); `k` is clamped to `[1, I]`.
@@ -11,8 +12,7 @@
 //! Before/after: I = 4, scores [0.1, 3, 0.2, 2], k = 2 → neurons [1, 3]: gate/up `[2, H]`,
 //! down `[H, 2]`.
 
-use crate::passes::merge_experts::ExpertParams;
-use ndarray::{ArrayView2, Axis};
+use ndarray::ArrayView2;
 
 /// `mean_t |h_tj| · ‖down[:, j]‖` per neuron j (`h` `[rows, I]`, `down` `[H, I]`).
 pub fn neuron_scores(h: ArrayView2<f32>, down: ArrayView2<f32>) -> Vec<f64> {
@@ -38,18 +38,6 @@ pub fn keep_neurons(scores: &[f64], k: usize) -> Vec<usize> {
     let mut keep: Vec<usize> = order[..k.clamp(1, scores.len().max(1)).min(scores.len())].to_vec();
     keep.sort_unstable();
     keep
-}
-
-/// The expert restricted to the neurons `keep`.
-pub fn slice_neurons(p: &ExpertParams, keep: &[usize]) -> ExpertParams {
-    ExpertParams {
-        gate: p.gate.as_ref().map(|g| g.select(Axis(0), keep)),
-        up: p.up.select(Axis(0), keep),
-        down: p.down.select(Axis(1), keep),
-        gate_bias: p.gate_bias.as_ref().map(|b| b.select(Axis(0), keep)),
-        up_bias: p.up_bias.as_ref().map(|b| b.select(Axis(0), keep)),
-        down_bias: p.down_bias.clone(),
-    }
 }
 
 #[cfg(test)]

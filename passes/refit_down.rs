@@ -36,17 +36,7 @@ pub fn refit_down(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::Array;
-
-    fn rnd(seed: u64, r: usize, c: usize) -> Array2<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        Array::from_shape_fn((r, c), |_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % 20001) as f32 / 10000.0 - 1.0
-        })
-    }
+    use crate::linalg::test_matrix as rnd;
 
     #[test]
     fn exact_prior_is_kept() {

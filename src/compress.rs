@@ -35,8 +35,8 @@ use crate::moe::weights::{expert_params, matrix, vector};
 use crate::moe::{Act, Detection, MoeBlock};
 use crate::passes::allocate_ranks::{allocate_ranks, MatrixEnergies, Rank};
 use crate::passes::base_delta::base_delta;
-use crate::passes::merge_experts::ExpertParams;
-use crate::passes::prune_neurons::{keep_neurons, neuron_scores, slice_neurons};
+use crate::passes::merge_experts::{permute, ExpertParams};
+use crate::passes::prune_neurons::{keep_neurons, neuron_scores};
 use crate::passes::refit_down::refit_down;
 use faer::Mat;
 use ndarray::{Array1, Array2, Axis};
@@ -782,19 +782,29 @@ fn target_spectra(d: &LayerData, t: &Targets) -> (Vec<TargetSpectra>, Vec<Vec<Ma
         .iter()
         .map(|p| mats(p).into_iter().map(|(n, m)| (n, m.clone())).collect())
         .collect();
+    spectra_of(d, t, &ws)
+}
+
+/// Spectra of matrices `ws` (per target: named matrices, the targets' own or their deltas)
+/// in parallel over targets, and their energies normalised per matrix type across targets.
+fn spectra_of(
+    d: &LayerData,
+    t: &Targets,
+    ws: &[Vec<(&'static str, Array2<f32>)>],
+) -> (Vec<TargetSpectra>, Vec<Vec<MatrixEnergies>>) {
     let spectra: Vec<TargetSpectra> = t
         .plan
         .experts
         .par_iter()
         .zip(&t.params)
-        .zip(&ws)
+        .zip(ws)
         .map(|((e, p), w)| spectra(d, &e.ids, w, p))
         .collect();
     let refs: Vec<&TargetSpectra> = spectra.iter().collect();
     let totals = type_totals(&refs);
     let en = spectra
         .iter()
-        .zip(&ws)
+        .zip(ws)
         .map(|(s, w)| energies(s, w, &totals))
         .collect();
     (spectra, en)
@@ -856,21 +866,7 @@ fn base_delta_parts(d: &LayerData, t: &Targets, labels: Option<&[usize]>) -> Bas
             v
         })
         .collect();
-    let spectra: Vec<TargetSpectra> = t
-        .plan
-        .experts
-        .par_iter()
-        .zip(&t.params)
-        .zip(&deltas)
-        .map(|((e, p), w)| spectra(d, &e.ids, w, p))
-        .collect();
-    let refs: Vec<&TargetSpectra> = spectra.iter().collect();
-    let totals = type_totals(&refs);
-    let en = spectra
-        .iter()
-        .zip(&deltas)
-        .map(|(s, w)| energies(s, w, &totals))
-        .collect();
+    let (spectra, en) = spectra_of(d, t, &deltas);
     BaseDeltaParts {
         bases,
         group,
@@ -953,7 +949,7 @@ fn build_neurons(d: &LayerData, t: &Targets, keep: usize) -> (Vec<NewExpert>, Ve
             let h = dense.hidden(xs.view(), &[]);
             let scores = neuron_scores(h.view(), p.down.view());
             let kept = keep_neurons(&scores, keep);
-            let mut q = slice_neurons(p, &kept);
+            let mut q = permute(p, &kept);
             let hk = h.select(Axis(1), &kept);
             let mut target = dense.forward(xs.view(), &[]);
             if let Some(b) = &p.down_bias {

@@ -122,10 +122,7 @@ impl BlockSummary {
                 }
                 _ => None,
             }),
-            dtype: crate::moe::consts::const_proto(g, &b.router.weight.tensor)
-                .and_then(|t| t.data_type)
-                .map(dtype::name)
-                .unwrap_or_else(|| "float".into()),
+            dtype: dtype::name(b.weight_dtype(g)),
             renormalize: b.router.renormalize,
             router_scoring: b.router.scoring,
             router_bias: b.router.bias.is_some(),

@@ -148,20 +148,22 @@ pub fn ridge_solve(ata: MatRef<f64>, att: MatRef<f64>, prior: MatRef<f64>, rel: 
     rhs
 }
 
+/// A deterministic pseudo-random `[r, c]` matrix with entries in [-1, 1] (unit tests).
+#[cfg(test)]
+pub(crate) fn test_matrix(seed: u64, r: usize, c: usize) -> Array2<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    Array2::from_shape_fn((r, c), |_| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s % 20001) as f32 / 10000.0 - 1.0
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_matrix as rnd;
     use super::*;
-    use ndarray::Array;
-
-    fn rnd(seed: u64, r: usize, c: usize) -> Array2<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        Array::from_shape_fn((r, c), |_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % 20001) as f32 / 10000.0 - 1.0
-        })
-    }
 
     #[test]
     fn full_rank_whitened_svd_reproduces_the_matrix() {

@@ -261,13 +261,17 @@ fn saved_statistics_load_back_exactly() {
 fn past_key_value_inputs_are_fed_as_empty_caches() {
     // onnxruntime-genai builder models take past caches as inputs; token data (text, random
     // ids) does not give them. Fed empty (head size found from the graph: GroupQueryAttention's
-    // packed projection in fp32, the concatenated new keys in the fp16 MultiHeadAttention
-    // path), the statistics equal those of the io.npz run, whose caches the generator made.
+    // packed projection in fp32 and in the `-e cuda` fp16 graph, the concatenated new keys in
+    // the `-e cpu` fp16 MultiHeadAttention path), the statistics equal those of the io.npz run, whose caches the generator made.
     if python().is_none() {
         return; // onnxruntime (contrib attention ops) is needed
     }
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["ortgenai_gptoss_fp32", "ortgenai_gptoss_fp16"] {
+    for name in [
+        "ortgenai_gptoss_fp32",
+        "ortgenai_gptoss_fp16",
+        "ortgenai_gptoss_fp16_cuda",
+    ] {
         let dir = root().join("testdata/models").join(name);
         // The token ids of io.npz alone, without its caches.
         let io = smoe_opt::runtime::read_npz(&dir.join("io.npz")).unwrap();
@@ -280,7 +284,7 @@ fn past_key_value_inputs_are_fed_as_empty_caches() {
         w.add_array("input_ids", &ids).unwrap();
         let mask = ids.mapv(|_| 1i64);
         w.add_array("attention_mask", &mask).unwrap();
-        if name.ends_with("fp16") {
+        if name == "ortgenai_gptoss_fp16" {
             let pos = ndarray::ArrayD::from_shape_fn(ids.raw_dim(), |d| d[1] as i64);
             w.add_array("position_ids", &pos).unwrap();
         }

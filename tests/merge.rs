@@ -9,36 +9,6 @@ use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-struct Run {
-    ok: bool,
-    code: Option<i32>,
-    stderr: String,
-    report: Value,
-}
-
-fn reduce(model: &Path, out: &Path, args: &[&str]) -> Run {
-    let rep = out.with_extension("report.json");
-    let o = bin()
-        .arg(model)
-        .arg("-o")
-        .arg(out)
-        .arg("--report")
-        .arg(&rep)
-        .args(args)
-        .output()
-        .unwrap();
-    let report = std::fs::read(&rep)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null);
-    Run {
-        ok: o.status.success(),
-        code: o.status.code(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        report,
-    }
-}
-
 /// [`reduce`] on `dir`'s model, calibrated on its io.npz, with `extra` flags.
 fn reduce_calib(dir: &Path, out: &Path, extra: &[&str]) -> Run {
     let io = dir.join("io.npz");

@@ -10,6 +10,7 @@
 //! projection whose weight gives `heads × head_size` columns.
 use crate::error::{Error, Result};
 use crate::inspect::ValueDesc;
+use crate::ir::node_attr;
 use crate::model::Model;
 use crate::moe::consts::{const_dims, is_const};
 use crate::runtime::Value;
@@ -89,10 +90,7 @@ pub fn empty_past(model: &Model, input: &ValueDesc, batch: usize) -> Result<Valu
 fn window(model: &Model, cache: &str) -> Option<usize> {
     let g = &model.graph;
     g.consumers(cache).iter().find_map(|&c| {
-        g.node(c)?
-            .attribute
-            .iter()
-            .find(|a| a.name.as_deref() == Some("local_window_size"))
+        node_attr(g.node(c)?, "local_window_size")
             .and_then(|a| a.i)
             .filter(|&w| w > 0)
             .map(|w| w as usize)
@@ -104,12 +102,7 @@ fn head_size(model: &Model, cache: &str) -> Option<usize> {
     let g = &model.graph;
     for &c in g.consumers(cache) {
         let n = g.node(c)?;
-        let heads = |name: &str| {
-            n.attribute
-                .iter()
-                .find(|a| a.name.as_deref() == Some(name))
-                .and_then(|a| a.i)
-        };
+        let heads = |name: &str| node_attr(n, name).and_then(|a| a.i);
         let Some(q_heads) = heads("num_heads") else {
             continue;
         };
@@ -139,11 +132,7 @@ fn concat_head_size(model: &Model, cache: &str) -> Option<usize> {
         if n.op_type.as_deref() != Some("Concat") {
             continue;
         }
-        let axis = n
-            .attribute
-            .iter()
-            .find(|a| a.name.as_deref() == Some("axis"))
-            .and_then(|a| a.i);
+        let axis = node_attr(n, "axis").and_then(|a| a.i);
         if !matches!(axis, Some(2 | -2)) {
             continue;
         }
@@ -191,11 +180,7 @@ fn projection_columns(model: &Model, value: &str) -> Option<i64> {
             }
             // Quantised builder models: com.microsoft.MatMulNBits (attribute N = columns).
             Some("MatMulNBits") => {
-                return n
-                    .attribute
-                    .iter()
-                    .find(|a| a.name.as_deref() == Some("N"))
-                    .and_then(|a| a.i);
+                return node_attr(n, "N").and_then(|a| a.i);
             }
             _ => return None,
         }

@@ -388,8 +388,9 @@ pub fn load_inputs(model: &Model, source: &Source) -> Result<Vec<(String, Value)
         .into_iter()
         .partition(|i| kv_cache::is_past(i) && !given.contains(&i.name));
     let mut out = load_given(model, source, inputs)?;
-    if !past.is_empty() {
-        let batch = out.first().map_or(0, |(_, v)| v.shape()[0]);
+    // (Data-free calibration has no inputs at all.)
+    if let (false, Some((_, first))) = (past.is_empty(), out.first()) {
+        let batch = first.shape()[0];
         for i in &past {
             out.push((i.name.clone(), kv_cache::empty_past(model, i, batch)?));
         }

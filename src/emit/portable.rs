@@ -237,10 +237,7 @@ pub fn router_logits(
 /// The element type a block computes in: its router weight's (float, float16 or bfloat16);
 /// the emitted subgraph keeps it, so a half-precision model stays half precision.
 pub fn block_float(g: &crate::ir::Graph, block: &MoeBlock) -> Result<i32> {
-    let t = crate::moe::consts::const_proto(g, &block.router.weight.tensor);
-    let dt = t
-        .and_then(|t| t.data_type)
-        .unwrap_or(DataType::Float as i32);
+    let dt = block.weight_dtype(g);
     let ok = [DataType::Float, DataType::Float16, DataType::Bfloat16];
     if !ok.iter().any(|d| *d as i32 == dt) {
         let name =

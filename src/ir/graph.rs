@@ -5,7 +5,7 @@
 //! verbatim in the header proto, so a graph converted in and out unchanged re-encodes to
 //! the same bytes. Mutation happens only through [`Patch`](super::Patch).
 use crate::error::{Error, Result};
-use crate::onnx::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
+use crate::onnx::proto::{AttributeProto, GraphProto, NodeProto, TensorProto, ValueInfoProto};
 use bytes::Bytes;
 use indexmap::IndexMap;
 use std::collections::{HashMap, HashSet};
@@ -322,6 +322,11 @@ pub fn node_label(n: &NodeProto) -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or("<unnamed>");
     format!("{name} ({})", n.op_type.as_deref().unwrap_or("?"))
+}
+
+/// A node's attribute by name.
+pub fn node_attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    n.attribute.iter().find(|a| a.name.as_deref() == Some(name))
 }
 
 /// Outer-scope values a subgraph reads (recursively through nested subgraphs).

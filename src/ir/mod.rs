@@ -4,6 +4,6 @@ mod graph;
 mod patch;
 mod prune;
 
-pub use graph::{node_label, Graph, Initializer, NodeId};
+pub use graph::{node_attr, node_label, Graph, Initializer, NodeId};
 pub use patch::Patch;
 pub use prune::prune;

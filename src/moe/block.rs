@@ -290,6 +290,14 @@ impl MoeBlock {
         self.experts.first().map_or(0, |e| e.ffn.intermediate())
     }
 
+    /// ONNX element type of the block's weights (its router weight's; float when unknown),
+    /// read from `g`, the graph holding them.
+    pub fn weight_dtype(&self, g: &crate::ir::Graph) -> i32 {
+        super::consts::const_proto(g, &self.router.weight.tensor)
+            .and_then(|t| t.data_type)
+            .unwrap_or(crate::onnx::proto::tensor_proto::DataType::Float as i32)
+    }
+
     /// Indices of the experts present in the graph.
     pub fn present(&self) -> Vec<usize> {
         self.experts.iter().map(|e| e.index).collect()

@@ -29,10 +29,7 @@ pub fn const_proto<'g>(g: &'g Graph, value: &'g str) -> Option<&'g TensorProto> 
     if n.op_type.as_deref() != Some("Constant") {
         return None;
     }
-    n.attribute
-        .iter()
-        .find(|a| a.name.as_deref() == Some("value"))
-        .and_then(|a| a.t.as_ref())
+    crate::ir::node_attr(n, "value").and_then(|a| a.t.as_ref())
 }
 
 /// Whether `value` is a constant (initializer or `Constant` node output).

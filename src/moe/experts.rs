@@ -33,6 +33,19 @@ struct Linear {
     bias: Option<BiasRef>,
 }
 
+impl Linear {
+    /// Node `id` reading `data` through weight `w` (no bias yet).
+    fn new(v: &View, id: NodeId, data: &str, w: WeightRef) -> Self {
+        Linear {
+            node: id,
+            data: data.to_string(),
+            out: v.output(id, 0).to_string(),
+            w,
+            bias: None,
+        }
+    }
+}
+
 /// Extracts the experts of the region `region` routed by `r`, with block input `x`.
 pub fn extract(v: &View, region: &[NodeId], r: &FoundRouter, x: &str) -> Result<Extracted, String> {
     let within: HashSet<NodeId> = region.iter().copied().collect();
@@ -182,19 +195,18 @@ fn linear_2d(v: &View, id: NodeId) -> Option<Linear> {
     } else {
         (dims[1], dims[0])
     };
-    let mut l = Linear {
-        node: id,
-        data: data.to_string(),
-        out: v.output(id, 0).to_string(),
-        w: WeightRef {
+    let mut l = Linear::new(
+        v,
+        id,
+        data,
+        WeightRef {
             tensor: w.to_string(),
             expert: None,
             transpose: !trans_b,
             rows: None,
             shape: [out as usize, inp as usize],
         },
-        bias: None,
-    };
+    );
     if gemm && !v.input(id, 2).is_empty() {
         l.bias = Some(BiasRef {
             tensor: v.input(id, 2).to_string(),
@@ -272,19 +284,18 @@ fn linear_3d(
         } else {
             ([b, a], true)
         };
-        return Ok(Some(Linear {
-            node: id,
-            data: v.input(id, 1 - side).to_string(),
-            out: v.output(id, 0).to_string(),
-            w: WeightRef {
+        return Ok(Some(Linear::new(
+            v,
+            id,
+            v.input(id, 1 - side),
+            WeightRef {
                 tensor: w.to_string(),
                 expert: Some(0),
                 transpose,
                 rows: None,
                 shape,
             },
-            bias: None,
-        }));
+        )));
     }
     Ok(None)
 }
@@ -377,19 +388,18 @@ fn linear_sliced(v: &View, id: NodeId, sel: &HashSet<&str>) -> Option<(Linear, u
     } else {
         ([b, a], true)
     };
-    let mut l = Linear {
-        node: id,
-        data: data.to_string(),
-        out: v.output(id, 0).to_string(),
-        w: WeightRef {
+    let mut l = Linear::new(
+        v,
+        id,
+        data,
+        WeightRef {
             tensor: stacked.to_string(),
             expert: Some(e),
             transpose,
             rows: None,
             shape,
         },
-        bias: None,
-    };
+    );
     attach_bias(v, &mut l);
     Some((l, e, spec))
 }

@@ -7,7 +7,6 @@ use super::block::{Act, BiasRef, Expert, Ffn, Form, MoeBlock, Router, RowSel, Sc
 use super::consts::{const_dims, is_const};
 use super::view::View;
 use crate::ir::NodeId;
-use std::ops::Not;
 
 /// Which weight layout a fused block uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -60,7 +59,7 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
     } else {
         (rd[1] as usize, rd[0] as usize)
     };
-    if op == "Gemm" && v.input(mm, 2).is_empty().not() {
+    if op == "Gemm" && !v.input(mm, 2).is_empty() {
         if bias_t.is_some() {
             return Err("router has two biases".into());
         }

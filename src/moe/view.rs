@@ -59,37 +59,22 @@ impl<'g> View<'g> {
 
     /// Integer attribute.
     pub fn attr_int(&self, id: NodeId, name: &str) -> Option<i64> {
-        self.node(id)
-            .attribute
-            .iter()
-            .find(|a| a.name.as_deref() == Some(name))
-            .and_then(|a| a.i)
+        crate::ir::node_attr(self.node(id), name).and_then(|a| a.i)
     }
 
     /// Float attribute.
     pub fn attr_float(&self, id: NodeId, name: &str) -> Option<f32> {
-        self.node(id)
-            .attribute
-            .iter()
-            .find(|a| a.name.as_deref() == Some(name))
-            .and_then(|a| a.f)
+        crate::ir::node_attr(self.node(id), name).and_then(|a| a.f)
     }
 
     /// Integer-list attribute.
     pub fn attr_ints(&self, id: NodeId, name: &str) -> Option<Vec<i64>> {
-        self.node(id)
-            .attribute
-            .iter()
-            .find(|a| a.name.as_deref() == Some(name))
-            .map(|a| a.ints.clone())
+        crate::ir::node_attr(self.node(id), name).map(|a| a.ints.clone())
     }
 
     /// String attribute.
     pub fn attr_str(&self, id: NodeId, name: &str) -> Option<String> {
-        self.node(id)
-            .attribute
-            .iter()
-            .find(|a| a.name.as_deref() == Some(name))
+        crate::ir::node_attr(self.node(id), name)
             .and_then(|a| a.s.as_ref())
             .map(|s| String::from_utf8_lossy(s).into_owned())
     }

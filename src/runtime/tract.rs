@@ -9,7 +9,6 @@
 use super::{Session, Value};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use std::collections::HashMap;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 
@@ -23,9 +22,8 @@ type Signature = Vec<(DatumType, Vec<usize>)>;
 /// A model compiled by tract.
 pub struct TractSession {
     model: InferenceModel,
-    plans: HashMap<Signature, Arc<TypedSimplePlan>>,
-    /// Signatures in the order they were compiled (the oldest is evicted first).
-    order: Vec<Signature>,
+    /// Compiled plans, oldest first (evicted first).
+    plans: Vec<(Signature, Arc<TypedSimplePlan>)>,
     /// The temporary model files of a large model (kept while the session lives).
     _files: Option<tempfile::TempDir>,
     inputs: Vec<String>,
@@ -89,7 +87,9 @@ impl TractSession {
             })
             .collect();
         // Value-info shapes are the exporter's claims, not facts: drop them so that tract
-        // infers every intermediate shape from the concrete inputs.
+        // infers every intermediate shape from the concrete inputs (with them, the dynamo
+        // export fails at its embedding Gather once the inputs are concrete; without the
+        // concrete inputs it fails on its symbols: both are needed).
         for id in 0..model.nodes().len() {
             for slot in 0..model.node(id).outputs.len() {
                 let outlet = OutletId::new(id, slot);
@@ -108,8 +108,7 @@ impl TractSession {
         }
         Ok(TractSession {
             model,
-            plans: HashMap::new(),
-            order: Vec::new(),
+            plans: Vec::new(),
             _files: None,
             inputs,
             input_types,
@@ -119,7 +118,7 @@ impl TractSession {
 
     /// The plan for one concrete input signature, compiled on first use.
     fn plan(&mut self, sig: &Signature) -> Result<Arc<TypedSimplePlan>> {
-        if let Some(p) = self.plans.get(sig) {
+        if let Some((_, p)) = self.plans.iter().find(|(s, _)| s == sig) {
             return Ok(p.clone());
         }
         let mut model = self.model.clone();
@@ -133,12 +132,10 @@ impl TractSession {
             .map_err(|e| err("optimising", format!("{e:#}")))?
             .into_runnable()
             .map_err(|e| err("planning", format!("{e:#}")))?;
-        if self.order.len() >= PLAN_CACHE {
-            let old = self.order.remove(0);
-            self.plans.remove(&old);
+        if self.plans.len() >= PLAN_CACHE {
+            self.plans.remove(0);
         }
-        self.order.push(sig.clone());
-        self.plans.insert(sig.clone(), plan.clone());
+        self.plans.push((sig.clone(), plan.clone()));
         Ok(plan)
     }
 }

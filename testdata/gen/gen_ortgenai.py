@@ -6,7 +6,7 @@ empty past key/value caches, and onnxruntime's outputs) and truth.json (what the
 config says the MoE blocks are). fp32 outputs are also checked against the transformers model
 run in torch, so the builder graph itself is known to be right.
 
-Usage: gen_ortgenai.py --out DIR [--only NAME ...] [--precisions fp32 fp16 int4 int8]
+Usage: gen_ortgenai.py --out DIR [--only NAME ...] [--precisions fp32 fp16 int4 int8] [--eps cpu cuda]
 Developers only (needs torch, transformers 5, onnxruntime-genai; see requirements.txt).
 """
 import argparse, collections, json, os, shutil, subprocess, sys, tempfile
@@ -40,7 +40,7 @@ def gptoss():
 ARCHS = {"gptoss": gptoss}
 
 
-def build(name, precision, out):
+def build(name, precision, ep, out):
     torch.manual_seed(7)
     model, layers = ARCHS[name]()
     for p in model.parameters():  # random but non-trivial weights, fixed by the seed
@@ -51,10 +51,12 @@ def build(name, precision, out):
         model.save_pretrained(hf)
         shutil.copy(TOKENIZER, os.path.join(hf, "tokenizer.json"))
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, open(os.path.join(hf, "tokenizer_config.json"), "w"))
-        dst = os.path.join(out, f"ortgenai_{name}_{precision}")
+        # `-e cuda` writes another graph (GroupQueryAttention in fp16, no MultiHeadAttention
+        # path) that onnxruntime's CPU provider also runs.
+        dst = os.path.join(out, f"ortgenai_{name}_{precision}" + ("" if ep == "cpu" else f"_{ep}"))
         shutil.rmtree(dst, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-m", hf, "-o", dst,
-                        "-p", precision, "-e", "cpu", "-c", os.path.join(tmp, "cache")],
+                        "-p", precision, "-e", ep, "-c", os.path.join(tmp, "cache")],
                        check=True, stdout=subprocess.DEVNULL)
     for f in os.listdir(dst):  # keep the graph and its data only
         if f not in ("model.onnx", "model.onnx.data"):
@@ -75,7 +77,7 @@ def build(name, precision, out):
     io.update(zip(names, outs))
     np.savez(os.path.join(dst, "io.npz"), **io)
     truth = dict(name=os.path.basename(dst), form="ort-fused", exporter="onnxruntime-genai builder",
-                 precision=precision, family=name, layers=layers, patched_loop=True,
+                 precision=precision, execution_provider=ep, family=name, layers=layers, patched_loop=True,
                  onnxruntime_genai=onnxruntime_genai.__version__, transformers=transformers.__version__,
                  ops=dict(collections.Counter(n.op_type for n in m.graph.node).most_common()))
     json.dump(truth, open(os.path.join(dst, "truth.json"), "w"), indent=1, sort_keys=True)
@@ -127,7 +129,9 @@ if __name__ == "__main__":
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", nargs="*", default=list(ARCHS))
     ap.add_argument("--precisions", nargs="*", default=["fp32"])
+    ap.add_argument("--eps", nargs="*", default=["cpu"])
     a = ap.parse_args()
     for name in a.only:
         for p in a.precisions:
-            build(name, p, a.out)
+            for ep in a.eps:
+                build(name, p, ep, a.out)

@@ -119,3 +119,36 @@ pub fn out_rtol(dir: &Path, f32: &'static str) -> &'static str {
         f32
     }
 }
+
+/// What one smoe-opt run returned: success, exit code, stderr and the `--report` JSON
+/// (null when none was written).
+pub struct Run {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stderr: String,
+    pub report: serde_json::Value,
+}
+
+/// Runs `smoe-opt MODEL -o OUT --report OUT.report.json ARGS…`.
+pub fn reduce(model: &Path, out: &Path, args: &[&str]) -> Run {
+    let rep = out.with_extension("report.json");
+    let o = bin()
+        .arg(model)
+        .arg("-o")
+        .arg(out)
+        .arg("--report")
+        .arg(&rep)
+        .args(args)
+        .output()
+        .unwrap();
+    let report = std::fs::read(&rep)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Run {
+        ok: o.status.success(),
+        code: o.status.code(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        report,
+    }
+}
