@@ -215,6 +215,7 @@ impl Rows {
         block: &MoeBlock,
         wr: &Array2<f32>,
         rb: Option<&Array1<f32>>,
+        sb: Option<&[f32]>,
         per_expert: &[Vec<&[f32]>],
         counts: &[u64],
     ) -> Self {
@@ -234,7 +235,7 @@ impl Rows {
         if let Some(b) = rb {
             logits += b;
         }
-        let routes = route(block, logits.view(), usize::MAX);
+        let routes = route(block, sb, logits.view(), usize::MAX);
         let mut rows = vec![Vec::new(); n];
         let mut row_w = vec![Vec::new(); n];
         for (tk, r) in routes.iter().enumerate() {
@@ -346,7 +347,15 @@ impl<'a> LayerData<'a> {
                 })
                 .collect()
         };
-        let fit = Rows::new(block, &wr, rb.as_ref(), &split(false), &stats.counts);
+        let sb = crate::calib::stats::selection_bias(g, block)?;
+        let fit = Rows::new(
+            block,
+            &wr,
+            rb.as_ref(),
+            sb.as_deref(),
+            &split(false),
+            &stats.counts,
+        );
         let thin: Vec<usize> = (0..n)
             .filter(|&e| stats.samples[e].len() < h.min(256))
             .collect();
@@ -358,7 +367,14 @@ impl<'a> LayerData<'a> {
                 block.name
             );
         }
-        let eval = Rows::new(block, &wr, rb.as_ref(), &split(true), &stats.counts);
+        let eval = Rows::new(
+            block,
+            &wr,
+            rb.as_ref(),
+            sb.as_deref(),
+            &split(true),
+            &stats.counts,
+        );
         let act = block.experts[0].ffn.act;
         let in_gram: Vec<Mat<f64>> = (0..n)
             .map(|e| {

@@ -75,6 +75,12 @@ pub struct BlockSummary {
     pub router_scoring: crate::moe::Scoring,
     /// Whether the router has a bias.
     pub router_bias: bool,
+    /// Whether a bias is added to the scores for the choice only (DeepSeek-V3).
+    pub selection_bias: bool,
+    /// Group-limited choice `[groups, groups kept]` (DeepSeek-V3), or null.
+    pub groups: Option<[usize; 2]>,
+    /// Routed scaling factor applied to the weights (1 if none).
+    pub routed_scaling: f32,
     /// Switch capacity (tokens per expert per sequence), or null.
     pub capacity: Option<usize>,
     /// Number of shared (always-on) experts.
@@ -126,6 +132,9 @@ impl BlockSummary {
             renormalize: b.router.renormalize,
             router_scoring: b.router.scoring,
             router_bias: b.router.bias.is_some(),
+            selection_bias: b.router.selection_bias.is_some(),
+            groups: b.router.groups.map(|g| [g.count, g.top]),
+            routed_scaling: b.router.scale,
             capacity: b.router.capacity,
             shared_experts: b.shared.len(),
             expert_biases: first.is_some_and(|f| f.up_bias.is_some() || f.down_bias.is_some()),
@@ -422,6 +431,21 @@ impl Inspection {
                     b.shared_experts,
                     human_bytes(b.expert_bytes)
                 );
+            }
+            for b in &self.moe_blocks {
+                let mut extra = Vec::new();
+                if b.selection_bias {
+                    extra.push("a selection-only score bias".to_string());
+                }
+                if let Some([count, top]) = b.groups {
+                    extra.push(format!("experts in {count} groups, best {top} eligible"));
+                }
+                if b.routed_scaling != 1.0 {
+                    extra.push(format!("weights scaled by {}", b.routed_scaling));
+                }
+                if !extra.is_empty() {
+                    let _ = writeln!(s, "  {} router: {}", b.name, extra.join(", "));
+                }
             }
         }
         if !self.diagnostics.is_empty() {

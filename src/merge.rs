@@ -328,6 +328,14 @@ pub(crate) fn plan_layer(
     let act = b.experts[0].ffn.act;
     let f = &s.frequency;
     if opts.method.prunes() {
+        if let Some(g) = b.router.groups {
+            return Err(Error::Usage(format!(
+                "{}: pruning removes router rows, but this router chooses experts within {} equal \
+                 groups (DeepSeek-V3 style) that must stay equal; merge instead (--method m-smoe, \
+                 hc-smoe or average keep every router row) or compress (--target-size)",
+                b.name, g.count
+            )));
+        }
         let score = if opts.method == MergeMethod::PruneReap {
             &s.reap
         } else {

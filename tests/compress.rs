@@ -25,6 +25,7 @@ fn sample() -> Vec<(String, std::path::PathBuf)> {
         "sigmoid_router_n8_k2",
         "qwen2moe_n4_k1_shared",
         "mixtral_v5_ts_raw",
+        "deepseekv3_v5_ts_raw",
         "ortgenai_gptoss_fp32",
         "ortgenai_gptoss_fp16",
     ];

@@ -70,10 +70,21 @@ fn detection_matches_generator_truth() {
                 _ => "float",
             };
             assert_eq!(b["dtype"], dtype, "{ctx}: dtype");
-            for key in ["expert_biases", "router_bias"] {
+            for key in ["expert_biases", "router_bias", "selection_bias"] {
                 let want = l.get(key).cloned().unwrap_or(Value::Bool(false));
                 assert_eq!(b[key], want, "{ctx}: {key}");
             }
+            let groups = l.get("groups").cloned().unwrap_or(Value::Null);
+            assert_eq!(b["groups"], groups, "{ctx}: groups");
+            let scaling = l
+                .get("routed_scaling")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0);
+            assert_eq!(
+                b["routed_scaling"].as_f64(),
+                Some(scaling),
+                "{ctx}: scaling"
+            );
             let truth_present = l["experts_present"].as_array().unwrap();
             if b["experts_identified"] == true {
                 assert_eq!(&b["experts_present"], &l["experts_present"], "{ctx}");

@@ -431,6 +431,42 @@ fn usage_errors_are_clear() {
     }
 }
 
+/// DeepSeek-V3 routers choose within equal expert groups: pruning (which removes router
+/// rows) is refused with the alternatives, and a merge keeps every row and runs (the merge
+/// test above checks its output against the original in both runtimes).
+#[test]
+fn group_limited_routers_refuse_pruning_and_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = root().join("testdata/models/deepseekv3_v5_ts_raw");
+    let io = dir.join("io.npz");
+    let out = tmp.path().join("o.onnx");
+    for method in ["prune-frequency", "prune-reap"] {
+        let args = [
+            "--keep",
+            "0.5",
+            "--method",
+            method,
+            "--calib",
+            io.to_str().unwrap(),
+        ];
+        let r = reduce(&dir.join("model.onnx"), &out, &args);
+        assert_eq!(r.code, Some(2), "{method}: {}", r.stderr);
+        assert!(r.stderr.contains("equal groups"), "{}", r.stderr);
+        assert!(r.stderr.contains("--method m-smoe"), "{}", r.stderr);
+        assert!(!out.exists());
+    }
+    let args = [
+        "--keep",
+        "0.5",
+        "--method",
+        "hc-smoe",
+        "--calib",
+        io.to_str().unwrap(),
+    ];
+    let r = reduce(&dir.join("model.onnx"), &out, &args);
+    assert!(r.ok, "{}", r.stderr);
+}
+
 #[test]
 fn fused_emission_names_its_semantics() {
     let Some(py) = python() else { return };

@@ -57,6 +57,7 @@ pub struct LayerAcc {
     reservoir: Vec<Vec<Vec<f32>>>,
     seen: Vec<u64>,
     rng: Rng,
+    sel_bias: Option<Vec<f32>>,
 }
 
 /// One token's routing: chosen experts and their weights (dropped slots have weight 0 and
@@ -71,12 +72,29 @@ pub struct Route {
     pub kept: Vec<bool>,
 }
 
-/// Routes tokens from router logits exactly as the block does: scoring, top-k (ties to the
-/// lower index), renormalisation, and Switch capacity per sequence of `seq_len` tokens.
-pub fn route(block: &MoeBlock, logits: ArrayView2<f32>, seq_len: usize) -> Vec<Route> {
+/// The block's selection bias values (DeepSeek-V3), read from `g`.
+pub fn selection_bias(g: &Graph, block: &MoeBlock) -> Result<Option<Vec<f32>>> {
+    block
+        .router
+        .selection_bias
+        .as_ref()
+        .map(|b| crate::moe::weights::vector(g, b))
+        .transpose()
+}
+
+/// Routes tokens from router logits exactly as the block does: scoring, the choice (with the
+/// selection bias `sel_bias` and expert groups, if any), top-k (ties to the lower index),
+/// renormalisation, routed scaling, and Switch capacity per sequence of `seq_len` tokens.
+pub fn route(
+    block: &MoeBlock,
+    sel_bias: Option<&[f32]>,
+    logits: ArrayView2<f32>,
+    seq_len: usize,
+) -> Vec<Route> {
     let r = &block.router;
     let n = r.num_experts;
     let mut routes = Vec::with_capacity(logits.nrows());
+    let mut choice = vec![0f32; n];
     for z in logits.rows() {
         let scores: Vec<f32> = match r.scoring {
             Scoring::Softmax => {
@@ -88,8 +106,15 @@ pub fn route(block: &MoeBlock, logits: ArrayView2<f32>, seq_len: usize) -> Vec<R
             Scoring::Sigmoid => z.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
             Scoring::SoftmaxAfterTopk => z.to_vec(),
         };
+        choice.copy_from_slice(&scores);
+        if let Some(b) = sel_bias {
+            choice.iter_mut().zip(b).for_each(|(c, b)| *c += b);
+        }
+        if let Some(g) = r.groups {
+            mask_groups(&mut choice, g);
+        }
         let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| choice[b].total_cmp(&choice[a]).then(a.cmp(&b)));
         let experts: Vec<usize> = order[..r.top_k].to_vec();
         let mut weights: Vec<f32> = experts.iter().map(|&e| scores[e]).collect();
         if r.scoring == Scoring::SoftmaxAfterTopk {
@@ -100,6 +125,9 @@ pub fn route(block: &MoeBlock, logits: ArrayView2<f32>, seq_len: usize) -> Vec<R
         } else if r.renormalize {
             let s: f32 = weights.iter().sum();
             weights.iter_mut().for_each(|w| *w /= s);
+        }
+        if r.scale != 1.0 {
+            weights.iter_mut().for_each(|w| *w *= r.scale);
         }
         routes.push(Route {
             kept: vec![true; experts.len()],
@@ -122,6 +150,35 @@ pub fn route(block: &MoeBlock, logits: ArrayView2<f32>, seq_len: usize) -> Vec<R
         }
     }
     routes
+}
+
+/// Sets the choice scores of experts outside the best `g.top` groups to -inf; a group scores
+/// the sum of its two best (ties to the lower group).
+fn mask_groups(choice: &mut [f32], g: crate::moe::Groups) {
+    let per = choice.len() / g.count;
+    let score: Vec<f32> = choice
+        .chunks(per)
+        .map(|c| {
+            let mut best = [f32::NEG_INFINITY; 2];
+            for &v in c {
+                if v > best[0] {
+                    best = [v, best[0]];
+                } else if v > best[1] {
+                    best[1] = v;
+                }
+            }
+            if per < 2 {
+                best[0]
+            } else {
+                best[0] + best[1]
+            }
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..g.count).collect();
+    order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+    for &grp in &order[g.top..] {
+        choice[grp * per..(grp + 1) * per].fill(f32::NEG_INFINITY);
+    }
 }
 
 impl LayerAcc {
@@ -151,6 +208,7 @@ impl LayerAcc {
             reservoir: vec![Vec::new(); n],
             seen: vec![0; n],
             rng: Rng(cfg.seed ^ (layer as u64).wrapping_mul(0x2545F4914F6CDD1D)),
+            sel_bias: selection_bias(g, block)?,
             cfg,
         })
     }
@@ -164,7 +222,7 @@ impl LayerAcc {
         keep: &[bool],
         seq_len: usize,
     ) {
-        let routes = route(&self.block, logits, seq_len);
+        let routes = route(&self.block, self.sel_bias.as_deref(), logits, seq_len);
         let idx: Vec<usize> = (0..x.nrows()).filter(|&t| keep[t]).collect();
         if idx.is_empty() {
             return;

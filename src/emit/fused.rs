@@ -24,6 +24,9 @@ pub fn unfit(block: &MoeBlock) -> Option<String> {
     if r.capacity.is_some() {
         return Some("the fused op has no expert capacity".into());
     }
+    if r.selection_bias.is_some() || r.groups.is_some() || r.scale != 1.0 {
+        return Some("the fused op has no selection bias, expert groups or routed scaling".into());
+    }
     if block.experts.len() != r.num_experts {
         return Some("experts are missing".into());
     }

@@ -88,8 +88,16 @@ pub fn emit(
                 vec![]
             };
             let p = em.op(op, &[&logits], attrs);
-            let o = em.op_multi("TopK", &[&p, &k], 2, topk_attrs());
-            (o[0].clone(), o[1].clone())
+            if r.selection_bias.is_none() && r.groups.is_none() {
+                let o = em.op_multi("TopK", &[&p, &k], 2, topk_attrs());
+                (o[0].clone(), o[1].clone())
+            } else {
+                let choice = choice_scores(em, block, &p, router_rows)?;
+                let o = em.op_multi("TopK", &[&choice, &k], 2, topk_attrs());
+                let idx = o[1].clone();
+                let vals = em.op("GatherElements", &[&p, &idx], vec![attr_int("axis", 1)]);
+                (vals, idx)
+            }
         }
         Scoring::SoftmaxAfterTopk => {
             let o = em.op_multi("TopK", &[&logits, &k], 2, topk_attrs());
@@ -103,6 +111,10 @@ pub fn emit(
     } else {
         vals
     };
+    if r.scale != 1.0 {
+        let c = em.floats("routed_scaling", &[], &[r.scale]);
+        vals = em.op("Mul", &[&vals, &c], vec![]);
+    }
     if let Some(cap) = r.capacity {
         if r.top_k != 1 {
             return Err(fail(
@@ -198,6 +210,76 @@ pub fn emit(
     let shape_x = em.op("Shape", &[&block.input], vec![]);
     em.op_into("Reshape", &[&acc, &shape_x], &block.output, vec![]);
     Ok(logits_out)
+}
+
+/// The scores the experts are chosen by, when they are not the weights (DeepSeek-V3): the
+/// scores plus the selection bias, with the experts outside the best groups set to -inf.
+fn choice_scores(
+    em: &mut Emitter,
+    block: &MoeBlock,
+    scores: &str,
+    rows: Option<&[usize]>,
+) -> Result<String> {
+    let r = &block.router;
+    let mut choice = scores.to_string();
+    if let Some(b) = &r.selection_bias {
+        let mut bv = vector(em.graph(), b)?;
+        if let Some(rows) = rows {
+            bv = rows.iter().map(|&e| bv[e]).collect();
+        }
+        let bn = em.floats("selection_bias", &[bv.len() as i64], &bv);
+        choice = em.op("Add", &[&choice, &bn], vec![]);
+    }
+    let Some(g) = r.groups else {
+        return Ok(choice);
+    };
+    if rows.is_some() {
+        return Err(Error::Graph {
+            node: Some(block.name.clone()),
+            reason: "experts of a group-limited router cannot be removed (the groups would no \
+                     longer be equal); merge them instead (a merge keeps every router row)"
+                .into(),
+        });
+    }
+    let (count, per) = (g.count as i64, (r.num_experts / g.count) as i64);
+    // Group score: the sum of the group's two best choice scores.
+    let c3 = em.reshape(&choice, &[-1, count, per]);
+    let k2 = em.ints("k_in_group", &[1], &[per.min(2)]);
+    let best = em.op_multi("TopK", &[&c3, &k2], 2, topk_attrs());
+    let gs = em.reduce_sum(&best[0], &[-1], false);
+    let kg = em.ints("k_groups", &[1], &[g.top as i64]);
+    let top = em.op_multi("TopK", &[&gs, &kg], 2, topk_attrs());
+    // Mask [T, G]: 1 at the kept groups, spread over their experts.
+    let shape_g = em.op("Shape", &[&gs], vec![]);
+    let zero = crate::ir::builder::tensor_float("", &[1], &[0.0], em.float);
+    let zeros = em.op(
+        "ConstantOfShape",
+        &[&shape_g],
+        vec![crate::ir::builder::attr_tensor("value", zero)],
+    );
+    let shape_t = em.op("Shape", &[&top[1]], vec![]);
+    let one = crate::ir::builder::tensor_float("", &[1], &[1.0], em.float);
+    let ones = em.op(
+        "ConstantOfShape",
+        &[&shape_t],
+        vec![crate::ir::builder::attr_tensor("value", one)],
+    );
+    let mask = em.op(
+        "ScatterElements",
+        &[&zeros, &top[1], &ones],
+        vec![attr_int("axis", 1)],
+    );
+    let m3 = em.unsqueeze(&mask, &[-1]);
+    let shape3 = em.op("Shape", &[&c3], vec![]);
+    let spread = em.op("Expand", &[&m3, &shape3], vec![]);
+    let flat = em.reshape(&spread, &[-1, r.num_experts as i64]);
+    let keep = em.op(
+        "Cast",
+        &[&flat],
+        vec![attr_int("to", DataType::Bool as i64)],
+    );
+    let ninf = em.floats("masked", &[], &[f32::NEG_INFINITY]);
+    Ok(em.op("Where", &[&keep, &choice, &ninf], vec![]))
 }
 
 /// Router logits `x2·Wᵀ (+ b)` over all router rows, or over the kept `rows` (pruning).

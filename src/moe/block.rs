@@ -233,8 +233,26 @@ pub struct Router {
     pub renormalize: bool,
     /// Switch-style expert capacity (tokens per expert per sequence), if any.
     pub capacity: Option<usize>,
+    /// Added to the scores for the choice of experts only; the weights are the unbiased
+    /// scores (DeepSeek-V3's `e_score_correction_bias`).
+    pub selection_bias: Option<BiasRef>,
+    /// Group-limited choice (DeepSeek-V3): only experts of the best groups are eligible.
+    pub groups: Option<Groups>,
+    /// Routed scaling factor multiplied into the weights after renormalisation (1 if none).
+    pub scale: f32,
     /// The node producing the router logits.
     pub logits: String,
+}
+
+/// Group-limited top-k: the N experts form `count` equal groups of consecutive experts; a
+/// group is scored by the sum of its two best choice scores, and the experts of all but the
+/// best `top` groups are masked out before the top-k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Groups {
+    /// Number of groups (divides N).
+    pub count: usize,
+    /// Groups kept per token.
+    pub top: usize,
 }
 
 /// A routed expert.

@@ -111,6 +111,10 @@ pub fn detect(g: &Graph) -> Detection {
             }
         }
     }
+    // The group top-ks of a group-limited router were tried (and rejected) as routers before
+    // their block was found: they are part of it, not near-misses.
+    let inside: HashSet<String> = covered.iter().map(|&id| node_label(v.node(id))).collect();
+    det.near_misses.retain(|m| !inside.contains(&m.node));
     det.diagnostics.extend(baked_splits(&v));
     det
 }
@@ -136,6 +140,17 @@ fn routed_block(
         }
     };
     let x = region::block_input(v, &found.x_in).to_string();
+    let own;
+    let stop = if found.inner.is_empty() {
+        stop
+    } else {
+        own = stop
+            .iter()
+            .copied()
+            .filter(|id| !found.inner.contains(id))
+            .collect::<HashSet<_>>();
+        &own
+    };
     let result = region::close(v, &x, sel, stop).and_then(|reg| {
         let ex = experts::extract(v, &reg.nodes, &found, &x)?;
         Ok((reg, ex))

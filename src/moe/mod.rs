@@ -15,6 +15,8 @@ mod router;
 pub mod view;
 pub mod weights;
 
-pub use block::{Act, Expert, Ffn, Form, MoeBlock, Router, Scoring, SharedExpert, WeightRef};
+pub use block::{
+    Act, Expert, Ffn, Form, Groups, MoeBlock, Router, Scoring, SharedExpert, WeightRef,
+};
 pub use detect::{detect, Detection, NearMiss};
 pub use fused::Layout;

@@ -1,7 +1,7 @@
 //! Router recognition: from a `TopK`/`ArgMax` back to the router MatMul, and forward to
 //! renormalisation and Switch capacity.
-use super::block::{BiasRef, Router, Scoring, WeightRef};
-use super::consts::{const_dims, const_scalar_int, is_const};
+use super::block::{BiasRef, Groups, Router, Scoring, WeightRef};
+use super::consts::{const_dims, const_ints, const_scalar_float, const_scalar_int, is_const};
 use super::view::View;
 use crate::ir::NodeId;
 
@@ -15,6 +15,8 @@ pub struct FoundRouter {
     pub x_in: String,
     /// The selected expert indices.
     pub indices: String,
+    /// Selection nodes inside the router itself (the group top-ks of a group-limited router).
+    pub inner: Vec<NodeId>,
 }
 
 const PASS: &[&str] = &["Cast", "Identity"];
@@ -38,8 +40,35 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
         }
         _ => return Err(format!("{op} is not a selection op")),
     };
-    // Back from the scores to the logits.
+    // Back from the scores to the logits, through DeepSeek-V3's group mask and selection bias.
     let mut scores = v.skip_back(v.input(sel, 0), PASS);
+    let mut groups = None;
+    let mut inner = Vec::new();
+    if let Some((w, "Where")) = v.producer(scores) {
+        let (choice, g, tops) = group_mask(v, w)?;
+        groups = Some(g);
+        inner = tops;
+        scores = choice;
+    }
+    let mut selection_bias = None;
+    if let Some((add, "Add")) = v.producer(scores) {
+        if op == "TopK" {
+            if let Some((c, other)) = const_operand(v, add) {
+                let other = v.skip_back(other, PASS);
+                if v.producer(other).is_some_and(|(_, p)| p == "Sigmoid") {
+                    let len = const_dims(v.g, c)
+                        .unwrap_or_default()
+                        .iter()
+                        .product::<i64>();
+                    selection_bias = Some((c.to_string(), len as usize, other.to_string()));
+                    scores = other;
+                }
+            }
+        }
+    }
+    if groups.is_some() && selection_bias.is_none() {
+        return Err("group-limited selection without sigmoid scores plus a selection bias".into());
+    }
     let mut scoring = Scoring::Softmax;
     match v.producer(scores) {
         Some((id, "Softmax")) => {
@@ -123,8 +152,55 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
     if bias.as_ref().is_some_and(|(_, len)| *len != n) {
         return Err("router bias length differs from the number of experts".into());
     }
-    let renormalize =
-        scoring == Scoring::SoftmaxAfterTopk || (op == "TopK" && renormalised(v, sel));
+    // The weights: the TopK values, or (with a selection bias) the unbiased scores gathered
+    // at the chosen indices.
+    let vals = match &selection_bias {
+        None => v.output(sel, 0).to_string(),
+        Some((_, _, sig)) => v
+            .consumers(&indices)
+            .iter()
+            .find(|&&c| v.op(c) == "GatherElements" && v.skip_back(v.input(c, 0), PASS) == sig)
+            .map(|&c| v.output(c, 0).to_string())
+            .ok_or("a selection bias is added to the scores, but the weights are not the unbiased scores")?,
+    };
+    if let Some((_, len, _)) = &selection_bias {
+        if *len != n {
+            return Err(format!(
+                "selection bias has {len} elements, not one per expert ({n})"
+            ));
+        }
+    }
+    if let Some(g) = groups {
+        if g.count == 0 || n % g.count != 0 || g.top == 0 || g.top > g.count {
+            return Err(format!(
+                "{} expert groups (top {}) do not divide {n} experts",
+                g.count, g.top
+            ));
+        }
+        if k > g.top * (n / g.count) {
+            return Err(format!(
+                "top-{k} from {} groups of {} experts",
+                g.top,
+                n / g.count
+            ));
+        }
+    }
+    let (renorm, normed) = if scoring == Scoring::SoftmaxAfterTopk {
+        (true, None)
+    } else if op == "TopK" {
+        match renormalised(v, &vals) {
+            Some(d) => (true, Some(d)),
+            None => (false, None),
+        }
+    } else {
+        (false, None)
+    };
+    let scale = if selection_bias.is_some() {
+        routed_scale(v, normed.as_deref().unwrap_or(&vals))
+    } else {
+        1.0
+    };
+    let renormalize = renorm;
     let capacity = capacity(v, &indices);
     Ok(FoundRouter {
         router: Router {
@@ -146,32 +222,130 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
             scoring,
             renormalize,
             capacity,
+            selection_bias: selection_bias.map(|(tensor, len, _)| BiasRef {
+                tensor,
+                expert: None,
+                rows: None,
+                len,
+            }),
+            groups,
+            scale,
             logits: logits.to_string(),
         },
         matmul: mm,
         x_in: x_in.to_string(),
         indices,
+        inner,
     })
 }
 
-/// TopK values → (Cast) → ReduceSum → Div(values, sum).
-fn renormalised(v: &View, sel: NodeId) -> bool {
-    let mut vals = vec![v.output(sel, 0)];
-    for &c in v.consumers(v.output(sel, 0)) {
+/// `vals` → (Cast) → ReduceSum → [Add(ε)] → Div(vals, sum): the weights renormalised to sum
+/// to 1. Returns the Div's output.
+fn renormalised(v: &View, vals0: &str) -> Option<String> {
+    let mut vals = vec![vals0];
+    for &c in v.consumers(vals0) {
         if PASS.contains(&v.op(c)) {
             vals.push(v.output(c, 0));
         }
     }
-    vals.iter().any(|val| {
-        v.consumers(val).iter().any(|&r| {
-            v.op(r) == "ReduceSum"
-                && v.consumers(v.output(r, 0)).iter().any(|&d| {
-                    v.op(d) == "Div"
-                        && v.input(d, 1) == v.output(r, 0)
-                        && vals.contains(&v.input(d, 0))
-                })
+    for val in &vals {
+        for &r in v.consumers(val) {
+            if v.op(r) != "ReduceSum" {
+                continue;
+            }
+            let mut sums = vec![v.output(r, 0)];
+            for &a in v.consumers(v.output(r, 0)) {
+                // DeepSeek-V3 adds 1e-20 to the sum (no effect on positive f32 sums).
+                if v.op(a) == "Add" && const_operand(v, a).is_some() {
+                    sums.push(v.output(a, 0));
+                }
+            }
+            for sum in sums {
+                for &d in v.consumers(sum) {
+                    if v.op(d) == "Div" && v.input(d, 1) == sum && vals.contains(&v.input(d, 0)) {
+                        return Some(v.output(d, 0).to_string());
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The routed scaling factor: a Mul of the weights by a constant scalar (1 if none).
+fn routed_scale(v: &View, weights: &str) -> f32 {
+    v.consumers(weights)
+        .iter()
+        .filter(|&&m| v.op(m) == "Mul")
+        .find_map(|&m| {
+            let (c, _) = const_operand(v, m)?;
+            const_scalar_float(v.g, c)
         })
-    })
+        .unwrap_or(1.0)
+}
+
+/// The constant operand of a binary node and the other operand.
+fn const_operand<'v>(v: &'v View, id: NodeId) -> Option<(&'v str, &'v str)> {
+    let (a, b) = (v.input(id, 0), v.input(id, 1));
+    if is_const(v.g, b) {
+        Some((b, a))
+    } else if is_const(v.g, a) {
+        Some((a, b))
+    } else {
+        None
+    }
+}
+
+/// DeepSeek-V3's group mask: `Where(¬mask, -inf, choice)` where the mask keeps the experts
+/// of the `top` best groups, a group scored by the sum of the top-2 of
+/// `Reshape(choice, [-1, G, N/G])`. Returns the choice scores, the groups and the two group
+/// top-k nodes.
+fn group_mask<'v>(v: &'v View, w: NodeId) -> Result<(&'v str, Groups, Vec<NodeId>), String> {
+    let fill = const_scalar_float(v.g, v.input(w, 1))
+        .ok_or("a Where before the router's top-k does not fill with a constant")?;
+    if fill > -1e30 {
+        return Err(format!(
+            "the router masks experts with {fill}, not -inf, before its top-k"
+        ));
+    }
+    let choice = v.skip_back(v.input(w, 2), PASS);
+    for &r in v.consumers(choice) {
+        if v.op(r) != "Reshape" {
+            continue;
+        }
+        let Some(shape) = const_ints(v.g, v.input(r, 1)) else {
+            continue;
+        };
+        if shape.len() != 3 || shape[1] <= 0 {
+            continue;
+        }
+        for &t2 in v.consumers(v.output(r, 0)) {
+            if v.op(t2) != "TopK" || const_scalar_int(v.g, v.input(t2, 1)) != Some(2) {
+                continue;
+            }
+            for &s in v.consumers(v.output(t2, 0)) {
+                if v.op(s) != "ReduceSum" {
+                    continue;
+                }
+                for &tg in v.consumers(v.output(s, 0)) {
+                    if v.op(tg) != "TopK" {
+                        continue;
+                    }
+                    let top = const_scalar_int(v.g, v.input(tg, 1))
+                        .ok_or("the group top-k's k is not a constant")?;
+                    return Ok((
+                        choice,
+                        Groups {
+                            count: shape[1] as usize,
+                            top: top as usize,
+                        },
+                        vec![t2, tg],
+                    ));
+                }
+            }
+        }
+    }
+    Err("a Where masks the router scores, but not by DeepSeek-V3 expert groups".into())
 }
 
 /// Switch capacity: indices → OneHot → CumSum → LessOrEqual(·, C).

@@ -41,10 +41,55 @@ fn err(context: &str, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// tract's ONNX front end, with one parser fixed: ONNX defines `ConstantOfShape` without a
+/// `value` attribute as float32 zeros, tract 0.23 makes them float64 (and the dynamo export
+/// of DeepSeek-V3 then fails to type-check).
+fn onnx() -> tract_onnx::Onnx {
+    let mut o = tract_onnx::onnx();
+    if let Some(default) = o.op_register.0.get("ConstantOfShape").copied() {
+        DEFAULT_CONSTANT_OF_SHAPE.get_or_init(|| default);
+        o.op_register
+            .insert("ConstantOfShape", constant_of_shape_f32);
+    }
+    o
+}
+
+/// The signature of a tract ONNX op parser.
+type OpBuilder = fn(
+    &tract_onnx::model::ParsingContext,
+    &tract_onnx::pb::NodeProto,
+) -> TractResult<(
+    Box<dyn tract_onnx::tract_hir::infer::InferenceOp>,
+    Vec<String>,
+)>;
+
+static DEFAULT_CONSTANT_OF_SHAPE: std::sync::OnceLock<OpBuilder> = std::sync::OnceLock::new();
+
+fn constant_of_shape_f32(
+    ctx: &tract_onnx::model::ParsingContext,
+    node: &tract_onnx::pb::NodeProto,
+) -> TractResult<(
+    Box<dyn tract_onnx::tract_hir::infer::InferenceOp>,
+    Vec<String>,
+)> {
+    if node.attribute.iter().any(|a| a.name == "value") {
+        let default = DEFAULT_CONSTANT_OF_SHAPE
+            .get()
+            .ok_or_else(|| anyhow::anyhow!("no ConstantOfShape parser"))?;
+        return default(ctx, node);
+    }
+    Ok((
+        tract_onnx::tract_hir::ops::expandable::expand(
+            tract_onnx::tract_hir::ops::array::ConstantOfShape::new(rctensor0(0f32)),
+        ),
+        vec![],
+    ))
+}
+
 impl TractSession {
     /// Compiles a model from its protobuf bytes (external data must be inline).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let model = tract_onnx::onnx()
+        let model = onnx()
             .model_for_read(&mut std::io::Cursor::new(bytes))
             .map_err(|e| err("loading", format!("{e:#}")))?;
         Self::compile(model)
@@ -55,7 +100,7 @@ impl TractSession {
         match super::model_source(model)? {
             super::ModelSource::Bytes(bytes) => Self::from_bytes(&bytes),
             super::ModelSource::File { dir, path } => {
-                let m = tract_onnx::onnx()
+                let m = onnx()
                     .model_for_path(&path)
                     .map_err(|e| err("loading", format!("{e:#}")))?;
                 let mut s = Self::compile(m)?;

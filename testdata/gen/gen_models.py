@@ -148,7 +148,8 @@ def moe_layer_truth(n_layers, n, k, hidden, inter, act, renorm, present=None, sh
         layers.append(dict(layer=l, experts=n, top_k=k, hidden=hidden, intermediate=inter, activation=act,
                            renormalize=renorm, router_scoring="softmax",
                            experts_present=list(range(n)) if present is None else present[l],
-                           shared_experts=shared or 0, **extra))
+                           shared_experts=shared or 0))
+        layers[-1].update(extra)
     return layers
 
 
@@ -629,6 +630,84 @@ def gen_v5_stock(out):
                 layers=moe_layer_truth(2, 8, 2, 32, 64, "swiglu", True, present=hits)), torch_ref=w)
 
 
+def gen_v5_deepseek(out):
+    """DeepSeek-V3 (and Kimi-K2, same architecture): sigmoid scores, a selection-only bias
+    (`e_score_correction_bias`), group-limited top-k, renormalised weights times a routed scaling
+    factor, one shared expert. transformers 5, stock eager experts loop, TorchScript; and dynamo."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    import transformers.models.deepseek_v3.modeling_deepseek_v3 as ds
+    patch_masks(ds)
+    cfg = DeepseekV3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                           num_hidden_layers=2, first_k_dense_replace=0, n_routed_experts=8, num_experts_per_tok=2,
+                           n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                           norm_topk_prob=True, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
+                           kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                           max_position_embeddings=512, use_cache=False, tie_word_embeddings=False,
+                           attn_implementation="eager", rope_scaling=None)
+    model, w = stock_model(DeepseekV3ForCausalLM, cfg, 17)
+    g = torch.Generator().manual_seed(17)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            # A selection bias that changes the choice (the trained ones are O(0.1..1)).
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8, generator=g) * 0.1)
+    layers = moe_layer_truth(2, 8, 2, 32, 32, "swiglu", True, shared=1, router_scoring="sigmoid",
+                             selection_bias=True, groups=[2, 1], routed_scaling=2.5)
+    export_stock(out, "deepseekv3_v5_ts_raw", model, w, lm_inputs(8, 64, 17), "deepseek_v3", layers)
+    name = "deepseekv3_v5_dynamo"
+    m, wd = stock_model(DeepseekV3ForCausalLM, cfg, 17)
+    m.set_experts_implementation("batched_mm")
+    with torch.no_grad():
+        for a, b in zip(m.model.layers, model.model.layers):
+            a.mlp.gate.e_score_correction_bias.copy_(b.mlp.gate.e_score_correction_bias)
+    inputs = lm_inputs(2, 16, 17)
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    export(wd, inputs, os.path.join(out, name, "model.onnx"), dynamo=True, dynamic=True)
+    finish(name, out, wd, inputs, dict(form="batched-3d", exporter="dynamo", family="deepseek_v3",
+                                       experts_implementation="batched_mm", layers=layers), torch_ref=wd)
+
+
+def gen_v5_gptoss(out):
+    """gpt-oss from transformers 5: router = Linear with bias, top-k on the logits, softmax over
+    the k chosen; experts = x·W_gate_up + b with gate/up interleaved (`[..., ::2]`, `[..., 1::2]`),
+    clamped SwiGLU (alpha 1.702, limit 7, +1 on up), down + bias. TorchScript of the stock loop
+    (export input hits every expert) and dynamo."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+    import transformers.models.gpt_oss.modeling_gpt_oss as go
+    patch_masks(go)
+    cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                       num_local_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, sliding_window=8, max_position_embeddings=512, use_cache=False,
+                       tie_word_embeddings=False, attn_implementation="eager",
+                       layer_types=["sliding_attention", "full_attention"])
+    model, w = stock_model(GptOssForCausalLM, cfg, 19)
+    act = dict(alpha=1.702, beta=1.0, limit=7.0)
+    layers = moe_layer_truth(2, 8, 2, 32, 32, "swiglu-clamped", True, router_scoring="softmax-after-topk",
+                             router_bias=True, expert_biases=True, activation_params=act)
+    inputs = lm_inputs(4, 32, 19)
+    hits = []
+    hooks = [layer.mlp.experts.register_forward_hook(
+        lambda mod, args, out: hits.append(sorted(set(args[1].reshape(-1).tolist()))))
+        for layer in model.model.layers]
+    with torch.no_grad():
+        model(**inputs)
+    for h in hooks:
+        h.remove()
+    assert all(len(h) == 8 for h in hits), hits
+    name = "gptoss_v5_ts_raw"
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    export(w, inputs, os.path.join(out, name, "model.onnx"), dynamo=False, dynamic=True)
+    finish(name, out, w, inputs, dict(form="per-expert-3d", exporter="torchscript", family="gpt_oss",
+                                      patched_loop=False, layers=layers), torch_ref=w)
+    name = "gptoss_v5_dynamo"
+    m, wd = stock_model(GptOssForCausalLM, cfg, 19)
+    m.set_experts_implementation("batched_mm")
+    small = lm_inputs(2, 16, 19)
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    export(wd, small, os.path.join(out, name, "model.onnx"), dynamo=True, dynamic=True)
+    finish(name, out, wd, small, dict(form="batched-3d", exporter="dynamo", family="gpt_oss",
+                                      experts_implementation="batched_mm", layers=layers), torch_ref=wd)
+
+
 # ---------------------------------------------------------------------------------------------
 # onnxruntime's fused com.microsoft.MoE, built with onnx.helper (as onnxruntime-genai writes it)
 # ---------------------------------------------------------------------------------------------
@@ -719,6 +798,10 @@ if __name__ == "__main__":
         gen_tokenizer(a.out)
     elif a.only == "v5-stock":
         gen_v5_stock(a.out)
+    elif a.only == "deepseek":
+        gen_v5_deepseek(a.out)
+    elif a.only == "gptoss":
+        gen_v5_gptoss(a.out)
     else:
         gen_v5(a.out)
         gen_ort_fused(a.out)

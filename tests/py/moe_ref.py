@@ -88,12 +88,24 @@ class Block:
             p = 1 / (1 + np.exp(-logits))
         else:
             p = logits
-        idx = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+        # DeepSeek-V3: experts are chosen by the scores plus a selection bias, among the best
+        # groups (a group scores the sum of its two best); the weights are the unbiased scores.
+        choice = p + (self.bias(r["selection_bias"]) if r.get("selection_bias") else 0.0)
+        if r.get("groups"):
+            g, top = r["groups"]["count"], r["groups"]["top"]
+            c3 = choice.reshape(len(choice), g, -1)
+            gs = np.sort(c3, axis=-1)[:, :, ::-1][:, :, :2].sum(-1)
+            keep = np.argsort(-gs, axis=-1, kind="stable")[:, :top]
+            mask = np.zeros(gs.shape, bool)
+            np.put_along_axis(mask, keep, True, -1)
+            choice = np.where(np.repeat(mask, c3.shape[2], -1), choice, -np.inf)
+        idx = np.argsort(-choice, axis=-1, kind="stable")[:, :k]
         w = np.take_along_axis(p, idx, -1)
         if r["scoring"] == "softmax-after-topk":
             w = np.exp(w - w.max(-1, keepdims=True)); w /= w.sum(-1, keepdims=True)
         elif r["renormalize"]:
             w = w / w.sum(-1, keepdims=True)
+        w = w * r.get("scale", 1.0)
         kept = np.ones(idx.shape, bool)
         if r.get("capacity") is not None:
             for s0 in range(0, len(idx), seq_len):
