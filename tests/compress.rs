@@ -26,6 +26,7 @@ fn sample() -> Vec<(String, std::path::PathBuf)> {
         "qwen2moe_n4_k1_shared",
         "mixtral_v5_ts_raw",
         "deepseekv3_v5_ts_raw",
+        "gptoss_v5_dynamo",
         "ortgenai_gptoss_fp32",
         "ortgenai_gptoss_fp16",
     ];

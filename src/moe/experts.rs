@@ -284,7 +284,7 @@ fn linear_3d(
         } else {
             ([b, a], true)
         };
-        return Ok(Some(Linear::new(
+        let mut l = Linear::new(
             v,
             id,
             v.input(id, 1 - side),
@@ -295,9 +295,51 @@ fn linear_3d(
                 rows: None,
                 shape,
             },
-        )));
+        );
+        attach_batched_bias(v, &mut l, sel, n);
+        return Ok(Some(l));
     }
     Ok(None)
+}
+
+/// A bias gathered by the routed expert ids: `Add(out, Gather/GatherND(B[N, out], ids))`
+/// after reshapes (gpt-oss's expert biases in a dynamo export).
+fn attach_batched_bias(v: &View, l: &mut Linear, sel: &HashSet<&str>, n: usize) {
+    let mut out = l.out.clone();
+    loop {
+        let cons = v.consumers(&out);
+        let [c] = cons else { return };
+        match v.op(*c) {
+            op if PASSTHROUGH.contains(&op) => out = v.output(*c, 0).to_string(),
+            "Add" => {
+                let other = if v.input(*c, 0) == out {
+                    v.input(*c, 1)
+                } else {
+                    v.input(*c, 0)
+                };
+                let other = v.skip_back(other, PASSTHROUGH);
+                let Some((g, "Gather" | "GatherND")) = v.producer(other) else {
+                    return;
+                };
+                let stacked = v.input(g, 0);
+                let dims = const_dims(v.g, stacked).unwrap_or_default();
+                if is_const(v.g, stacked)
+                    && dims == [n as i64, l.w.shape[0] as i64]
+                    && sel.contains(v.skip_back(v.input(g, 1), PASSTHROUGH))
+                {
+                    l.bias = Some(BiasRef {
+                        tensor: stacked.to_string(),
+                        expert: Some(0),
+                        rows: None,
+                        len: l.w.shape[0],
+                    });
+                    l.out = v.output(*c, 0).to_string();
+                }
+                return;
+            }
+            _ => return,
+        }
+    }
 }
 
 /// If node `a` selects one expert's mask row (`Gather(mask, e)` or `Equal(ids, e)`), the
@@ -401,7 +443,51 @@ fn linear_sliced(v: &View, id: NodeId, sel: &HashSet<&str>) -> Option<(Linear, u
         },
     );
     attach_bias(v, &mut l);
+    if l.bias.is_none() {
+        attach_gathered_bias(v, &mut l, e, sel);
+    }
     Some((l, e, spec))
+}
+
+/// A following Add of `Gather(B[N, out], i)` with `i` naming the same expert `e` as the
+/// weight (gpt-oss's `gate_up_proj_bias[expert_idx]` in the stock loop) is the bias.
+fn attach_gathered_bias(v: &View, l: &mut Linear, e: usize, sel: &HashSet<&str>) {
+    let cons = v.consumers(&l.out);
+    if cons.len() != 1 || v.op(cons[0]) != "Add" {
+        return;
+    }
+    let add = cons[0];
+    let other = if v.input(add, 0) == l.out {
+        v.input(add, 1)
+    } else {
+        v.input(add, 0)
+    };
+    let other = v.skip_back(other, &["Cast", "Identity"]);
+    let Some((g, "Gather")) = v.producer(other) else {
+        return;
+    };
+    if v.attr_int(g, "axis").unwrap_or(0) != 0 {
+        return;
+    }
+    let stacked = v.input(g, 0);
+    let dims = const_dims(v.g, stacked).unwrap_or_default();
+    if !is_const(v.g, stacked) || dims.len() != 2 || dims[1] != l.w.shape[0] as i64 {
+        return;
+    }
+    let idx = v.input(g, 1);
+    let same = match const_scalar_int(v.g, idx) {
+        Some(i) => usize::try_from(i).ok() == Some(e),
+        None => split_position(v, idx, sel) == Some(e),
+    };
+    if same {
+        l.bias = Some(BiasRef {
+            tensor: stacked.to_string(),
+            expert: Some(e),
+            rows: None,
+            len: l.w.shape[0],
+        });
+        l.out = v.output(add, 0).to_string();
+    }
 }
 
 /// If a Mul downstream of `value` scales it by one column of a routing-weight matrix
@@ -710,12 +796,31 @@ fn ffn_from(v: &View, within: &HashSet<NodeId>, uses: &[Linear]) -> Result<Ffn, 
             let halves = halves(v, &f.out, inter)?;
             let mut gate = None;
             let mut up = None;
-            for (val, sel) in halves {
-                let ops = path_ops(v, within, &val, &down.data);
+            let mut failed = None;
+            for (val, sel) in &halves {
+                let ops = path_ops(v, within, val, &down.data);
                 if nonlinear(&ops) {
-                    gate = Some((sel, classify(v, within, &val, &ops)?));
+                    match classify(v, within, val, &ops) {
+                        Ok(act) => gate = Some((*sel, act)),
+                        Err(e) => failed = Some(e),
+                    }
                 } else {
-                    up = Some(sel);
+                    up = Some(*sel);
+                }
+            }
+            if failed.is_some() || gate.is_none() || up.is_none() {
+                // gpt-oss: both halves are clamped, the gate's through x·σ(αx).
+                let (a, b) = (&halves[0], &halves[1]);
+                let found = clamped_swiglu(v, within, &a.0, &b.0)
+                    .map(|act| (a.1, act, b.1))
+                    .or_else(|| clamped_swiglu(v, within, &b.0, &a.0).map(|act| (b.1, act, a.1)));
+                match (found, failed) {
+                    (Some((g, act, u)), _) => {
+                        gate = Some((g, act));
+                        up = Some(u);
+                    }
+                    (None, Some(e)) => return Err(e),
+                    (None, None) => {}
                 }
             }
             let (Some((gsel, act)), Some(usel)) = (gate, up) else {

@@ -676,7 +676,7 @@ def gen_v5_gptoss(out):
     patch_masks(go)
     cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
                        num_local_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=8, sliding_window=8, max_position_embeddings=512, use_cache=False,
+                       head_dim=8, sliding_window=8, max_position_embeddings=131072, use_cache=False,
                        tie_word_embeddings=False, attn_implementation="eager",
                        layer_types=["sliding_attention", "full_attention"])
     model, w = stock_model(GptOssForCausalLM, cfg, 19)
