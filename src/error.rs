@@ -24,6 +24,15 @@ pub enum Error {
         /// What the decoder or the structural check said.
         reason: String,
     },
+    /// An input file other than the model (calibration data, statistics, tokenizer, text) is
+    /// unreadable or malformed.
+    #[error("{path}: {reason}")]
+    Input {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A tensor's external data reference is unsafe or inconsistent.
     #[error("{path}: tensor '{tensor}': external data: {reason}")]
     ExternalData {

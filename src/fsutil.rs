@@ -3,10 +3,36 @@ use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// Temporary files being written, removed by [`remove_pending`] when the process is
+/// interrupted (a signal skips destructors).
+static PENDING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn pending() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    PENDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Removes every temporary output file still being written (for a SIGINT/SIGTERM handler).
+pub fn remove_pending() {
+    for p in pending().drain(..) {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 /// A file being written atomically: it appears under its final name only on [`commit`](Self::commit).
 pub struct AtomicFile {
-    tmp: tempfile::NamedTempFile,
+    tmp: Option<tempfile::NamedTempFile>,
     target: PathBuf,
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if let Some(t) = &self.tmp {
+            let p = t.path().to_path_buf();
+            pending().retain(|q| *q != p);
+        }
+    }
 }
 
 impl AtomicFile {
@@ -18,16 +44,32 @@ impl AtomicFile {
             .suffix(".tmp")
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .tempfile_in(dir)
-            .map_err(|e| Error::io(target, e))?;
+            .map_err(|e| Error::Write {
+                path: target.to_path_buf(),
+                // tempfile's message repeats the path; the OS error alone says why.
+                reason: match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        format!("its folder {} does not exist", dir.display())
+                    }
+                    std::io::ErrorKind::PermissionDenied => {
+                        format!("no permission to create files in {}", dir.display())
+                    }
+                    k => format!("cannot create a file in {}: {k}", dir.display()),
+                },
+            })?;
+        pending().push(tmp.path().to_path_buf());
         Ok(AtomicFile {
-            tmp,
+            tmp: Some(tmp),
             target: target.to_path_buf(),
         })
     }
 
     /// The open temporary file.
     pub fn file(&mut self) -> &mut std::fs::File {
-        self.tmp.as_file_mut()
+        self.tmp
+            .as_mut()
+            .expect("an AtomicFile holds its file until commit")
+            .as_file_mut()
     }
 
     /// The final path.
@@ -38,16 +80,19 @@ impl AtomicFile {
     /// Flushes, syncs and renames the file to its target.
     pub fn commit(mut self) -> Result<()> {
         let target = self.target.clone();
-        self.tmp
-            .as_file_mut()
+        let mut tmp = self
+            .tmp
+            .take()
+            .expect("an AtomicFile holds its file until commit");
+        let path = tmp.path().to_path_buf();
+        pending().retain(|q| *q != path);
+        tmp.as_file_mut()
             .flush()
             .map_err(|e| Error::io(&target, e))?;
-        self.tmp
-            .as_file()
+        tmp.as_file()
             .sync_all()
             .map_err(|e| Error::io(&target, e))?;
-        self.tmp
-            .persist(&target)
+        tmp.persist(&target)
             .map_err(|e| Error::io(&target, e.error))?;
         Ok(())
     }
@@ -73,4 +118,43 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(path)?;
     f.file().write_all(bytes).map_err(|e| Error::io(path, e))?;
     f.commit()
+}
+
+/// `p` made absolute with symlinks resolved, for a file that may not exist yet (its folder
+/// resolved, its name kept).
+fn resolved(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    match (parent_dir(p).canonicalize(), p.file_name()) {
+        (Ok(d), Some(n)) => d.join(n),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Refuses a run whose outputs would overwrite one of its inputs, or each other.
+/// `outputs` and `inputs` pair a flag (how the user named it) with a path.
+pub fn check_distinct(outputs: &[(&str, &Path)], inputs: &[(&str, &Path)]) -> Result<()> {
+    let outs: Vec<(&str, &Path, PathBuf)> =
+        outputs.iter().map(|(f, p)| (*f, *p, resolved(p))).collect();
+    for (i, (flag, p, r)) in outs.iter().enumerate() {
+        for (iflag, ip) in inputs {
+            if *r == resolved(ip) {
+                return Err(Error::Usage(format!(
+                    "{flag} {} is the {iflag} file; smoe-opt never overwrites its inputs",
+                    p.display()
+                )));
+            }
+        }
+        for (flag2, p2, r2) in &outs[..i] {
+            if r == r2 {
+                return Err(Error::Usage(format!(
+                    "{flag} {} and {flag2} {} are the same file",
+                    p.display(),
+                    p2.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }

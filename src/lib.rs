@@ -17,6 +17,7 @@ pub mod eval;
 #[cfg(feature = "tract")]
 pub mod fidelity;
 pub mod fsutil;
+pub mod inputs;
 pub mod inspect;
 pub mod ir;
 pub mod linalg;

@@ -98,7 +98,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 0.25, value_parser = parse_holdout)]
     holdout: f64,
     /// Fail (exit 1, nothing written) when the held-out relative L2 error exceeds this.
-    #[arg(long, value_name = "X")]
+    #[arg(long, value_name = "X", value_parser = parse_max_error)]
     max_error: Option<f64>,
     /// Write the report as JSON here.
     #[arg(long, value_name = "FILE.json")]
@@ -123,14 +123,14 @@ struct CalibArgs {
     #[arg(long, group = "data")]
     data_free: bool,
     /// Use N random token-id sequences instead (weak: real text routes differently).
-    #[arg(long, value_name = "N", group = "data")]
-    calib_random: Option<usize>,
-    /// Tokens per random sequence.
-    #[arg(long, default_value_t = 128)]
-    seq_len: usize,
+    #[arg(long, value_name = "N", group = "data", value_parser = clap::value_parser!(u32).range(1..))]
+    calib_random: Option<u32>,
+    /// Tokens per calibration window (--calib-text) or random sequence.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    seq_len: u32,
     /// Samples per runtime call.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    batch: u32,
     /// Routed input rows kept per expert.
     #[arg(long, default_value_t = 1024)]
     reservoir: usize,
@@ -146,6 +146,18 @@ struct CalibArgs {
 }
 
 impl CalibArgs {
+    /// The files calibration reads, with the flags naming them.
+    fn input_files(&self) -> Vec<(&'static str, &std::path::Path)> {
+        [
+            ("--calib", &self.calib),
+            ("--calib-text", &self.calib_text),
+            ("--tokenizer", &self.tokenizer),
+        ]
+        .into_iter()
+        .filter_map(|(f, p)| p.as_deref().map(|p| (f, p)))
+        .collect()
+    }
+
     fn source(&self) -> Option<smoe_opt::calib::Source> {
         use smoe_opt::calib::Source;
         if let Some(p) = &self.calib {
@@ -154,12 +166,12 @@ impl CalibArgs {
             Some(Source::Text {
                 text: text.clone(),
                 tokenizer: self.tokenizer.clone().expect("clap requires --tokenizer"),
-                seq_len: self.seq_len,
+                seq_len: self.seq_len as usize,
             })
         } else if let Some(n) = self.calib_random {
             Some(Source::Random {
-                samples: n,
-                seq_len: self.seq_len,
+                samples: n as usize,
+                seq_len: self.seq_len as usize,
             })
         } else if self.data_free {
             Some(Source::DataFree)
@@ -177,7 +189,7 @@ impl CalibArgs {
             runtime: self.runtime,
             ep: self.ort_ep,
             source,
-            batch: self.batch,
+            batch: self.batch as usize,
             stats: smoe_opt::calib::stats::StatsConfig {
                 reservoir: self.reservoir,
                 seed: self.seed,
@@ -192,6 +204,10 @@ impl CalibArgs {
 #[derive(Debug, Clone)]
 struct Layers(Vec<usize>);
 
+/// The largest MoE layer index `--layers` accepts (far above any model's count; keeps a
+/// range such as `0-4000000000` from allocating billions of entries).
+const MAX_LAYER: usize = 65535;
+
 /// Parses `--layers 0,2-3`.
 fn parse_layers(s: &str) -> Result<Layers, String> {
     let mut out = Vec::new();
@@ -204,9 +220,22 @@ fn parse_layers(s: &str) -> Result<Layers, String> {
                 if a > b {
                     return Err(bad());
                 }
+                if b > MAX_LAYER {
+                    return Err(format!(
+                        "layer {b} is out of range (MoE layers are numbered 0..{MAX_LAYER})"
+                    ));
+                }
                 out.extend(a..=b);
             }
-            None => out.push(part.parse().map_err(|_| bad())?),
+            None => {
+                let i: usize = part.parse().map_err(|_| bad())?;
+                if i > MAX_LAYER {
+                    return Err(format!(
+                        "layer {i} is out of range (MoE layers are numbered 0..{MAX_LAYER})"
+                    ));
+                }
+                out.push(i)
+            }
         }
     }
     out.sort_unstable();
@@ -220,6 +249,15 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
         Ok(v)
     } else {
         Err(format!("{v} is not in (0, 1]"))
+    }
+}
+
+fn parse_max_error(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not a finite number >= 0"))
     }
 }
 
@@ -287,6 +325,12 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // A signal skips destructors: remove the temporary output files, then exit as the shell
+    // expects (128 + SIGINT).
+    let _ = ctrlc::set_handler(|| {
+        smoe_opt::fsutil::remove_pending();
+        std::process::exit(130);
+    });
     let level = if cli.quiet {
         log::LevelFilter::Error
     } else {
@@ -304,7 +348,16 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The chain of causes, each said once (an I/O error's text is already part of
+            // the message naming its file).
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg = format!("{msg}: {c}");
+                }
+            }
+            eprintln!("error: {msg}");
             let usage = e
                 .downcast_ref::<smoe_opt::Error>()
                 .is_some_and(|e| matches!(e, smoe_opt::Error::Usage(_)));
@@ -369,7 +422,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             calib,
             output,
         }) => {
+            let side = output.with_extension("npz");
+            let mut ins: Vec<(&str, &std::path::Path)> = vec![("input model", &input)];
+            ins.extend(calib.input_files());
+            smoe_opt::fsutil::check_distinct(
+                &[("-o", &output), ("the statistics' .npz sidecar", &side)],
+                &ins,
+            )?;
             let model = Model::load(&input)?;
+            for f in model.external_files() {
+                smoe_opt::fsutil::check_distinct(
+                    &[("-o", &output), ("the statistics' .npz sidecar", &side)],
+                    &[("model's external data", &f.path)],
+                )?;
+            }
             let det = smoe_opt::moe::detect(&model.graph);
             for d in &det.diagnostics {
                 log::warn!("{d}");
@@ -460,7 +526,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         max_error: a.max_error,
                         runtime: a.calib.runtime,
                         ep: a.calib.ort_ep,
-                        batch: a.calib.batch,
+                        batch: a.calib.batch as usize,
                         emit: a.emit,
                     })
                 }
@@ -483,10 +549,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 emit: a.emit,
                 reduce,
             };
+            // Nothing the run writes may be something it reads, or each other.
+            let data_out = std::path::PathBuf::from(format!("{}.data", output.display()));
+            let mut outs: Vec<(&str, &std::path::Path)> =
+                vec![("-o", &output), ("the output's external data", &data_out)];
+            if let Some(r) = &a.report {
+                outs.push(("--report", r));
+            }
+            let mut ins: Vec<(&str, &std::path::Path)> = vec![("input model", &input)];
+            ins.extend(a.calib.input_files());
+            let stats_side = a.stats.as_ref().map(|s| s.with_extension("npz"));
+            for (flag, p) in [
+                ("--stats", a.stats.as_deref()),
+                ("--stats sidecar", stats_side.as_deref()),
+                ("--eval-data", a.eval_data.as_deref()),
+            ] {
+                if let Some(p) = p {
+                    ins.push((flag, p));
+                }
+            }
+            smoe_opt::fsutil::check_distinct(&outs, &ins)?;
+            // The report's temporary file is made first (a report that cannot be written
+            // fails the run before any work); it is committed after the model, and a failed
+            // commit removes the model again: never a model without its report.
+            let report_file = a
+                .report
+                .as_deref()
+                .map(smoe_opt::fsutil::AtomicFile::create)
+                .transpose()?;
             let report = pipeline::run(&input, &output, &opts)?;
-            if let Some(path) = &cli.run.report {
+            if let Some(mut f) = report_file {
                 let json = serde_json::to_vec_pretty(&report).context("serialising the report")?;
-                smoe_opt::fsutil::write_atomic(path, &json)?;
+                let written = std::io::Write::write_all(f.file(), &json)
+                    .map_err(|e| smoe_opt::Error::io(f.target(), e))
+                    .and_then(|()| f.commit());
+                if let Err(e) = written {
+                    let _ = std::fs::remove_file(&output);
+                    let _ = std::fs::remove_file(&data_out);
+                    return Err(e.into());
+                }
             }
             if !cli.quiet && report.reduce.is_some() {
                 eprint!("{}", report.to_text());

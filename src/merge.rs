@@ -209,6 +209,19 @@ pub fn plan(
     opts: &MergeOptions,
 ) -> Result<Vec<LayerPlan>> {
     let chosen = select_layers(det, stats, opts.layers.as_deref())?;
+    if let Budget::Experts(m) = opts.budget {
+        let most = chosen
+            .iter()
+            .map(|(b, _)| b.router.num_experts)
+            .max()
+            .unwrap_or(0);
+        if m > most {
+            return Err(Error::Usage(format!(
+                "--experts {m} keeps more experts than the reduced layers have (at most {most}); \
+                 --method none re-emits them all"
+            )));
+        }
+    }
     let uniform: Vec<usize> = chosen
         .iter()
         .map(|(b, _)| {

@@ -465,13 +465,14 @@ fn load_given(
             tokenizer,
             seq_len,
         } => {
-            let tok = tokenizers::Tokenizer::from_file(tokenizer).map_err(|e| {
-                Error::Usage(format!(
-                    "{}: not a tokenizer.json: {e}",
-                    tokenizer.display()
-                ))
-            })?;
-            let body = std::fs::read_to_string(text).map_err(|e| Error::io(text, e))?;
+            let json = crate::inputs::read_text(tokenizer, 1 << 30, "a tokenizer")?;
+            let tok = json
+                .parse::<tokenizers::Tokenizer>()
+                .map_err(|e| Error::Input {
+                    path: tokenizer.clone(),
+                    reason: format!("not a tokenizer.json: {e}"),
+                })?;
+            let body = crate::inputs::read_text(text, 4 << 30, "calibration text")?;
             let enc = tok
                 .encode(body.as_str(), false)
                 .map_err(|e| Error::Usage(format!("{}: tokenizing failed: {e}", text.display())))?;
@@ -553,6 +554,17 @@ fn load_given(
                 rng
             };
             let (b, s) = (*samples, *seq_len);
+            let need = (b as u128) * (s as u128) * 8 * inputs.len() as u128;
+            if let Some(avail) = crate::inputs::available_memory() {
+                if need > avail as u128 / 2 {
+                    return Err(Error::Usage(format!(
+                        "--calib-random {b} with --seq-len {s} makes {:.1} GiB of inputs, more than \
+                         half the {:.1} GiB of memory available; ask for fewer samples",
+                        need as f64 / (1u64 << 30) as f64,
+                        avail as f64 / (1u64 << 30) as f64
+                    )));
+                }
+            }
             let mut out = Vec::new();
             for i in &inputs {
                 let v =
@@ -686,8 +698,8 @@ pub fn save(stats: &CalibStats, json: &Path) -> Result<PathBuf> {
 
 /// Reads statistics written by [`save`]: the JSON and its `.npz` sidecar.
 pub fn load(json: &Path) -> Result<CalibStats> {
-    let text = std::fs::read_to_string(json).map_err(|e| Error::io(json, e))?;
-    let bad = |reason: String| Error::Decode {
+    let text = crate::inputs::read_text(json, 1 << 30, "a statistics file")?;
+    let bad = |reason: String| Error::Input {
         path: json.to_path_buf(),
         reason,
     };
@@ -698,12 +710,13 @@ pub fn load(json: &Path) -> Result<CalibStats> {
         .as_str()
         .ok_or_else(|| bad("no 'sidecar' entry".into()))?;
     let side = crate::fsutil::parent_dir(json).join(side_name);
-    let f = std::fs::File::open(&side).map_err(|e| Error::io(&side, e))?;
-    let mut npz = ndarray_npy::NpzReader::new(f).map_err(|e| Error::Decode {
+    crate::runtime::npz_check::check(&side)?;
+    let f = crate::inputs::open_regular(&side)?;
+    let mut npz = ndarray_npy::NpzReader::new(f).map_err(|e| Error::Input {
         path: side.clone(),
         reason: e.to_string(),
     })?;
-    let sbad = |what: String, e: ndarray_npy::ReadNpzError| Error::Decode {
+    let sbad = |what: String, e: ndarray_npy::ReadNpzError| Error::Input {
         path: side.clone(),
         reason: format!("{what}: {e}"),
     };

@@ -63,7 +63,25 @@ pub fn matrix(g: &Graph, w: &WeightRef) -> Result<Vec<f32>> {
             res.push(at(row, j));
         }
     }
+    finite(&w.tensor, &res)?;
     Ok(res)
+}
+
+/// Refuses NaN and infinite weights: statistics, merges and factorisations of them are
+/// meaningless, and the rewritten model would look perfect against an original that
+/// computes NaN.
+fn finite(tensor: &str, v: &[f32]) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::Tensor {
+            tensor: tensor.to_string(),
+            reason: format!(
+                "holds {} at element {i} of the part read; NaN or infinite weights cannot be \
+                 merged or compressed (fix the checkpoint or the export)",
+                v[i]
+            ),
+        }),
+    }
 }
 
 /// The vector a bias reference describes.
@@ -93,6 +111,7 @@ pub fn vector(g: &Graph, b: &BiasRef) -> Result<Vec<f32>> {
             reason: format!("bias has fewer than {} values", b.len),
         });
     }
+    finite(&b.tensor, &v)?;
     Ok(v)
 }
 

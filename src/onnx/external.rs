@@ -79,6 +79,8 @@ pub fn check_location(location: &str) -> std::result::Result<(), String> {
 pub struct ExternalStore {
     dir: PathBuf,
     files: BTreeMap<String, MappedFile>,
+    /// The model file itself (canonical), which no tensor may name as its data.
+    model: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -104,7 +106,14 @@ impl ExternalStore {
         ExternalStore {
             dir: dir.into(),
             files: BTreeMap::new(),
+            model: None,
         }
+    }
+
+    /// Refuses references to `model` (the file being loaded) as external data.
+    pub fn forbid(mut self, model: &std::path::Path) -> Self {
+        self.model = model.canonicalize().ok();
+        self
     }
 
     /// The external files referenced so far.
@@ -183,13 +192,15 @@ impl ExternalStore {
                     path.display()
                 ));
             }
-            let f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let meta = f
-                .metadata()
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if self.model.as_deref() == Some(path.as_path()) {
+                return Err(format!("location '{location}' is the model file itself"));
+            }
+            // Checked before opening: opening a FIFO would block until a writer comes.
+            let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             if !meta.is_file() {
                 return Err(format!("{} is not a regular file", path.display()));
             }
+            let f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let data = if meta.len() == 0 {
                 Bytes::new()
             } else {

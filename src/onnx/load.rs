@@ -17,11 +17,11 @@ impl Model {
     /// model's folder, sizes within the file) and every inline tensor's size checked.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
         let path = path.as_ref();
-        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let meta = f.metadata().map_err(|e| Error::io(path, e))?;
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
             return Err(decode_err(path, "is a directory"));
         }
+        let f = crate::inputs::open_regular(path)?;
         if meta.len() == 0 {
             return Err(decode_err(path, "the file is empty"));
         }
@@ -60,6 +60,9 @@ impl Model {
             return Err(decode_err(shown, "no opset_import"));
         }
         let mut store = ExternalStore::new(dir);
+        if let Some(p) = path {
+            store = store.forbid(p);
+        }
         let mut external = HashMap::new();
         for t in &graph.initializer {
             if is_external(t) {

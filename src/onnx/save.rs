@@ -194,6 +194,12 @@ impl Model {
             .file()
             .write_all(&encoded)
             .map_err(|e| Error::io(out, e))?;
+        // An old model left beside the new data would load silently with wrong weights if
+        // the process died between the two renames: it is removed first, so a kill there
+        // leaves no model (an error at load), never a mismatched pair.
+        if out.exists() {
+            std::fs::remove_file(out).map_err(|e| Error::io(out, e))?;
+        }
         data.commit()?;
         if let Err(e) = model.commit() {
             let _ = std::fs::remove_file(&data_path);

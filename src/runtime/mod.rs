@@ -1,12 +1,15 @@
 //! Runtimes that execute models: tract (embedded, default) and onnxruntime (planned,
 //! through `ort`). Passes never call a runtime; calibration and verification do.
+mod bounds;
 mod npy_half;
+pub mod npz_check;
 #[cfg(feature = "ort")]
 pub mod ort;
 #[cfg(feature = "tract")]
 pub mod tract;
 
 use crate::error::{Error, Result};
+pub use bounds::IndexBounds;
 use ndarray::ArrayD;
 use std::path::Path;
 
@@ -93,6 +96,31 @@ pub trait Session {
     fn run(&mut self, inputs: &[(String, Value)]) -> Result<Vec<(String, Value)>>;
 }
 
+/// Refuses a run whose token inputs (`int64 [batch, seq]`) would need more memory than is
+/// available for a single `[batch, seq, seq]` float32 attention-score matrix: a lower bound
+/// of what any attention layer allocates. Without it a long `--seq-len` ends in an
+/// allocation failure (an abort) inside the runtime.
+pub fn check_memory(inputs: &[(String, Value)]) -> Result<()> {
+    let Some(avail) = crate::inputs::available_memory() else {
+        return Ok(());
+    };
+    for (name, v) in inputs {
+        let (Value::I64(_), [b, s]) = (v, v.shape()) else {
+            continue;
+        };
+        let need = (*b as u128) * (*s as u128) * (*s as u128) * 4;
+        if need > avail as u128 {
+            return Err(Error::Usage(format!(
+                "input '{name}' is a batch of {b} x {s} tokens: one attention-score matrix alone \
+                 takes {:.1} GiB, {:.1} GiB of memory is available; lower --seq-len or --batch",
+                need as f64 / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The value named `name` among `inputs` (for a session feeding its declared inputs).
 pub fn input<'a>(inputs: &'a [(String, Value)], name: &str) -> Result<&'a Value> {
     inputs
@@ -104,12 +132,12 @@ pub fn input<'a>(inputs: &'a [(String, Value)], name: &str) -> Result<&'a Value>
 
 /// The array names of an `.npz` file (without `.npy`), read from its directory only.
 pub fn npz_names(path: &Path) -> Result<Vec<String>> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut npz = ndarray_npy::NpzReader::new(f).map_err(|e| Error::Decode {
+    let f = crate::inputs::open_regular(path)?;
+    let mut npz = ndarray_npy::NpzReader::new(f).map_err(|e| Error::Input {
         path: path.to_path_buf(),
         reason: format!("not an .npz archive: {e}"),
     })?;
-    let names = npz.names().map_err(|e| Error::Decode {
+    let names = npz.names().map_err(|e| Error::Input {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
@@ -122,11 +150,12 @@ pub fn npz_names(path: &Path) -> Result<Vec<String>> {
 /// Reads every array of an `.npz` file (float32, float64, float16 → f32, int64, int32 → i64,
 /// bool/uint8 → i64), keyed by name without `.npy`.
 pub fn read_npz(path: &Path) -> Result<Vec<(String, Value)>> {
-    let err = |reason: String| Error::Decode {
+    let err = |reason: String| Error::Input {
         path: path.to_path_buf(),
         reason,
     };
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    npz_check::check(path)?;
+    let f = crate::inputs::open_regular(path)?;
     let mut npz =
         ndarray_npy::NpzReader::new(f).map_err(|e| err(format!("not an .npz archive: {e}")))?;
     let names = npz.names().map_err(|e| err(e.to_string()))?;

@@ -106,6 +106,8 @@ pub struct OrtSession {
     /// Inputs the model declares as float16 (fed from f32 values, converted).
     f16_inputs: Vec<bool>,
     outputs: Vec<String>,
+    /// Index inputs and the tables they index (checked before each run).
+    bounds: super::IndexBounds,
 }
 
 impl OrtSession {
@@ -153,6 +155,7 @@ impl OrtSession {
             inputs,
             f16_inputs,
             outputs,
+            bounds: super::IndexBounds::of(&model.graph),
         })
     }
 }
@@ -171,6 +174,8 @@ impl Session for OrtSession {
     }
 
     fn run(&mut self, inputs: &[(String, Value)]) -> Result<Vec<(String, Value)>> {
+        self.bounds.check(inputs)?;
+        super::check_memory(inputs)?;
         let mut feed: Vec<(String, ort::value::DynValue)> = Vec::new();
         for (name, &f16) in self.inputs.iter().zip(&self.f16_inputs) {
             let v = super::input(inputs, name)?;

@@ -31,6 +31,8 @@ pub struct TractSession {
     /// are converted).
     input_types: Vec<Option<DatumType>>,
     outputs: Vec<String>,
+    /// Index inputs and the tables they index (checked before each run).
+    bounds: super::IndexBounds,
 }
 
 fn err(context: &str, e: impl std::fmt::Display) -> Error {
@@ -86,6 +88,14 @@ fn constant_of_shape_f32(
     ))
 }
 
+/// The message of a caught panic.
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 impl TractSession {
     /// Compiles a model from its protobuf bytes (external data must be inline).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
@@ -97,6 +107,12 @@ impl TractSession {
 
     /// Compiles an in-memory [`Model`] (through temporary files above 2 GiB).
     pub fn from_model(model: &Model) -> Result<Self> {
+        let mut s = Self::from_source(model)?;
+        s.bounds = super::IndexBounds::of(&model.graph);
+        Ok(s)
+    }
+
+    fn from_source(model: &Model) -> Result<Self> {
         match super::model_source(model)? {
             super::ModelSource::Bytes(bytes) => Self::from_bytes(&bytes),
             super::ModelSource::File { dir, path } => {
@@ -158,6 +174,7 @@ impl TractSession {
             inputs,
             input_types,
             outputs,
+            bounds: super::IndexBounds::default(),
         })
     }
 
@@ -199,6 +216,8 @@ impl Session for TractSession {
     }
 
     fn run(&mut self, inputs: &[(String, Value)]) -> Result<Vec<(String, Value)>> {
+        self.bounds.check(inputs)?;
+        super::check_memory(inputs)?;
         let mut feed = TVec::new();
         let mut sig = Signature::new();
         for (name, declared) in self.inputs.iter().zip(&self.input_types) {
@@ -216,9 +235,11 @@ impl Session for TractSession {
             sig.push((t.datum_type(), t.shape().to_vec()));
             feed.push(t.into());
         }
-        let out = self
-            .plan(&sig)?
-            .run(feed)
+        let plan = self.plan(&sig)?;
+        // tract asserts on some bad inputs instead of returning an error: a panic inside a
+        // run becomes a runtime error, never a crash.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.run(feed)))
+            .map_err(|p| err("running", format!("tract panicked: {}", panic_text(&p))))?
             .map_err(|e| err("running", format!("{e:#}")))?;
         let mut res = Vec::new();
         for (name, t) in self.outputs.iter().zip(out) {

@@ -1,0 +1,463 @@
+//! Hostile inputs: no panic, abort or hang; a clear error with a non-zero exit code; no input
+//! overwritten; nothing half-written left behind.
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn lm() -> PathBuf {
+    root().join("testdata/lm")
+}
+
+/// Runs smoe-opt with `args`, killed after 60 s (a hang fails the test instead of the run).
+fn run(args: &[&str]) -> Output {
+    let o = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_smoe-opt"))
+        .args(args)
+        .arg("-q")
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(124), "{args:?} hung");
+    o
+}
+
+/// Asserts a clean failure: exit `code`, stderr containing `needle`, no panic.
+fn fails(o: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(code), "{err}");
+    assert!(err.contains(needle), "stderr lacks '{needle}': {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn npz(dir: &Path, name: &str, ids: &[i64], seq: usize) -> PathBuf {
+    let py = python().expect("the test venv");
+    let path = dir.join(name);
+    let code = format!(
+        "import numpy as np, sys\n\
+         ids = np.array({ids:?}, dtype=np.int64).reshape(-1, {seq})\n\
+         np.savez(sys.argv[1], input_ids=ids, attention_mask=np.ones_like(ids),\n\
+                  position_ids=np.tile(np.arange({seq}), (len(ids), 1)))\n"
+    );
+    let o = std::process::Command::new(py)
+        .arg("-c")
+        .arg(code)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    path
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_named() {
+    if python().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = npz(tmp.path(), "bad.npz", &[1, 2, 100000, 3], 4);
+    let model = lm().join("model.onnx");
+    let (m, b) = (model.to_str().unwrap(), bad.to_str().unwrap());
+    let out = tmp.path().join("o.onnx");
+    let stats = tmp.path().join("s.json");
+    for args in [
+        vec!["calibrate", m, "--calib", b, "-o", stats.to_str().unwrap()],
+        vec!["eval", m, "--data", b],
+        vec!["eval", m, "--data", b, "--runtime", "ort"],
+        vec![
+            m,
+            "-o",
+            out.to_str().unwrap(),
+            "--keep",
+            "0.5",
+            "--calib",
+            b,
+        ],
+    ] {
+        let o = run(&args);
+        fails(&o, 2, "holds 100000, outside the 512 rows");
+    }
+    assert!(!out.exists() && !stats.exists());
+}
+
+#[test]
+fn sizes_that_cannot_fit_are_refused_before_allocating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = lm().join("model.onnx");
+    let m = m.to_str().unwrap();
+    let out = tmp.path().join("o.onnx");
+    let o = out.to_str().unwrap();
+    let text = lm().join("calib.txt");
+    let tok = lm().join("tokenizer.json");
+    let (text, tok) = (text.to_str().unwrap(), tok.to_str().unwrap());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "--calib-text",
+                text,
+                "--tokenizer",
+                tok,
+                "--seq-len",
+                "1000000",
+            ],
+            "lower --seq-len or --batch",
+        ),
+        (
+            vec!["--calib-random", "4000000000"],
+            "ask for fewer samples",
+        ),
+        (vec!["--calib-random", "100000000000"], "--calib-random"),
+        (
+            vec!["--calib-random", "2", "--layers", "0-4000000000"],
+            "out of range",
+        ),
+        (
+            vec!["--calib-random", "2", "--layers", "0-18446744073709551615"],
+            "out of range",
+        ),
+        (vec!["--calib-random", "2", "--batch", "0"], "--batch"),
+        (vec!["--calib-random", "2", "--max-error", "NaN"], "finite"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec![m, "-o", o, "--keep", "0.5"];
+        args.extend(extra);
+        fails(&run(&args), 2, needle);
+        assert!(!out.exists());
+    }
+    let args = [m, "-o", o, "--experts", "1000", "--calib-random", "2"];
+    fails(&run(&args), 2, "at most 8");
+}
+
+#[test]
+fn devices_fifos_and_folders_are_not_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let f = fifo.to_str().unwrap();
+    let m = lm().join("model.onnx");
+    let m = m.to_str().unwrap();
+    let out = tmp.path().join("o.onnx");
+    let o = out.to_str().unwrap();
+    let text = lm().join("calib.txt");
+    let tok = lm().join("tokenizer.json");
+    let (text, tok) = (text.to_str().unwrap(), tok.to_str().unwrap());
+    let cases: Vec<Vec<&str>> = vec![
+        vec![f, "-o", o, "--keep", "0.5", "--calib-random", "2"],
+        vec![
+            m,
+            "-o",
+            o,
+            "--keep",
+            "0.5",
+            "--calib-text",
+            f,
+            "--tokenizer",
+            tok,
+        ],
+        vec![
+            m,
+            "-o",
+            o,
+            "--keep",
+            "0.5",
+            "--calib-text",
+            "/dev/zero",
+            "--tokenizer",
+            tok,
+        ],
+        vec![
+            m,
+            "-o",
+            o,
+            "--keep",
+            "0.5",
+            "--calib-text",
+            text,
+            "--tokenizer",
+            "/dev/zero",
+        ],
+        vec![m, "-o", o, "--keep", "0.5", "--calib", f],
+        vec![m, "-o", o, "--keep", "0.5", "--stats", "/dev/zero"],
+        vec!["eval", m, "--data", f],
+    ];
+    for args in cases {
+        let r = run(&args);
+        fails(&r, 1, "regular files");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn outputs_never_overwrite_inputs_or_each_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Copies, so a regression cannot damage the committed test data.
+    for f in ["model.onnx", "calib.txt", "tokenizer.json", "eval.npz"] {
+        std::fs::copy(lm().join(f), tmp.path().join(f)).unwrap();
+    }
+    let p = |f: &str| tmp.path().join(f).to_str().unwrap().to_string();
+    let (m, text, tok, evalz) = (
+        p("model.onnx"),
+        p("calib.txt"),
+        p("tokenizer.json"),
+        p("eval.npz"),
+    );
+    let before: Vec<Vec<u8>> = [&m, &text, &tok, &evalz]
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    let o = p("o.onnx");
+    let (snpz, ejson) = (p("s.npz"), p("eval.json"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                &m,
+                "-o",
+                &o,
+                "--keep",
+                "0.5",
+                "--calib-random",
+                "2",
+                "--report",
+                &m,
+            ],
+            "--report",
+        ),
+        (
+            vec![
+                &m,
+                "-o",
+                &o,
+                "--keep",
+                "0.5",
+                "--calib-random",
+                "2",
+                "--report",
+                &o,
+            ],
+            "are the same file",
+        ),
+        (
+            vec![
+                &m,
+                "-o",
+                &text,
+                "--keep",
+                "0.5",
+                "--calib-text",
+                &text,
+                "--tokenizer",
+                &tok,
+            ],
+            "--calib-text",
+        ),
+        (
+            vec![
+                &m,
+                "-o",
+                &tok,
+                "--keep",
+                "0.5",
+                "--calib-text",
+                &text,
+                "--tokenizer",
+                &tok,
+            ],
+            "--tokenizer",
+        ),
+        (
+            vec![&m, "-o", &evalz, "--keep", "0.5", "--calib", &evalz],
+            "--calib",
+        ),
+        (
+            vec!["calibrate", &m, "-o", &m, "--calib-random", "2"],
+            "input model",
+        ),
+        (
+            vec!["calibrate", &m, "-o", &snpz, "--calib-random", "2"],
+            "same file",
+        ),
+        (
+            vec!["calibrate", &m, "-o", &ejson, "--calib", &evalz],
+            "sidecar",
+        ),
+    ];
+    for (args, needle) in cases {
+        fails(&run(&args), 2, needle);
+    }
+    let after: Vec<Vec<u8>> = [&m, &text, &tok, &evalz]
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    assert!(before == after, "an input changed");
+    assert!(!Path::new(&o).exists());
+}
+
+#[test]
+fn a_report_that_cannot_be_written_leaves_no_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = lm().join("model.onnx");
+    let out = tmp.path().join("o.onnx");
+    let rep = tmp.path().join("missing/r.json");
+    let args = [
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--keep",
+        "0.5",
+        "--calib-random",
+        "2",
+        "--report",
+        rep.to_str().unwrap(),
+    ];
+    fails(&run(&args), 1, "does not exist");
+    assert!(listing(tmp.path()).is_empty(), "{:?}", listing(tmp.path()));
+}
+
+#[test]
+fn nan_weights_are_refused_with_the_tensor() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("nan.onnx");
+    let code = "import onnx, numpy as np, sys\n\
+                from onnx import numpy_helper\n\
+                m = onnx.load(sys.argv[1])\n\
+                t = [t for t in m.graph.initializer if list(t.dims) == [96, 192]][3]\n\
+                a = numpy_helper.to_array(t).copy(); a[1, 2] = np.inf\n\
+                t.CopyFrom(numpy_helper.from_array(a, t.name))\n\
+                onnx.save(m, sys.argv[2])\n";
+    let o = std::process::Command::new(py)
+        .arg("-c")
+        .arg(code)
+        .arg(lm().join("model.onnx"))
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("o.onnx");
+    for extra in [["--keep", "0.5"], ["--target-size", "0.5"]] {
+        let mut args = vec![bad.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        args.extend(extra);
+        args.extend(["--calib-random", "2"]);
+        fails(&run(&args), 1, "holds inf");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn npz_headers_claiming_more_than_they_hold_are_refused() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    // A stored (uncompressed) zip entry whose .npy header claims 10^12 int64 values.
+    let path = tmp.path().join("huge.npz");
+    let f = std::fs::File::create(&path).unwrap();
+    let mut z = zip::ZipWriter::new(f);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("input_ids.npy", opts).unwrap();
+    let dict = "{'descr': '<i8', 'fortran_order': False, 'shape': (1000000, 1000000), }";
+    let mut header = dict.to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    bytes.extend([0u8; 64]);
+    z.write_all(&bytes).unwrap();
+    z.finish().unwrap();
+    let m = lm().join("model.onnx");
+    let out = tmp.path().join("o.onnx");
+    let p = path.to_str().unwrap();
+    for args in [
+        vec!["eval", m.to_str().unwrap(), "--data", p],
+        vec![
+            m.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--keep",
+            "0.5",
+            "--calib",
+            p,
+        ],
+    ] {
+        fails(&run(&args), 1, "claims shape [1000000, 1000000]");
+    }
+}
+
+#[test]
+fn interrupted_runs_leave_no_temporary_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = lm().join("model.onnx");
+    let out = tmp.path().join("o.onnx");
+    // The report's temporary file exists from the start of the run.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_smoe-opt"))
+        .arg(&m)
+        .arg("-o")
+        .arg(&out)
+        .args([
+            "--target-size",
+            "0.5",
+            "--calib-random",
+            "64",
+            "-q",
+            "--report",
+        ])
+        .arg(tmp.path().join("r.json"))
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while listing(tmp.path()).is_empty() {
+        assert!(t0.elapsed().as_secs() < 60, "no temporary file appeared");
+        if child.try_wait().unwrap().is_some() {
+            return; // finished before it could be interrupted: nothing to check
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    if status.code() == Some(130) {
+        assert!(listing(tmp.path()).is_empty(), "{:?}", listing(tmp.path()));
+    } else {
+        // Finished between the check and the signal: then it must have succeeded.
+        assert!(status.success());
+    }
+}
+
+#[test]
+fn external_data_naming_the_model_itself_is_refused() {
+    use prost::Message;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = smoe_opt::onnx::proto::ModelProto::decode(
+        std::fs::read(root().join("testdata/variants/mixtral_n8_k2/model.onnx"))
+            .unwrap()
+            .as_slice(),
+    )
+    .unwrap();
+    let t = &mut m.graph.as_mut().unwrap().initializer[0];
+    let kv = |k: &str, v: &str| smoe_opt::onnx::proto::StringStringEntryProto {
+        key: Some(k.into()),
+        value: Some(v.into()),
+    };
+    t.raw_data = None;
+    t.float_data.clear();
+    t.data_location = Some(smoe_opt::onnx::proto::tensor_proto::DataLocation::External as i32);
+    t.external_data = vec![
+        kv("location", "self.onnx"),
+        kv("offset", "0"),
+        kv("length", "16"),
+    ];
+    let path = tmp.path().join("self.onnx");
+    std::fs::write(&path, m.encode_to_vec()).unwrap();
+    let o = run(&["inspect", path.to_str().unwrap()]);
+    fails(&o, 1, "the model file itself");
+}
