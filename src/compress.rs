@@ -1429,7 +1429,7 @@ pub fn plan(
     stats: &CalibStats,
     opts: &CompressOptions,
 ) -> Result<Vec<Alternative>> {
-    let chosen = merge::select_layers(det, stats, opts.layers.as_deref())?;
+    let chosen = merge::select_layers(g, det, stats, opts.layers.as_deref())?;
     let bar = crate::progress::count_bar(opts.progress, chosen.len() as u64, "layers");
     bar.set_message("preparing");
     let data: Vec<LayerData> = chosen

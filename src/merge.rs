@@ -208,7 +208,7 @@ pub fn plan(
     stats: &CalibStats,
     opts: &MergeOptions,
 ) -> Result<Vec<LayerPlan>> {
-    let chosen = select_layers(det, stats, opts.layers.as_deref())?;
+    let chosen = select_layers(g, det, stats, opts.layers.as_deref())?;
     if let Budget::Experts(m) = opts.budget {
         let most = chosen
             .iter()
@@ -273,6 +273,7 @@ pub fn plan(
 /// The identified blocks chosen by `layers` (indices as `inspect` numbers them; all when
 /// `None`), each with its statistics; refuses statistics that do not fit the model.
 pub(crate) fn select_layers<'a>(
+    g: &Graph,
     det: &'a Detection,
     stats: &'a CalibStats,
     layers: Option<&[usize]>,
@@ -301,6 +302,7 @@ pub(crate) fn select_layers<'a>(
                 b.name, s.num_experts, b.router.num_experts
             )));
         }
+        check_stats_fit(g, b, s)?;
         chosen.push((b, s));
     }
     if let Some(sel) = layers {
@@ -313,6 +315,61 @@ pub(crate) fn select_layers<'a>(
         }
     }
     Ok(chosen)
+}
+
+/// Refuses statistics that were not computed on this block: another router (fingerprint),
+/// top-k or hidden size, or arrays whose shapes do not fit (a hand-edited or truncated file).
+fn check_stats_fit(g: &Graph, b: &MoeBlock, s: &LayerStats) -> Result<()> {
+    let other = |what: String| {
+        Error::Usage(format!(
+            "the calibration statistics of '{}' were not computed on this model: {what}; \
+             calibrate this model (smoe-opt calibrate MODEL ...)",
+            b.name
+        ))
+    };
+    let (n, h) = (b.router.num_experts, b.hidden());
+    if !s.router_fingerprint.is_empty() {
+        let fp = crate::calib::stats::router_fingerprint(g, b)?;
+        if fp != s.router_fingerprint {
+            return Err(other("its router weights differ".into()));
+        }
+    }
+    if s.top_k != b.router.top_k {
+        return Err(other(format!(
+            "top-{} there, top-{} here",
+            s.top_k, b.router.top_k
+        )));
+    }
+    if s.hidden != 0 && s.hidden != h {
+        return Err(other(format!("hidden size {} there, {h} here", s.hidden)));
+    }
+    let lens = [
+        ("counts", s.counts.len()),
+        ("frequency", s.frequency.len()),
+        ("mean_weight", s.mean_weight.len()),
+        ("reap", s.reap.len()),
+        ("logit_cosine", s.logit_cosine.len()),
+        ("samples", s.samples.len()),
+    ];
+    if let Some((what, len)) = lens.iter().find(|(_, l)| *l != n) {
+        return Err(other(format!("'{what}' has {len} entries for {n} experts")));
+    }
+    if s.logit_cosine.iter().any(|r| r.len() != n) {
+        return Err(other("'logit_cosine' is not N x N".into()));
+    }
+    if s.mean_output.dim() != (n, h) {
+        return Err(other(format!(
+            "mean outputs are {:?}, not {n} x {h}",
+            s.mean_output.dim()
+        )));
+    }
+    if s.input_moments.iter().any(|m| m.dim() != (h, h)) {
+        return Err(other(format!("input moments are not {h} x {h}")));
+    }
+    if s.samples.iter().flatten().any(|r| r.len() != h) {
+        return Err(other(format!("routed samples are not {h} wide")));
+    }
+    Ok(())
 }
 
 /// Merges or prunes one layer to `m` experts.

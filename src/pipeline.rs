@@ -327,7 +327,7 @@ impl PipelineReport {
                     let _ = writeln!(s);
                 }
                 None => {
-                    let _ = writeln!(s, "fidelity: not measured (no held-out samples)");
+                    let _ = writeln!(s, "fidelity: not measured (no held-out samples: give --eval-data FILE.npz, or at least 2 calibration samples with --holdout > 0)");
                 }
             }
         }

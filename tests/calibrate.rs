@@ -307,7 +307,8 @@ fn past_key_value_inputs_are_fed_as_empty_caches() {
             );
             serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
         };
-        let a = stats(&npz, &format!("{name}.ids.json"));
+        // (Not `{name}.ids.json`: its sidecar would be the `.ids.npz` input itself.)
+        let a = stats(&npz, &format!("{name}.stats-from-ids.json"));
         let b = stats(&dir.join("io.npz"), &format!("{name}.io.json"));
         for (la, lb) in a["layers"]
             .as_array()

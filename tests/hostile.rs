@@ -461,3 +461,51 @@ fn external_data_naming_the_model_itself_is_refused() {
     let o = run(&["inspect", path.to_str().unwrap()]);
     fails(&o, 1, "the model file itself");
 }
+
+#[test]
+fn statistics_of_another_model_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("lm.json");
+    let m = lm().join("model.onnx");
+    let o = run(&[
+        "calibrate",
+        m.to_str().unwrap(),
+        "--calib-random",
+        "4",
+        "-o",
+        stats.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("o.onnx");
+    let other = root().join("testdata/lm_upcycled/model.onnx");
+    // Same shapes, other weights.
+    let args = [
+        other.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--keep",
+        "0.5",
+        "--stats",
+        stats.to_str().unwrap(),
+    ];
+    fails(&run(&args), 2, "its router weights differ");
+    // A file edited by hand: no fingerprint, another hidden size.
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    for l in j["layers"].as_array_mut().unwrap() {
+        l["router_fingerprint"] = "".into();
+        l["hidden"] = 97.into();
+    }
+    std::fs::write(&stats, serde_json::to_string(&j).unwrap()).unwrap();
+    let args = [
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--target-size",
+        "0.5",
+        "--stats",
+        stats.to_str().unwrap(),
+    ];
+    fails(&run(&args), 2, "hidden size 97 there, 96 here");
+    assert!(!out.exists());
+}

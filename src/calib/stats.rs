@@ -58,6 +58,7 @@ pub struct LayerAcc {
     seen: Vec<u64>,
     rng: Rng,
     sel_bias: Option<Vec<f32>>,
+    fingerprint: String,
 }
 
 /// One token's routing: chosen experts and their weights (dropped slots have weight 0 and
@@ -70,6 +71,28 @@ pub struct Route {
     pub weights: Vec<f32>,
     /// Whether the slot survived the capacity limit.
     pub kept: Vec<bool>,
+}
+
+/// A hash identifying `block`'s router in `g` (its weights, bias and top-k), hex.
+pub fn router_fingerprint(g: &Graph, block: &MoeBlock) -> Result<String> {
+    let r = &block.router;
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    };
+    for v in crate::moe::weights::matrix(g, &r.weight)? {
+        eat(&v.to_bits().to_le_bytes());
+    }
+    if let Some(b) = &r.bias {
+        for v in crate::moe::weights::vector(g, b)? {
+            eat(&v.to_bits().to_le_bytes());
+        }
+    }
+    eat(&(r.top_k as u64).to_le_bytes());
+    Ok(format!("{h:016x}"))
 }
 
 /// The block's selection bias values (DeepSeek-V3), read from `g`.
@@ -209,6 +232,7 @@ impl LayerAcc {
             seen: vec![0; n],
             rng: Rng(cfg.seed ^ (layer as u64).wrapping_mul(0x2545F4914F6CDD1D)),
             sel_bias: selection_bias(g, block)?,
+            fingerprint: router_fingerprint(g, block)?,
             cfg,
         })
     }
@@ -332,6 +356,8 @@ impl LayerAcc {
             block: self.block.name.clone(),
             num_experts: n,
             top_k: self.block.router.top_k,
+            hidden: self.block.hidden(),
+            router_fingerprint: self.fingerprint.clone(),
             tokens: self.tokens,
             counts: self.counts.clone(),
             frequency: self
@@ -369,6 +395,13 @@ pub struct LayerStats {
     pub num_experts: usize,
     /// Top-k.
     pub top_k: usize,
+    /// Hidden size H (0 in statistics written before it was recorded).
+    #[serde(default)]
+    pub hidden: usize,
+    /// FNV-1a hash of the router's weights and bias: statistics are only used with the
+    /// model they were computed on (empty in statistics written before it was recorded).
+    #[serde(default)]
+    pub router_fingerprint: String,
     /// Tokens counted (padding excluded).
     pub tokens: u64,
     /// Times each expert was in a token's top-k (after capacity).
