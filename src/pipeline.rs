@@ -95,7 +95,10 @@ pub fn run(input: &Path, output: &Path, opts: &PipelineOptions) -> Result<Pipeli
         )));
     }
     let mut model = Model::load(input)?;
-    model.graph.verify()?;
+    model.graph.verify().map_err(|e| Error::Input {
+        path: input.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     let bytes_before = bytes_on_disk(input, &model);
     let params_before = params(&model);
     let nodes_before = model.graph.node_count();

@@ -157,7 +157,7 @@ fn invalid_graph_is_reported_with_the_node() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("mm (MatMul)") && err.contains("nowhere"),
+        err.contains("mm (MatMul)") && err.contains("nowhere") && err.contains("g.onnx"),
         "{err}"
     );
     assert!(!out.exists());

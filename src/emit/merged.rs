@@ -1,6 +1,6 @@
 //! Writing reduced (merged or pruned) MoE layers: only the new experts are stored.
 //!
-//! Portable form (default) computes the exact MC-SMoE semantics (mc-smoe.md §5): top-k over
+//! Portable form (default) computes the exact MC-SMoE semantics (docs/algorithm.md §5): top-k over
 //! the ORIGINAL N router logits, a constant lookup N → M, the M merged experts; two chosen
 //! experts of one group add their routing weights. Pruned layers keep only the kept router
 //! rows, so top-k chooses among the kept experts.
