@@ -509,3 +509,38 @@ fn statistics_of_another_model_are_refused() {
     fails(&run(&args), 2, "hidden size 97 there, 96 here");
     assert!(!out.exists());
 }
+
+#[test]
+fn a_top_k_larger_than_the_experts_is_diagnosed() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("k9.onnx");
+    let code = "import onnx, numpy as np, sys\n\
+                from onnx import numpy_helper\n\
+                m = onnx.load(sys.argv[1])\n\
+                k = [n.input[1] for n in m.graph.node if n.op_type == 'TopK'][0]\n\
+                for c in m.graph.node:\n\
+                \x20   if c.op_type == 'Constant' and c.output[0] == k:\n\
+                \x20       c.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array([9], dtype=np.int64)))\n\
+                for t in m.graph.initializer:\n\
+                \x20   if t.name == k:\n\
+                \x20       t.CopyFrom(numpy_helper.from_array(np.array([9], dtype=np.int64), k))\n\
+                onnx.save(m, sys.argv[2])\n";
+    let o = std::process::Command::new(py)
+        .arg("-c")
+        .arg(code)
+        .arg(root().join("testdata/variants/mixtral_n8_k2/model.onnx"))
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["inspect", bad.to_str().unwrap(), "--json"]);
+    assert!(o.status.success());
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["moe_blocks"].as_array().unwrap().len(), 0);
+    let diags = j["diagnostics"].to_string();
+    assert!(
+        diags.contains("top-k 9 does not fit its 8 experts"),
+        "{diags}"
+    );
+}

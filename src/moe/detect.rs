@@ -131,9 +131,14 @@ fn routed_block(
     let found = match router::analyze(v, sel) {
         Ok(f) => f,
         Err(reason) => {
+            let moe_like = reason.starts_with(router::INCONSISTENT);
+            if moe_like {
+                det.diagnostics
+                    .push(format!("{label}: {reason}; the block is left unchanged"));
+            }
             det.near_misses.push(NearMiss {
                 node: label,
-                moe_like: false,
+                moe_like,
                 reason,
             });
             return None;

@@ -21,6 +21,11 @@ pub struct FoundRouter {
 
 const PASS: &[&str] = &["Cast", "Identity"];
 
+/// Prefix of the rejections that come after the router MatMul was found: the node IS an MoE
+/// router whose parts disagree (top-k larger than the experts, a bias of the wrong length),
+/// which detection reports as a diagnostic rather than a silent near-miss.
+pub const INCONSISTENT: &str = "an MoE router whose parts disagree: ";
+
 /// Recognises the router feeding the selection node `sel` (TopK or ArgMax).
 pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
     let op = v.op(sel);
@@ -147,10 +152,14 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
     }
     let (n, h) = (n as usize, h as usize);
     if k == 0 || k > n {
-        return Err(format!("top-k {k} does not fit {n} experts"));
+        return Err(format!(
+            "{INCONSISTENT}top-k {k} does not fit its {n} experts"
+        ));
     }
     if bias.as_ref().is_some_and(|(_, len)| *len != n) {
-        return Err("router bias length differs from the number of experts".into());
+        return Err(format!(
+            "{INCONSISTENT}the router bias length differs from the number of experts ({n})"
+        ));
     }
     // The weights: the TopK values, or (with a selection bias) the unbiased scores gathered
     // at the chosen indices.
@@ -166,7 +175,7 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
     if let Some((_, len, _)) = &selection_bias {
         if *len != n {
             return Err(format!(
-                "selection bias has {len} elements, not one per expert ({n})"
+                "{INCONSISTENT}the selection bias has {len} elements, not one per expert ({n})"
             ));
         }
     }
