@@ -1,5 +1,5 @@
 //! align_experts — permutation alignment of one expert's intermediate neurons to a reference
-//! expert (mc-smoe.md §3), so that averaging the two is meaningful.
+//! expert (docs/algorithm.md §3), so that averaging the two is meaningful.
 //!
 //! What: an FFN's function does not change when its intermediate neurons are permuted (rows of
 //! gate/up and their biases, columns of down, together). Two experts trained from different

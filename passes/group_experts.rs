@@ -5,7 +5,7 @@
 //! default router-logit basis S = (cos + 1) / 2 of the logit columns), keep the `m` most-used
 //! experts as dominant (ties: lower index) and assign every other expert, in decreasing
 //! frequency order, to `argmax_{d ∈ dominant} s[j][d]` (ties: lower index).
-//! Fix of the reference code's bug (mc-smoe.md §1): a group is labelled by its dominant
+//! Fix of the reference code's bug (docs/algorithm.md §1): a group is labelled by its dominant
 //! expert's own index, not by the dominant's rank.
 //! Preconditions: `1 ≤ m ≤ N`; `s` is N×N.
 //! Output: for each router expert, the dominant expert (group label) it merges into.

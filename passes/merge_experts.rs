@@ -1,7 +1,7 @@
 //! merge_experts — frequency-weighted averaging of (aligned) experts, and neuron permutation.
 //!
 //! What: `W_G = Σ_{i∈G} f_i · W_i / (Σ_{i∈G} f_i + ε)` for every matrix and bias of a group's
-//! experts (mc-smoe.md §4); uniform averaging when every weight is zero (or asked for).
+//! experts (docs/algorithm.md §4); uniform averaging when every weight is zero (or asked for).
 //! `permute` reorders an expert's intermediate neurons — rows of gate/up (and their biases),
 //! columns of down — which leaves its function unchanged; alignment finds the permutation.
 //! Preconditions: all members have the same shapes and the same gating.

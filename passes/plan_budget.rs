@@ -3,7 +3,7 @@
 //! What: given each layer's expert usage frequencies and a total number of groups to keep
 //! over the merged layers (`g · L_m` for an average of `g` per layer), give every merged layer its own group count `M_l` so that layers with
 //! concentrated routing keep few groups and flat layers keep more.
-//! How (mc-smoe.md §2, with the reference's weaknesses fixed): each merged layer's most-used
+//! How (docs/algorithm.md §2, with the reference's weaknesses fixed): each merged layer's most-used
 //! expert counts as frequency 1.0 (every layer keeps at least one group); all (layer, expert)
 //! pairs are ranked by frequency and the first
 //! `total` pairs are kept (ties: round-robin over layers by rank within the layer, then the
