@@ -4,6 +4,7 @@
 //!
 //! Every call here is single-threaded (`Par::Seq`): callers parallelise across experts with
 //! rayon, which keeps all cores busy without oversubscribing them.
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par, Side};
 use ndarray::{Array2, ArrayView2};
@@ -47,11 +48,47 @@ pub fn mul_t(x: ArrayView2<f32>, w: ArrayView2<f32>) -> Array2<f32> {
 }
 
 /// The Gram `xᵀ·x` of rows `x` ([n, d] → [d, d]), each row weighted by `w` when given.
+/// Only the lower triangle is computed (half the work of a full product), then mirrored.
 pub fn gram(x: ArrayView2<f32>, w: Option<&[f64]>) -> Mat<f64> {
     let xf = Mat::from_fn(x.nrows(), x.ncols(), |i, j| {
         f64::from(x[[i, j]]) * w.map_or(1.0, |w| w[i].sqrt())
     });
-    mul(xf.transpose(), xf.as_ref())
+    let d = x.ncols();
+    let mut g = Mat::<f64>::zeros(d, d);
+    triangular::matmul(
+        g.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        xf.transpose(),
+        BlockStructure::Rectangular,
+        xf.as_ref(),
+        BlockStructure::Rectangular,
+        1.0,
+        Par::Seq,
+    );
+    for j in 0..d {
+        for i in 0..j {
+            g[(i, j)] = g[(j, i)];
+        }
+    }
+    g
+}
+
+/// `Lᵀ·b` for a lower-triangular `l` (only its lower triangle is read: half a full product).
+fn lt_mul(l: MatRef<f64>, b: MatRef<f64>) -> Mat<f64> {
+    let mut c = Mat::zeros(l.ncols(), b.ncols());
+    triangular::matmul(
+        c.as_mut(),
+        BlockStructure::Rectangular,
+        Accum::Replace,
+        l.transpose(),
+        BlockStructure::TriangularUpper,
+        b,
+        BlockStructure::Rectangular,
+        1.0,
+        Par::Seq,
+    );
+    c
 }
 
 /// Ridge added to a Gram before factoring: `λ = rel · tr(G)/d` (at least a tiny absolute
@@ -95,7 +132,7 @@ impl WhitenedSvd {
     pub fn new(w: ArrayView2<f32>, g: MatRef<f64>, rel_ridge: f64) -> Self {
         let l = cholesky(g, rel_ridge);
         let wt = to_faer(w).transpose().to_owned(); // [in, out]
-        let lw = mul(l.transpose(), wt.as_ref()); // Lᵀ·Wᵀ
+        let lw = lt_mul(l.as_ref(), wt.as_ref()); // Lᵀ·Wᵀ
         let (u, s, v) = match lw.thin_svd() {
             Ok(svd) => (
                 svd.U().to_owned(),
