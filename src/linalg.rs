@@ -4,8 +4,8 @@
 //!
 //! Every call here is single-threaded (`Par::Seq`): callers parallelise across experts with
 //! rayon, which keeps all cores busy without oversubscribing them.
-use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, MatRef, Par, Side};
 use ndarray::{Array2, ArrayView2};
 
