@@ -19,8 +19,10 @@ use ndarray::{ArrayD, IxDyn};
 /// Whether a model input is a past key/value cache.
 pub fn is_past(input: &ValueDesc) -> bool {
     let n = input.name.to_ascii_lowercase();
-    let rank4 = input.shape.as_ref().is_some_and(|s| s.len() == 4);
-    (n.starts_with("past") || n.contains(".past") || n.contains("_past")) && rank4
+    // rank 4: key/value caches; rank 3: LFM2's convolution state `past.N.conv`
+    // [batch, channels, kernel - 1] (zeros before the first token).
+    let rank = input.shape.as_ref().map_or(0, Vec::len);
+    (n.starts_with("past") || n.contains(".past") || n.contains("_past")) && (3..=4).contains(&rank)
 }
 
 /// Whether a model output is a present key/value cache (`present.N.key`, `present_key_values…`):

@@ -18,6 +18,102 @@ pub enum Layout {
     InOut,
 }
 
+/// What feeds the fused op when experts are chosen by biased sigmoid scores (LFM2).
+struct BiasedChoice<'v> {
+    /// The raw router logits the sigmoid reads.
+    scores: &'v str,
+    /// The selection bias constant.
+    bias: String,
+    /// The nodes only the op uses (scatter of log σ into the fill matrix).
+    nodes: Vec<NodeId>,
+}
+
+/// `ScatterElements(ConstantOfShape(Shape(σ), −big), TopK(σ + b).indices,
+/// Log(Clip(GatherElements(σ, indices))))` with σ = sigmoid(logits) (or
+/// `1/(1 + exp(−logits))`), as onnxruntime-genai writes LFM2's router. `None` when the op's
+/// logits are not scattered.
+fn biased_sigmoid_choice<'v>(
+    v: &'v View,
+    logits: &str,
+    k: i64,
+) -> Result<Option<BiasedChoice<'v>>, String> {
+    // float16 builders cast the scattered f32 logits to the op's type.
+    let mut casts = Vec::new();
+    let mut at = logits;
+    while let Some((c, "Cast" | "Identity")) = v.producer(at) {
+        casts.push(c);
+        at = v.input(c, 0);
+    }
+    let Some((sc, "ScatterElements")) = v.producer(at) else {
+        return Ok(None);
+    };
+    let bad = |what: &str| Err(format!("scattered router logits: {what}"));
+    let (fill, idx, upd) = (v.input(sc, 0), v.input(sc, 1), v.input(sc, 2));
+    let Some((cs, "ConstantOfShape")) = v.producer(fill) else {
+        return bad("the filled matrix is not a ConstantOfShape");
+    };
+    match v.attr_tensor_f32(cs, "value") {
+        Some(x) if x <= -1e3 => {}
+        _ => return bad("the fill value is not a large negative"),
+    }
+    let Some((topk, "TopK")) = v.producer(idx) else {
+        return bad("the scattered indices are not a TopK's");
+    };
+    if super::consts::const_scalar_int(v.g, v.input(topk, 1)) != Some(k) {
+        return bad("the TopK's k differs from the op's k");
+    }
+    let Some((add, "Add")) = v.producer(v.input(topk, 0)) else {
+        return bad("the choice is not scores plus a bias");
+    };
+    let (a, b) = (v.input(add, 0), v.input(add, 1));
+    let (sig, bias) = if is_const(v.g, b) { (a, b) } else { (b, a) };
+    if !is_const(v.g, bias) {
+        return bad("the choice adds two computed values");
+    }
+    let scores = sigmoid_input(v, sig).ok_or("scattered router logits: no sigmoid")?;
+    // updates: Log(Clip(GatherElements(σ, indices)))
+    let mut nodes = casts;
+    nodes.extend([sc, cs]);
+    if let Some((sh, "Shape")) = v.producer(v.input(cs, 0)) {
+        nodes.push(sh);
+    }
+    let mut at = upd;
+    loop {
+        match v.producer(at) {
+            Some((p, "Log" | "Clip" | "Cast")) => {
+                nodes.push(p);
+                at = v.input(p, 0);
+            }
+            Some((p, "GatherElements")) if v.input(p, 0) == sig && v.input(p, 1) == idx => break,
+            _ => return bad("the scattered values are not log σ of the chosen experts"),
+        }
+    }
+    Ok(Some(BiasedChoice {
+        scores,
+        bias: bias.to_string(),
+        nodes,
+    }))
+}
+
+/// The input of a sigmoid: `Sigmoid(x)` or `Reciprocal(Add(Exp(Neg(x)), 1))`.
+fn sigmoid_input<'v>(v: &'v View, s: &str) -> Option<&'v str> {
+    match v.producer(s)? {
+        (p, "Sigmoid") => Some(v.input(p, 0)),
+        (r, "Reciprocal") => {
+            let (add, _) = v.producer(v.input(r, 0)).filter(|(_, op)| *op == "Add")?;
+            let (a, b) = (v.input(add, 0), v.input(add, 1));
+            let (e, one) = if is_const(v.g, b) { (a, b) } else { (b, a) };
+            if super::consts::const_scalar_float(v.g, one) != Some(1.0) {
+                return None;
+            }
+            let (exp, _) = v.producer(e).filter(|(_, op)| *op == "Exp")?;
+            let (neg, _) = v.producer(v.input(exp, 0)).filter(|(_, op)| *op == "Neg")?;
+            Some(v.input(neg, 0))
+        }
+        _ => None,
+    }
+}
+
 /// Recognises one `com.microsoft.MoE` node. Returns the block, its layout and notes.
 pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>), String> {
     let mut notes = Vec::new();
@@ -28,6 +124,12 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
     let mut nodes = Vec::new();
     let mut at = logits;
     let mut bias_t = None;
+    // LFM2: the op is given log σ of the experts chosen by σ + expert bias, scattered into
+    // a matrix of large negatives; its softmax then gives σ_i / Σ σ over the chosen.
+    let chosen = biased_sigmoid_choice(v, logits, v.attr_int(id, "k").unwrap_or(1))?;
+    if let Some(c) = &chosen {
+        at = c.scores;
+    }
     let (mm, op) = loop {
         let (p, op) = v.producer(at).ok_or("router logits are a graph input")?;
         match op {
@@ -227,21 +329,44 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
                 bias: router_bias,
                 num_experts: n,
                 top_k: k,
-                scoring: Scoring::Softmax,
-                renormalize: v.attr_int(id, "normalize_routing_weights") == Some(1),
+                scoring: if chosen.is_some() {
+                    Scoring::Sigmoid
+                } else {
+                    Scoring::Softmax
+                },
+                // With a biased choice the op's softmax over the k finite entries already
+                // sums to 1, whatever `normalize_routing_weights` says.
+                renormalize: chosen.is_some()
+                    || v.attr_int(id, "normalize_routing_weights") == Some(1),
                 capacity: None,
-                selection_bias: None,
+                selection_bias: chosen.as_ref().map(|c| BiasRef {
+                    tensor: c.bias.clone(),
+                    expert: None,
+                    rows: None,
+                    len: n,
+                }),
                 groups: None,
                 scale: 1.0,
-                logits: logits.to_string(),
+                logits: chosen
+                    .as_ref()
+                    .map_or(logits.to_string(), |c| c.scores.to_string()),
             },
             experts,
             shared: vec![],
-            nodes: {
-                let mut all = vec![mm];
-                all.extend(nodes.into_iter().rev());
-                all.push(id);
-                all
+            nodes: match &chosen {
+                // The sigmoid, the choice and the router MatMul also feed LFM2's output
+                // scale outside the op: only the scatter is the block's own.
+                Some(c) => {
+                    let mut all = c.nodes.clone();
+                    all.push(id);
+                    all
+                }
+                None => {
+                    let mut all = vec![mm];
+                    all.extend(nodes.into_iter().rev());
+                    all.push(id);
+                    all
+                }
             },
             expert_bytes: 0,
         },

@@ -67,6 +67,15 @@ impl<'g> View<'g> {
         crate::ir::node_attr(self.node(id), name).and_then(|a| a.f)
     }
 
+    /// The first element of a tensor attribute, as f32 (e.g. `ConstantOfShape`'s `value`).
+    pub fn attr_tensor_f32(&self, id: NodeId, name: &str) -> Option<f32> {
+        let t = crate::ir::node_attr(self.node(id), name)?.t.as_ref()?;
+        let bytes = crate::onnx::tensor::inline_bytes(t).ok()?;
+        crate::onnx::tensor::to_f32(t.data_type?, &bytes)?
+            .first()
+            .copied()
+    }
+
     /// Integer-list attribute.
     pub fn attr_ints(&self, id: NodeId, name: &str) -> Option<Vec<i64>> {
         crate::ir::node_attr(self.node(id), name).map(|a| a.ints.clone())

@@ -37,7 +37,31 @@ def gptoss():
     return GptOssForCausalLM(cfg), [dict(layer, layer=i) for i in range(2)]
 
 
-ARCHS = {"gptoss": gptoss}
+def lfm2moe():
+    """LFM2-MoE: short-convolution and attention layers; experts chosen by sigmoid scores plus a
+    per-expert bias (the builder scatters log σ of the chosen experts into the op's logits)."""
+    from transformers import Lfm2MoeConfig, Lfm2MoeForCausalLM
+    cfg = Lfm2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                        num_hidden_layers=2, num_dense_layers=0, num_experts=8, num_experts_per_tok=2,
+                        num_attention_heads=2, num_key_value_heads=1, use_expert_bias=True, norm_topk_prob=True,
+                        routed_scaling_factor=1.0, max_position_embeddings=128,
+                        layer_types=["conv", "full_attention"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    layer = dict(experts=8, top_k=2, hidden=32, intermediate=32, activation="swiglu", renormalize=True,
+                 router_scoring="sigmoid", router_bias=False, selection_bias=True, expert_biases=True,
+                 shared_experts=0, experts_present=list(range(8)))
+    return Lfm2MoeForCausalLM(cfg), [dict(layer, layer=i) for i in range(2)]
+
+
+def randomize_buffers(model):
+    """LFM2's expert bias is a buffer (zeros at init): random, so that it changes the choice."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n.endswith("expert_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+ARCHS = {"gptoss": gptoss, "lfm2moe": lfm2moe}
 
 
 def build(name, precision, ep, out):
@@ -45,6 +69,7 @@ def build(name, precision, ep, out):
     model, layers = ARCHS[name]()
     for p in model.parameters():  # random but non-trivial weights, fixed by the seed
         torch.nn.init.normal_(p, std=0.08)
+    randomize_buffers(model)
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf = os.path.join(tmp, "hf")
@@ -64,7 +89,8 @@ def build(name, precision, ep, out):
     path = os.path.join(dst, "model.onnx")
     m = onnx.load(path)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    feed = feeds(m, sess, batch=2, seq=7, seed=3, head_dim=model.config.head_dim)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    feed = feeds(m, sess, batch=2, seq=7, seed=3, head_dim=head_dim)
     outs = sess.run(None, feed)
     names = [o.name for o in sess.get_outputs()]
     logits = outs[names.index("logits")].astype(np.float32)
@@ -104,6 +130,9 @@ def feeds(m, sess, batch, seq, seed, head_dim):
             f[i.name] = np.ones((batch, seq), dt)
         elif i.name == "position_ids":
             f[i.name] = np.tile(np.arange(seq, dtype=dt), (batch, 1))
+        elif i.name.startswith("past.") and i.name.endswith(".conv"):
+            # LFM2's convolution state [batch, channels, kernel - 1]: zeros before the first token.
+            f[i.name] = np.zeros([batch] + list(i.shape[1:]), dt)
         elif i.name.startswith("past_key_values"):
             a = attn[i.name]
             dims = []
