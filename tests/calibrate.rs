@@ -271,6 +271,9 @@ fn past_key_value_inputs_are_fed_as_empty_caches() {
         "ortgenai_gptoss_fp32",
         "ortgenai_gptoss_fp16",
         "ortgenai_gptoss_fp16_cuda",
+        // Convolution states beside the caches; the head size from the value slice.
+        "ortgenai_lfm2moe_fp32",
+        "ortgenai_lfm2moe_fp16",
     ] {
         let dir = root().join("testdata/models").join(name);
         // The token ids of io.npz alone, without its caches.
@@ -284,7 +287,7 @@ fn past_key_value_inputs_are_fed_as_empty_caches() {
         w.add_array("input_ids", &ids).unwrap();
         let mask = ids.mapv(|_| 1i64);
         w.add_array("attention_mask", &mask).unwrap();
-        if name == "ortgenai_gptoss_fp16" {
+        if io.iter().any(|(k, _)| k == "position_ids") {
             let pos = ndarray::ArrayD::from_shape_fn(ids.raw_dim(), |d| d[1] as i64);
             w.add_array("position_ids", &pos).unwrap();
         }

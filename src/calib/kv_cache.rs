@@ -111,14 +111,22 @@ fn head_size(model: &Model, cache: &str) -> Option<usize> {
         // GroupQueryAttention packs Q, K and V in its first input when `key` is absent.
         let kv_heads = heads("kv_num_heads").unwrap_or(q_heads);
         let packed = n.input.get(1).is_none_or(|k| k.is_empty());
-        let cols = projection_columns(model, n.input.first()?)?;
         let div = if packed {
             q_heads + 2 * kv_heads
         } else {
             q_heads
         };
-        if div > 0 && cols % div == 0 {
+        let query = n.input.first().and_then(|q| projection_columns(model, q));
+        if let Some(cols) = query.filter(|&c| div > 0 && c % div == 0) {
             return Some((cols / div) as usize);
+        }
+        // Separate value input (LFM2: query and key pass through per-head norms, the value
+        // is a plain slice of the fused projection): value columns / kv heads.
+        if !packed {
+            let value = n.input.get(2).and_then(|v| projection_columns(model, v));
+            if let Some(cols) = value.filter(|&c| kv_heads > 0 && c % kv_heads == 0) {
+                return Some((cols / kv_heads) as usize);
+            }
         }
     }
     concat_head_size(model, cache)
@@ -140,10 +148,18 @@ fn concat_head_size(model: &Model, cache: &str) -> Option<usize> {
         }
         let other = n.input.iter().find(|i| *i != cache)?;
         let mut at = other.clone();
-        for _ in 0..4 {
+        for _ in 0..8 {
             let p = g.node(g.producer(&at)?)?;
             match p.op_type.as_deref() {
-                Some("Transpose" | "Cast" | "Identity") => at = p.input.first()?.clone(),
+                // Head-wise ops between the projection and the cache (LFM2's per-head key
+                // norm is reshaped to [.., head_size] around it).
+                Some(
+                    "Transpose"
+                    | "Cast"
+                    | "Identity"
+                    | "RotaryEmbedding"
+                    | "SimplifiedLayerNormalization",
+                ) => at = p.input.first()?.clone(),
                 Some("Reshape") => {
                     let shape = crate::moe::consts::const_ints(g, p.input.get(1)?)?;
                     let (&last, rest) = shape.split_last()?;
@@ -151,8 +167,11 @@ fn concat_head_size(model: &Model, cache: &str) -> Option<usize> {
                         return Some(last as usize);
                     }
                     let heads = *rest.last()?;
-                    let cols = projection_columns(model, p.input.first()?)?;
-                    return (heads > 0 && cols % heads == 0).then(|| (cols / heads) as usize);
+                    let cols = projection_columns(model, p.input.first()?);
+                    if let Some(cols) = cols {
+                        return (heads > 0 && cols % heads == 0).then(|| (cols / heads) as usize);
+                    }
+                    at = p.input.first()?.clone();
                 }
                 _ => break,
             }
@@ -183,6 +202,20 @@ fn projection_columns(model: &Model, value: &str) -> Option<i64> {
             // Quantised builder models: com.microsoft.MatMulNBits (attribute N = columns).
             Some("MatMulNBits") => {
                 return node_attr(n, "N").and_then(|a| a.i);
+            }
+            // One slice of a fused projection split along its last axis: that slice's width.
+            Some("Split") => {
+                let axis = node_attr(n, "axis").and_then(|a| a.i).unwrap_or(0);
+                let rank = 3; // [batch, seq, columns] as builders write it
+                if axis != -1 && axis != rank - 1 {
+                    return None;
+                }
+                let k = n.output.iter().position(|o| *o == at)?;
+                let sizes = match n.input.get(1).filter(|s| !s.is_empty()) {
+                    Some(s) => crate::moe::consts::const_ints(g, s)?,
+                    None => node_attr(n, "split").map(|a| a.ints.clone())?,
+                };
+                return sizes.get(k).copied();
             }
             _ => return None,
         }
