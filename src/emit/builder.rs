@@ -108,6 +108,17 @@ impl<'g> Emitter<'g> {
         name
     }
 
+    /// A tensor of `shape_of`'s shape filled with `value`, in the block's element type.
+    pub fn filled_like(&mut self, shape_of: &str, value: f32) -> String {
+        let shape = self.op("Shape", &[shape_of], vec![]);
+        let v = tensor_float("", &[1], &[value], self.float);
+        self.op(
+            "ConstantOfShape",
+            &[&shape],
+            vec![crate::ir::builder::attr_tensor("value", v)],
+        )
+    }
+
     /// ReduceSum over `axes` (attribute before opset 13, input from 13).
     pub fn reduce_sum(&mut self, x: &str, axes: &[i64], keepdims: bool) -> String {
         let kd = crate::ir::builder::attr_int("keepdims", i64::from(keepdims));

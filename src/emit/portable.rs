@@ -149,15 +149,7 @@ pub fn emit(
         let keep = em.reshape(&kept_sum, &[-1, 1]);
         vals = em.op("Mul", &[&vals, &keep], vec![]);
     }
-    let shape_x2 = em.op("Shape", &[&x2], vec![]);
-    let mut acc = em.op(
-        "ConstantOfShape",
-        &[&shape_x2],
-        vec![crate::ir::builder::attr_tensor(
-            "value",
-            crate::ir::builder::tensor_float("", &[1], &[0.0], em.float),
-        )],
-    );
+    let mut acc = em.filled_like(&x2, 0.0);
     // Router id -> target index (-1: no target); skipped when it is the identity.
     let identity = targets.len() == n && targets.iter().enumerate().all(|(i, t)| t.ids == [i]);
     let gid = if identity {
@@ -223,12 +215,7 @@ fn choice_scores(
     let r = &block.router;
     let mut choice = scores.to_string();
     if let Some(b) = &r.selection_bias {
-        let mut bv = vector(em.graph(), b)?;
-        if let Some(rows) = rows {
-            bv = rows.iter().map(|&e| bv[e]).collect();
-        }
-        let bn = em.floats("selection_bias", &[bv.len() as i64], &bv);
-        choice = em.op("Add", &[&choice, &bn], vec![]);
+        choice = add_expert_vector(em, &choice, b, rows, "selection_bias")?;
     }
     let Some(g) = r.groups else {
         return Ok(choice);
@@ -250,20 +237,8 @@ fn choice_scores(
     let kg = em.ints("k_groups", &[1], &[g.top as i64]);
     let top = em.op_multi("TopK", &[&gs, &kg], 2, topk_attrs());
     // Mask [T, G]: 1 at the kept groups, spread over their experts.
-    let shape_g = em.op("Shape", &[&gs], vec![]);
-    let zero = crate::ir::builder::tensor_float("", &[1], &[0.0], em.float);
-    let zeros = em.op(
-        "ConstantOfShape",
-        &[&shape_g],
-        vec![crate::ir::builder::attr_tensor("value", zero)],
-    );
-    let shape_t = em.op("Shape", &[&top[1]], vec![]);
-    let one = crate::ir::builder::tensor_float("", &[1], &[1.0], em.float);
-    let ones = em.op(
-        "ConstantOfShape",
-        &[&shape_t],
-        vec![crate::ir::builder::attr_tensor("value", one)],
-    );
+    let zeros = em.filled_like(&gs, 0.0);
+    let ones = em.filled_like(&top[1], 1.0);
     let mask = em.op(
         "ScatterElements",
         &[&zeros, &top[1], &ones],
@@ -306,14 +281,25 @@ pub fn router_logits(
     };
     let mut logits = em.op("MatMul", &[x2, &wr], vec![]);
     if let Some(b) = &r.bias {
-        let mut bv = vector(em.graph(), b)?;
-        if let Some(rows) = rows {
-            bv = rows.iter().map(|&e| bv[e]).collect();
-        }
-        let bn = em.floats("router_bias", &[bv.len() as i64], &bv);
-        logits = em.op("Add", &[&logits, &bn], vec![]);
+        logits = add_expert_vector(em, &logits, b, rows, "router_bias")?;
     }
     Ok(logits)
+}
+
+/// `x + b` for a per-expert vector `b` over the router's N, or over the kept `rows`.
+fn add_expert_vector(
+    em: &mut Emitter,
+    x: &str,
+    b: &crate::moe::block::BiasRef,
+    rows: Option<&[usize]>,
+    hint: &str,
+) -> Result<String> {
+    let mut bv = vector(em.graph(), b)?;
+    if let Some(rows) = rows {
+        bv = rows.iter().map(|&e| bv[e]).collect();
+    }
+    let bn = em.floats(hint, &[bv.len() as i64], &bv);
+    Ok(em.op("Add", &[x, &bn], vec![]))
 }
 
 /// The element type a block computes in: its router weight's (float, float16 or bfloat16);

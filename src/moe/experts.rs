@@ -220,17 +220,26 @@ fn linear_2d(v: &View, id: NodeId) -> Option<Linear> {
     Some(l)
 }
 
+/// The single consumer of `out` when it is an Add, and the Add's other operand.
+fn sole_add<'v>(v: &'v View, out: &str) -> Option<(NodeId, &'v str)> {
+    let [add] = v.consumers(out) else {
+        return None;
+    };
+    if v.op(*add) != "Add" {
+        return None;
+    }
+    let other = if v.input(*add, 0) == out {
+        v.input(*add, 1)
+    } else {
+        v.input(*add, 0)
+    };
+    Some((*add, other))
+}
+
 /// A following Add of a constant `[out]` vector is the bias.
 fn attach_bias(v: &View, l: &mut Linear) {
-    let cons = v.consumers(&l.out);
-    if cons.len() != 1 || v.op(cons[0]) != "Add" {
+    let Some((add, other)) = sole_add(v, &l.out) else {
         return;
-    }
-    let add = cons[0];
-    let other = if v.input(add, 0) == l.out {
-        v.input(add, 1)
-    } else {
-        v.input(add, 0)
     };
     let dims = const_dims(v.g, other).unwrap_or_default();
     if is_const(v.g, other)
@@ -312,10 +321,8 @@ fn attach_batched_bias(v: &View, l: &mut Linear, sel: &HashSet<&str>, n: usize) 
         match v.op(*c) {
             op if PASSTHROUGH.contains(&op) => out = v.output(*c, 0).to_string(),
             "Add" => {
-                let other = if v.input(*c, 0) == out {
-                    v.input(*c, 1)
-                } else {
-                    v.input(*c, 0)
+                let Some((_, other)) = sole_add(v, &out) else {
+                    return;
                 };
                 let other = v.skip_back(other, PASSTHROUGH);
                 let Some((g, "Gather" | "GatherND")) = v.producer(other) else {
@@ -452,15 +459,8 @@ fn linear_sliced(v: &View, id: NodeId, sel: &HashSet<&str>) -> Option<(Linear, u
 /// A following Add of `Gather(B[N, out], i)` with `i` naming the same expert `e` as the
 /// weight (gpt-oss's `gate_up_proj_bias[expert_idx]` in the stock loop) is the bias.
 fn attach_gathered_bias(v: &View, l: &mut Linear, e: usize, sel: &HashSet<&str>) {
-    let cons = v.consumers(&l.out);
-    if cons.len() != 1 || v.op(cons[0]) != "Add" {
+    let Some((add, other)) = sole_add(v, &l.out) else {
         return;
-    }
-    let add = cons[0];
-    let other = if v.input(add, 0) == l.out {
-        v.input(add, 1)
-    } else {
-        v.input(add, 0)
     };
     let other = v.skip_back(other, &["Cast", "Identity"]);
     let Some((g, "Gather")) = v.producer(other) else {

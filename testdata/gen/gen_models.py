@@ -683,21 +683,7 @@ def gen_v5_gptoss(out):
     act = dict(alpha=1.702, beta=1.0, limit=7.0)
     layers = moe_layer_truth(2, 8, 2, 32, 32, "swiglu-clamped", True, router_scoring="softmax-after-topk",
                              router_bias=True, expert_biases=True, activation_params=act)
-    inputs = lm_inputs(4, 32, 19)
-    hits = []
-    hooks = [layer.mlp.experts.register_forward_hook(
-        lambda mod, args, out: hits.append(sorted(set(args[1].reshape(-1).tolist()))))
-        for layer in model.model.layers]
-    with torch.no_grad():
-        model(**inputs)
-    for h in hooks:
-        h.remove()
-    assert all(len(h) == 8 for h in hits), hits
-    name = "gptoss_v5_ts_raw"
-    os.makedirs(os.path.join(out, name), exist_ok=True)
-    export(w, inputs, os.path.join(out, name, "model.onnx"), dynamo=False, dynamic=True)
-    finish(name, out, w, inputs, dict(form="per-expert-3d", exporter="torchscript", family="gpt_oss",
-                                      patched_loop=False, layers=layers), torch_ref=w)
+    export_stock(out, "gptoss_v5_ts_raw", model, w, lm_inputs(4, 32, 19), "gpt_oss", layers)
     name = "gptoss_v5_dynamo"
     m, wd = stock_model(GptOssForCausalLM, cfg, 19)
     m.set_experts_implementation("batched_mm")
