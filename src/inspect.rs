@@ -87,14 +87,25 @@ pub struct BlockSummary {
     pub shared_experts: usize,
     /// Whether expert projections carry biases.
     pub expert_biases: bool,
-    /// Bytes of routed expert weights.
+    /// Bytes of routed expert weights (QMoE: codes, scales and biases).
     pub expert_bytes: u64,
+    /// QMoE integer quantisation of the expert weights, or null.
+    pub quantization: Option<QuantSummary>,
     /// Block input and output values.
     pub input: String,
     /// Block output value.
     pub output: String,
     /// Number of graph nodes the block covers.
     pub nodes: usize,
+}
+
+/// How a QMoE block's expert weights are quantised.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantSummary {
+    /// Bits per weight of fc1 (gate/up) and fc2 (down).
+    pub bits: [u32; 2],
+    /// Inputs per scale block (0: one scale per output row).
+    pub block_size: usize,
 }
 
 /// gpt-oss's SwiGLU parameters: `min(g, limit)·σ(alpha·min(g, limit))·(clamp(u, ±limit) + beta)`.
@@ -139,6 +150,10 @@ impl BlockSummary {
             shared_experts: b.shared.len(),
             expert_biases: first.is_some_and(|f| f.up_bias.is_some() || f.down_bias.is_some()),
             expert_bytes: b.expert_bytes,
+            quantization: b.quant().map(|[a, d]| QuantSummary {
+                bits: [a.bits, d.bits],
+                block_size: a.block,
+            }),
             input: b.input.clone(),
             output: b.output.clone(),
             nodes: b.nodes.len(),
@@ -445,6 +460,17 @@ impl Inspection {
                 }
                 if !extra.is_empty() {
                     let _ = writeln!(s, "  {} router: {}", b.name, extra.join(", "));
+                }
+                if let Some(q) = &b.quantization {
+                    let block = match q.block_size {
+                        0 => "one scale per row".to_string(),
+                        n => format!("scales per {n} inputs"),
+                    };
+                    let _ = writeln!(
+                        s,
+                        "  {} experts: QMoE int{}/int{} (fc1/fc2), {block}",
+                        b.name, q.bits[0], q.bits[1]
+                    );
                 }
             }
         }

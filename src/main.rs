@@ -57,9 +57,11 @@ struct RunArgs {
     /// Without --method, --experts or --keep the model is copied through unchanged.
     #[arg(long, value_enum)]
     method: Option<pipeline::Method>,
-    /// Form of rewritten blocks: portable (standard ops, exact merged semantics) or ort-fused
-    /// (com.microsoft.MoE where it fits; merged layers then use the router-merging variant).
-    #[arg(long, value_enum, default_value_t = smoe_opt::emit::EmitForm::Portable)]
+    /// Form of rewritten blocks: auto (portable, but int4/int8 com.microsoft.QMoE blocks stay
+    /// QMoE, requantised), portable (standard ops, exact merged semantics; QMoE dequantised)
+    /// or ort-fused (com.microsoft.MoE/QMoE where it fits; merged layers of softmax routers
+    /// then use the router-merging variant).
+    #[arg(long, value_enum, default_value_t = smoe_opt::emit::EmitForm::Auto)]
     emit: smoe_opt::emit::EmitForm,
     /// Keep on average M experts per reduced MoE layer.
     #[arg(long, value_name = "M", conflicts_with = "keep")]

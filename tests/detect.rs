@@ -74,6 +74,8 @@ fn detection_matches_generator_truth() {
                 let want = l.get(key).cloned().unwrap_or(Value::Bool(false));
                 assert_eq!(b[key], want, "{ctx}: {key}");
             }
+            let quant = l.get("quantization").cloned().unwrap_or(Value::Null);
+            assert_eq!(b["quantization"], quant, "{ctx}: quantization");
             let groups = l.get("groups").cloned().unwrap_or(Value::Null);
             assert_eq!(b["groups"], groups, "{ctx}: groups");
             let scaling = l

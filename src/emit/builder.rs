@@ -108,6 +108,24 @@ impl<'g> Emitter<'g> {
         name
     }
 
+    /// A floating-point constant initializer of element type `dtype`.
+    pub fn floats_as(&mut self, hint: &str, dims: &[i64], vals: &[f32], dtype: i32) -> String {
+        let name = self.fresh(hint);
+        self.inits
+            .push(Initializer::inline(tensor_float(&name, dims, vals, dtype)));
+        name
+    }
+
+    /// A uint8 constant initializer.
+    pub fn bytes(&mut self, hint: &str, dims: &[i64], vals: Vec<u8>) -> String {
+        let name = self.fresh(hint);
+        self.inits
+            .push(Initializer::inline(crate::ir::builder::tensor_u8(
+                &name, dims, vals,
+            )));
+        name
+    }
+
     /// A tensor of `shape_of`'s shape filled with `value`, in the block's element type.
     pub fn filled_like(&mut self, shape_of: &str, value: f32) -> String {
         let shape = self.op("Shape", &[shape_of], vec![]);

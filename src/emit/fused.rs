@@ -11,21 +11,31 @@ use super::builder::Emitter;
 use super::portable;
 use crate::error::{Error, Result};
 use crate::ir::builder::{attr_float, attr_int, attr_string};
+use crate::moe::quant::Quant;
 use crate::moe::weights::expert_params;
 use crate::moe::{Act, MoeBlock, Scoring};
+use crate::onnx::proto::tensor_proto::DataType;
 use crate::passes::merge_experts::ExpertParams;
+
+/// Whether the op must be given scattered log-scores (the choice is not the op's own
+/// softmax-then-top-k): sigmoid scores, a selection bias or expert groups.
+fn scattered(block: &MoeBlock) -> bool {
+    let r = &block.router;
+    r.scoring == Scoring::Sigmoid || r.selection_bias.is_some() || r.groups.is_some()
+}
 
 /// Why a block cannot be written as the fused op (None when it can).
 pub fn unfit(block: &MoeBlock) -> Option<String> {
     let r = &block.router;
-    if r.scoring != Scoring::Softmax {
-        return Some("the fused op scores with softmax over all experts only".into());
-    }
     if r.capacity.is_some() {
         return Some("the fused op has no expert capacity".into());
     }
-    if r.selection_bias.is_some() || r.groups.is_some() || r.scale != 1.0 {
-        return Some("the fused op has no selection bias, expert groups or routed scaling".into());
+    if scattered(block) && !r.renormalize {
+        return Some(
+            "the fused op normalises the chosen experts' weights; this router's are not \
+             renormalised"
+                .into(),
+        );
     }
     if block.experts.len() != r.num_experts {
         return Some("experts are missing".into());
@@ -41,8 +51,8 @@ pub fn unfit(block: &MoeBlock) -> Option<String> {
     }
 }
 
-/// Emits `block` as router MatMul + `com.microsoft.MoE` (+ shared experts) with its own
-/// experts. Returns the router-logits value.
+/// Emits `block` as router MatMul + `com.microsoft.MoE`/`QMoE` (+ shared experts) with its
+/// own experts. Returns the router-logits value.
 pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<String> {
     let mut experts = Vec::with_capacity(block.experts.len());
     for e in &block.experts {
@@ -52,11 +62,190 @@ pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<String> {
     emit_with(em, block, &refs, None, None)
 }
 
-/// Emits `block` as the fused op over `experts` (canonical weights). `router_rows`: router
-/// rows kept (pruning; the op then routes among them exactly). `groups`: router-merging
-/// variant — the op sees one logit per group, `log Σ_{i∈G} exp(z_i)` (the group's softmax
-/// mass), and takes its top-k over groups: NOT the exact merged semantics (which takes top-k
-/// over the original N experts), so the report names it.
+/// The op's logits input. Plain softmax routers give their logits (softmax after top-k is
+/// the op's renormalised softmax). Otherwise the experts are chosen here as the block
+/// chooses them (sigmoid or softmax scores, selection bias, expert groups) and the op is
+/// given `log s` of the chosen scores scattered into a matrix of large negatives: its
+/// softmax over them is `s_i / Σ_chosen s`, the renormalised weights. With `groups`
+/// (merging), each group's logit is the log-sum-exp of its members' — the summed weight of
+/// its chosen members, exactly the merged semantics.
+fn op_logits(
+    em: &mut Emitter,
+    block: &MoeBlock,
+    logits: &str,
+    rows: Option<&[usize]>,
+    groups: Option<&[Vec<usize>]>,
+) -> Result<String> {
+    let r = &block.router;
+    let float = em.float;
+    let mut at = logits.to_string();
+    let f32t = DataType::Float as i32;
+    if scattered(block) {
+        // Chosen in float32 (as onnxruntime-genai does), cast back for the op.
+        em.float = f32t;
+        if float != f32t {
+            at = em.op("Cast", &[&at], vec![attr_int("to", f32t as i64)]);
+        }
+        let scores = match r.scoring {
+            Scoring::Sigmoid => em.op("Sigmoid", &[&at], vec![]),
+            _ => em.op("Softmax", &[&at], vec![attr_int("axis", -1)]),
+        };
+        let choice = portable::choice_scores(em, block, &scores, rows)?;
+        let k = em.ints("k", &[1], &[r.top_k as i64]);
+        let top = em.op_multi("TopK", &[&choice, &k], 2, portable::topk_attrs());
+        let chosen = em.op(
+            "GatherElements",
+            &[&scores, &top[1]],
+            vec![attr_int("axis", 1)],
+        );
+        let tiny = em.floats("tiny", &[], &[f32::MIN_POSITIVE]);
+        let clipped = em.op("Clip", &[&chosen, &tiny], vec![]);
+        let logs = em.op("Log", &[&clipped], vec![]);
+        let fill = em.filled_like(&scores, -1e30);
+        at = em.op(
+            "ScatterElements",
+            &[&fill, &top[1], &logs],
+            vec![attr_int("axis", 1)],
+        );
+    }
+    if let Some(groups) = groups {
+        let parts: Vec<String> = groups
+            .iter()
+            .map(|m| {
+                let ids: Vec<i64> = m.iter().map(|&i| i as i64).collect();
+                let ix = em.ints("group", &[ids.len() as i64], &ids);
+                let z = em.op("Gather", &[&at, &ix], vec![attr_int("axis", 1)]);
+                em.reduce("ReduceLogSumExp", &z, &[-1], true)
+            })
+            .collect();
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        at = em.op("Concat", &refs, vec![attr_int("axis", 1)]);
+    }
+    if em.float != float {
+        // float16: large negatives saturate to the type's lowest, still weight 0.
+        let fill = em.floats("lowest", &[], &[-65504.0]);
+        at = em.op("Max", &[&at, &fill], vec![]);
+        em.float = float;
+        at = em.op("Cast", &[&at], vec![attr_int("to", float as i64)]);
+    }
+    Ok(at)
+}
+
+/// The experts' stacked fc1 (`[n, rows1, h]`, SwiGLU interleaved) and fc2 (`[n, h, inter]`)
+/// weights and biases; experts with fewer intermediate neurons are padded with zero neurons
+/// (a zero down column adds nothing, whatever the activation), as is an odd count when the
+/// down codes pack two per byte.
+struct Stacked {
+    inter: usize,
+    rows1: usize,
+    fc1: Vec<f32>,
+    fc2: Vec<f32>,
+    b1: Option<Vec<f32>>,
+    b2: Option<Vec<f32>>,
+}
+
+fn stack(experts: &[&ExpertParams], h: usize, even: bool) -> Stacked {
+    let mut inter = experts.iter().map(|e| e.up.nrows()).max().unwrap_or(0);
+    if even && inter % 2 == 1 {
+        inter += 1;
+    }
+    let gated = experts.first().is_some_and(|e| e.gate.is_some());
+    let rows1 = if gated { 2 * inter } else { inter };
+    let has_b1 = experts
+        .iter()
+        .any(|e| e.up_bias.is_some() || e.gate_bias.is_some());
+    let has_b2 = experts.iter().any(|e| e.down_bias.is_some());
+    let n = experts.len();
+    let mut fc1 = vec![0f32; n * rows1 * h];
+    let mut fc2 = vec![0f32; n * h * inter];
+    let mut b1 = vec![0f32; n * rows1];
+    let mut b2 = vec![0f32; n * h];
+    for (x, e) in experts.iter().enumerate() {
+        let ie = e.up.nrows();
+        let w1 = &mut fc1[x * rows1 * h..(x + 1) * rows1 * h];
+        let bb1 = &mut b1[x * rows1..(x + 1) * rows1];
+        let (step, up_at) = if gated { (2, 1) } else { (1, 0) };
+        for i in 0..ie {
+            // Interleaved rows when gated: g0, u0, g1, u1, …
+            let r = i * step + up_at;
+            w1[r * h..(r + 1) * h]
+                .iter_mut()
+                .zip(e.up.row(i))
+                .for_each(|(d, s)| *d = *s);
+            bb1[r] = e.up_bias.as_ref().map_or(0.0, |b| b[i]);
+            if let Some(g) = &e.gate {
+                let r = i * 2;
+                w1[r * h..(r + 1) * h]
+                    .iter_mut()
+                    .zip(g.row(i))
+                    .for_each(|(d, s)| *d = *s);
+                bb1[r] = e.gate_bias.as_ref().map_or(0.0, |b| b[i]);
+            }
+        }
+        let w2 = &mut fc2[x * h * inter..(x + 1) * h * inter];
+        for o in 0..h {
+            for i in 0..ie {
+                w2[o * inter + i] = e.down[[o, i]];
+            }
+        }
+        if let Some(b) = &e.down_bias {
+            b2[x * h..(x + 1) * h]
+                .iter_mut()
+                .zip(b)
+                .for_each(|(d, s)| *d = *s);
+        }
+    }
+    Stacked {
+        inter,
+        rows1,
+        fc1,
+        fc2,
+        b1: has_b1.then_some(b1),
+        b2: has_b2.then_some(b2),
+    }
+}
+
+/// Stacked weights as QMoE codes and scales (in the original scales' type).
+fn quantized(
+    em: &mut Emitter,
+    hint: &str,
+    q: &Quant,
+    w: &[f32],
+    [n, rows, cols]: [usize; 3],
+) -> Result<(String, String)> {
+    let sdt = crate::moe::consts::const_proto(em.graph(), &q.scales)
+        .and_then(|t| t.data_type)
+        .unwrap_or(DataType::Float as i32);
+    let mut codes = Vec::with_capacity(n * rows * cols / q.pack());
+    let mut scales = Vec::with_capacity(n * rows * q.blocks(cols));
+    for x in 0..n {
+        let (c, s) = q.quantize(
+            &w[x * rows * cols..(x + 1) * rows * cols],
+            rows,
+            cols,
+            |v| crate::ir::builder::round_to(v, sdt),
+        );
+        codes.extend(c);
+        scales.extend(s);
+    }
+    let (n, r) = (n as i64, rows as i64);
+    let c = em.bytes(hint, &[n, r, (cols / q.pack()) as i64], codes);
+    let sdims: Vec<i64> = if q.block == 0 {
+        vec![n, r]
+    } else {
+        vec![n, r, q.blocks(cols) as i64]
+    };
+    let s = em.floats_as(&format!("{hint}_scales"), &sdims, &scales, sdt);
+    Ok((c, s))
+}
+
+/// Emits `block` as the fused op over `experts` (canonical weights): `com.microsoft.QMoE`
+/// with requantised weights in the block's own format when the block is quantised,
+/// `com.microsoft.MoE` otherwise. `router_rows`: router rows kept (pruning; the op then
+/// routes among them exactly). `groups`: merged experts — each group's logit is its
+/// members' log-sum-exp (exact for scattered routers, see [`op_logits`]; for plain softmax
+/// routers the top-k is then taken over groups, not over the original experts, and the
+/// report names it).
 pub fn emit_with(
     em: &mut Emitter,
     block: &MoeBlock,
@@ -84,70 +273,25 @@ pub fn emit_with(
     }
     let h = block.hidden();
     let f0 = &block.experts[0].ffn;
-    let inter = f0.intermediate();
     let gated = f0.gate.is_some();
-    let rows1 = if gated { 2 * inter } else { inter };
-    let mut fc1 = Vec::with_capacity(n * rows1 * h);
-    let mut fc2 = Vec::with_capacity(n * h * inter);
-    let mut b1 = Vec::new();
-    let mut b2 = Vec::new();
-    let has_b1 = f0.up_bias.is_some() || f0.gate_bias.is_some();
-    let has_b2 = f0.down_bias.is_some();
-    for e in experts {
-        let up = e.up.as_slice().expect("standard layout");
-        let ub = e.up_bias.as_ref().map_or(vec![0.0; inter], |b| b.to_vec());
-        if let Some(gm) = &e.gate {
-            // Interleaved rows: g0, u0, g1, u1, …
-            let gm = gm.as_slice().expect("standard layout");
-            let gb = e
-                .gate_bias
-                .as_ref()
-                .map_or(vec![0.0; inter], |b| b.to_vec());
-            for i in 0..inter {
-                fc1.extend_from_slice(&gm[i * h..(i + 1) * h]);
-                fc1.extend_from_slice(&up[i * h..(i + 1) * h]);
-                b1.push(gb[i]);
-                b1.push(ub[i]);
-            }
-        } else {
-            fc1.extend_from_slice(up);
-            b1.extend_from_slice(&ub);
-        }
-        fc2.extend(e.down.iter().copied());
-        if let Some(b) = &e.down_bias {
-            b2.extend(b.iter().copied());
-        }
-    }
+    let quant = block.quant().map(|[a, d]| [a.clone(), d.clone()]);
+    let st = stack(
+        experts,
+        h,
+        quant.as_ref().is_some_and(|[_, d]| d.pack() > 1),
+    );
+    let (inter, rows1) = (st.inter, st.rows1);
     let x2 = em.reshape(&block.input, &[-1, h as i64]);
     let logits = portable::router_logits(em, block, &x2, router_rows)?;
     let logits_out = logits.clone();
-    let logits = match groups {
-        None => logits,
-        Some(groups) => {
-            let parts: Vec<String> = groups
-                .iter()
-                .map(|m| {
-                    let ids: Vec<i64> = m.iter().map(|&i| i as i64).collect();
-                    let ix = em.ints("group", &[ids.len() as i64], &ids);
-                    let z = em.op("Gather", &[&logits, &ix], vec![attr_int("axis", 1)]);
-                    em.reduce("ReduceLogSumExp", &z, &[-1], true)
-                })
-                .collect();
-            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-            em.op("Concat", &refs, vec![attr_int("axis", 1)])
-        }
+    let logits = op_logits(em, block, &logits, router_rows, groups)?;
+    let b1n = match &st.b1 {
+        Some(b) => em.floats("fc1_bias", &[n as i64, rows1 as i64], b),
+        None => String::new(),
     };
-    let w1 = em.floats("fc1", &[n as i64, rows1 as i64, h as i64], &fc1);
-    let w2 = em.floats("fc2", &[n as i64, h as i64, inter as i64], &fc2);
-    let b1n = if has_b1 {
-        em.floats("fc1_bias", &[n as i64, rows1 as i64], &b1)
-    } else {
-        String::new()
-    };
-    let b2n = if has_b2 {
-        em.floats("fc2_bias", &[n as i64, h as i64], &b2)
-    } else {
-        String::new()
+    let b2n = match &st.b2 {
+        Some(b) => em.floats("fc2_bias", &[n as i64, h as i64], b),
+        None => String::new(),
     };
     let act = match (gated, f0.act) {
         (true, _) => "swiglu",
@@ -163,7 +307,10 @@ pub fn emit_with(
     let mut attrs = vec![
         attr_int("k", r.top_k as i64),
         attr_string("activation_type", act),
-        attr_int("normalize_routing_weights", i64::from(r.renormalize)),
+        attr_int(
+            "normalize_routing_weights",
+            i64::from(r.renormalize || r.scoring == Scoring::SoftmaxAfterTopk),
+        ),
         attr_int("swiglu_fusion", i64::from(gated)),
         attr_float("activation_alpha", alpha),
         attr_float("activation_beta", beta),
@@ -171,9 +318,39 @@ pub fn emit_with(
     if let Some(l) = limit {
         attrs.push(attr_float("swiglu_limit", l));
     }
-    attrs.sort_by(|a, b| a.name.cmp(&b.name));
-    let routed = em.op("MoE", &[&x2, &logits, &w1, &b1n, &w2, &b2n], attrs);
+    let routed = match &quant {
+        None => {
+            let w1 = em.floats("fc1", &[n as i64, rows1 as i64, h as i64], &st.fc1);
+            let w2 = em.floats("fc2", &[n as i64, h as i64, inter as i64], &st.fc2);
+            attrs.sort_by(|a, b| a.name.cmp(&b.name));
+            em.op("MoE", &[&x2, &logits, &w1, &b1n, &w2, &b2n], attrs)
+        }
+        Some([q1, q2]) => {
+            let (w1, s1) = quantized(em, "fc1", q1, &st.fc1, [n, rows1, h])?;
+            let (w2, s2) = quantized(em, "fc2", q2, &st.fc2, [n, h, inter])?;
+            attrs.push(attr_int("expert_weight_bits", i64::from(q1.bits)));
+            if q1.bits != q2.bits {
+                attrs.push(attr_int("fc1_expert_weight_bits", i64::from(q1.bits)));
+                attrs.push(attr_int("fc2_expert_weight_bits", i64::from(q2.bits)));
+            }
+            if q1.block > 0 {
+                attrs.push(attr_int("block_size", q1.block as i64));
+            }
+            attrs.sort_by(|a, b| a.name.cmp(&b.name));
+            em.op(
+                "QMoE",
+                &[&x2, &logits, &w1, &s1, &b1n, &w2, &s2, &b2n],
+                attrs,
+            )
+        }
+    };
     em.nodes.last_mut().expect("just added").domain = Some("com.microsoft".into());
+    let routed = if r.scale != 1.0 {
+        let c = em.floats("routed_scaling", &[], &[r.scale]);
+        em.op("Mul", &[&routed, &c], vec![])
+    } else {
+        routed
+    };
     let mut acc = routed;
     for s in &block.shared {
         let out = portable::shared_expert(em, s, &x2)?;

@@ -18,8 +18,12 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum EmitForm {
-    /// Standard ONNX ops (runs in onnxruntime and tract, any batch/sequence length).
+    /// Portable, except that quantised `com.microsoft.QMoE` blocks stay QMoE (requantised in
+    /// their own format; dequantised they would take 4–8× the bytes).
     #[default]
+    Auto,
+    /// Standard ONNX ops (runs in onnxruntime and tract, any batch/sequence length); QMoE
+    /// blocks are dequantised to their float type.
     Portable,
     /// onnxruntime's fused `com.microsoft.MoE` where the block's semantics fit it exactly
     /// (others stay portable, with the reason in the report).
@@ -135,8 +139,13 @@ pub(crate) fn write_blocks(
             _ => None,
         });
         let mut skipped = None;
-        let (logits, semantics) = match (form, unfit) {
-            (EmitForm::OrtFused, None) => {
+        let fused_wanted = match form {
+            EmitForm::OrtFused => true,
+            EmitForm::Auto => block.quant().is_some(),
+            EmitForm::Portable => false,
+        };
+        let (logits, semantics) = match (fused_wanted, unfit) {
+            (true, None) => {
                 fused_used = true;
                 let l = match &item.fused {
                     Fused::Params(p, groups) => {
@@ -153,9 +162,14 @@ pub(crate) fn write_blocks(
                 };
                 (l, item.semantics.map(|s| s.1))
             }
-            (f, why) => {
-                if let (EmitForm::OrtFused, Some(why)) = (f, why) {
-                    log::warn!("{}: written in portable form: {why}", block.name);
+            (wanted, why) => {
+                if let (true, Some(why)) = (wanted, why) {
+                    let what = if block.quant().is_some() {
+                        "written dequantised in portable form"
+                    } else {
+                        "written in portable form"
+                    };
+                    log::warn!("{}: {what}: {why}", block.name);
                     skipped = Some(format!("portable: {why}"));
                 }
                 let l = portable::emit(&mut em, block, &item.targets, item.router_rows)?;

@@ -206,7 +206,7 @@ pub fn emit(
 
 /// The scores the experts are chosen by, when they are not the weights (DeepSeek-V3): the
 /// scores plus the selection bias, with the experts outside the best groups set to -inf.
-fn choice_scores(
+pub(crate) fn choice_scores(
     em: &mut Emitter,
     block: &MoeBlock,
     scores: &str,
@@ -338,7 +338,7 @@ pub fn shared_expert(em: &mut Emitter, s: &crate::moe::SharedExpert, x2: &str) -
     Ok(out)
 }
 
-fn topk_attrs() -> Vec<crate::onnx::proto::AttributeProto> {
+pub(crate) fn topk_attrs() -> Vec<crate::onnx::proto::AttributeProto> {
     vec![
         attr_int("axis", -1),
         attr_int("largest", 1),

@@ -90,6 +90,28 @@ pub fn tensor_float(name: &str, dims: &[i64], data: &[f32], dtype: i32) -> Tenso
     }
 }
 
+/// A uint8 tensor.
+pub fn tensor_u8(name: &str, dims: &[i64], data: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.to_string()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Uint8 as i32),
+        raw_data: Some(data.into()),
+        ..Default::default()
+    }
+}
+
+/// Rounds `v` to the nearest value of floating-point type `dtype` (float, float16, bfloat16).
+pub fn round_to(v: f32, dtype: i32) -> f32 {
+    if dtype == DataType::Float16 as i32 {
+        half::f16::from_f32(v).to_f32()
+    } else if dtype == DataType::Bfloat16 as i32 {
+        half::bf16::from_f32(v).to_f32()
+    } else {
+        v
+    }
+}
+
 /// An int64 tensor stored as raw little-endian bytes.
 pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
     TensorProto {

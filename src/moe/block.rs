@@ -49,6 +49,10 @@ pub struct WeightRef {
     pub rows: Option<RowSel>,
     /// Canonical shape `[out, in]` (after selection).
     pub shape: [usize; 2],
+    /// The tensor holds QMoE integer codes (`[N, out, in/pack]` bytes) dequantised with these
+    /// scales.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quant: Option<super::quant::Quant>,
 }
 
 /// A strided row selection.
@@ -301,6 +305,12 @@ impl MoeBlock {
     /// Hidden size H.
     pub fn hidden(&self) -> usize {
         self.router.weight.shape[1]
+    }
+
+    /// The QMoE quantisation of the experts' projections (gate/up, down), when quantised.
+    pub fn quant(&self) -> Option<[&super::quant::Quant; 2]> {
+        let f = &self.experts.first()?.ffn;
+        Some([f.up.quant.as_ref()?, f.down.quant.as_ref()?])
     }
 
     /// Expert intermediate size I (of the first present expert).

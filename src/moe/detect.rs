@@ -75,33 +75,30 @@ pub fn detect(g: &Graph) -> Detection {
         let label = node_label(n);
         let name = format!("moe.{}", det.blocks.len());
         match (n.op_type.as_deref(), n.domain.as_deref()) {
-            (Some("MoE"), Some("com.microsoft")) => match fused::recognise(&v, id) {
-                Ok((mut block, _layout, notes)) => {
-                    block.name = name;
-                    block.expert_bytes = expert_bytes(g, &block);
-                    for note in notes {
-                        det.diagnostics.push(format!("{}: {note}", block.name));
+            (Some(op @ ("MoE" | "QMoE")), Some("com.microsoft")) => {
+                match fused::recognise(&v, id) {
+                    Ok((mut block, _layout, notes)) => {
+                        block.name = name;
+                        block.expert_bytes = expert_bytes(g, &block);
+                        for note in notes {
+                            det.diagnostics.push(format!("{}: {note}", block.name));
+                        }
+                        det.identified.push(true);
+                        det.blocks.push(block);
                     }
-                    det.identified.push(true);
-                    det.blocks.push(block);
+                    Err(reason) => {
+                        det.diagnostics.push(format!(
+                            "{label}: com.microsoft.{op} not recognised: {reason}"
+                        ));
+                        det.near_misses.push(NearMiss {
+                            node: label,
+                            moe_like: true,
+                            reason,
+                        });
+                    }
                 }
-                Err(reason) => {
-                    det.diagnostics.push(format!(
-                        "{label}: com.microsoft.MoE not recognised: {reason}"
-                    ));
-                    det.near_misses.push(NearMiss {
-                        node: label,
-                        moe_like: true,
-                        reason,
-                    });
-                }
-            },
-            (Some("QMoE"), _) => {
-                det.diagnostics.push(format!(
-                    "{label}: quantised com.microsoft.QMoE is not supported yet"
-                ));
             }
-            (Some("MoE"), _) => {}
+            (Some("MoE" | "QMoE"), _) => {}
             _ => {
                 if let Some((block, identified)) = routed_block(&v, id, &stop, name, &mut det) {
                     covered.extend(block.nodes.iter().copied());
@@ -228,8 +225,24 @@ fn expert_bytes(g: &Graph, b: &MoeBlock) -> u64 {
         .iter()
         .map(|e| {
             let f = &e.ffn;
-            let bits = elem(&f.up.tensor);
-            (f.params() as u64 * bits).div_ceil(8)
+            match (f.up.quant.as_ref(), f.down.quant.as_ref()) {
+                (Some(qa), Some(qd)) => {
+                    // Codes, one scale per row and block, biases in the scales' type.
+                    let sb = elem(&qa.scales);
+                    let w = |w: &crate::moe::WeightRef, q: &crate::moe::quant::Quant| {
+                        let [o, i] = w.shape;
+                        (o * i) as u64 * u64::from(q.bits) + (o * q.blocks(i)) as u64 * sb
+                    };
+                    let weights: u64 =
+                        f.gate.as_ref().map_or(0, |gw| w(gw, qa)) + w(&f.up, qa) + w(&f.down, qd);
+                    let biases = f.params()
+                        - f.gate.as_ref().map_or(0, |w| w.shape[0] * w.shape[1])
+                        - f.up.shape[0] * f.up.shape[1]
+                        - f.down.shape[0] * f.down.shape[1];
+                    (weights + biases as u64 * sb).div_ceil(8)
+                }
+                _ => (f.params() as u64 * elem(&f.up.tensor)).div_ceil(8),
+            }
         })
         .sum()
 }

@@ -205,6 +205,7 @@ fn linear_2d(v: &View, id: NodeId) -> Option<Linear> {
             transpose: !trans_b,
             rows: None,
             shape: [out as usize, inp as usize],
+            quant: None,
         },
     );
     if gemm && !v.input(id, 2).is_empty() {
@@ -303,6 +304,7 @@ fn linear_3d(
                 transpose,
                 rows: None,
                 shape,
+                quant: None,
             },
         );
         attach_batched_bias(v, &mut l, sel, n);
@@ -447,6 +449,7 @@ fn linear_sliced(v: &View, id: NodeId, sel: &HashSet<&str>) -> Option<(Linear, u
             transpose,
             rows: None,
             shape,
+            quant: None,
         },
     );
     attach_bias(v, &mut l);
@@ -831,6 +834,7 @@ fn ffn_from(v: &View, within: &HashSet<NodeId>, uses: &[Linear]) -> Result<Ffn, 
             let pick = |sel: RowSel| WeightRef {
                 rows: Some(sel),
                 shape: [inter, f.w.shape[1]],
+                quant: None,
                 ..f.w.clone()
             };
             let pick_b = |sel: RowSel| {

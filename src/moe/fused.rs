@@ -5,6 +5,7 @@
 //! layout is told from the hidden size the router's MatMul fixes.
 use super::block::{Act, BiasRef, Expert, Ffn, Form, MoeBlock, Router, RowSel, Scoring, WeightRef};
 use super::consts::{const_dims, is_const};
+use super::quant::Quant;
 use super::view::View;
 use crate::ir::NodeId;
 
@@ -114,7 +115,86 @@ fn sigmoid_input<'v>(v: &'v View, s: &str) -> Option<&'v str> {
     }
 }
 
-/// Recognises one `com.microsoft.MoE` node. Returns the block, its layout and notes.
+/// Where a fused op's fc1/fc2/fc3 weights, scales and biases are among its inputs.
+struct Slots {
+    /// Weight inputs of fc1, fc2, fc3.
+    w: [usize; 3],
+    /// QMoE: the scale inputs and the quantisation of fc1, fc2, fc3.
+    scales: Option<([usize; 3], [Quant; 3])>,
+    /// Bias inputs of fc1, fc2, fc3.
+    bias: [usize; 3],
+}
+
+/// The inputs and quantisation of a `com.microsoft.QMoE` node: `x, logits, w1, s1, b1, w2,
+/// s2, b2, w3, s3, b3, zp1, zp2, zp3, router_weights`. Only the integer format without zero
+/// points, in onnxruntime's raw `[N, out, in/pack]` layout, is read.
+fn qmoe_slots(v: &View, id: NodeId) -> Result<Slots, String> {
+    for i in 11..v.node(id).input.len() {
+        if !v.input(id, i).is_empty() {
+            return Err(format!(
+                "QMoE input {i} ({}) is given: explicit zero points and router weights are not \
+                 supported",
+                if i == 14 {
+                    "router_weights"
+                } else {
+                    "zero points"
+                }
+            ));
+        }
+    }
+    if let Some(t) = v.attr_str(id, "quant_type").filter(|t| t != "int") {
+        return Err(format!(
+            "QMoE quant_type '{t}' (CUDA-only floating-point codes) is not supported"
+        ));
+    }
+    if v.attr_int(id, "weights_prepacked").is_some_and(|p| p != 0) {
+        return Err(
+            "QMoE weights are CUTLASS-prepacked for CUDA (weights_prepacked); build the model \
+             for the CPU provider, or with weights_prepacked=0"
+                .into(),
+        );
+    }
+    let bits = v.attr_int(id, "expert_weight_bits").unwrap_or(4);
+    let block = v.attr_int(id, "block_size").unwrap_or(0);
+    if block < 0 {
+        return Err(format!("QMoE block_size {block} is negative"));
+    }
+    let scales = [3usize, 6, 9];
+    let mut q = Vec::new();
+    for (f, name) in ["fc1", "fc2", "fc3"].iter().enumerate() {
+        let b = v
+            .attr_int(id, &format!("{name}_expert_weight_bits"))
+            .unwrap_or(bits);
+        if b != 4 && b != 8 {
+            return Err(format!(
+                "QMoE {name} has {b}-bit weights; 4 and 8 are supported"
+            ));
+        }
+        let s = v.input(id, scales[f]);
+        if f < 2 && (s.is_empty() || !is_const(v.g, s)) {
+            return Err(format!("QMoE {name} scales are not a constant"));
+        }
+        let signed = !s.is_empty()
+            && super::consts::const_floats(v.g, s)
+                .ok_or(format!("QMoE {name} scales are not floating point"))?
+                .iter()
+                .any(|&x| x < 0.0);
+        q.push(Quant {
+            scales: s.to_string(),
+            bits: b as u32,
+            block: block as usize,
+            signed,
+        });
+    }
+    let q: [Quant; 3] = q.try_into().expect("three");
+    Ok(Slots {
+        w: [2, 5, 8],
+        scales: Some((scales, q)),
+        bias: [4, 7, 10],
+    })
+}
+
+/// Recognises one `com.microsoft.MoE` or `com.microsoft.QMoE` node. Returns the block, its layout and notes.
 pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>), String> {
     let mut notes = Vec::new();
     let x = v.input(id, 0);
@@ -196,6 +276,16 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
     if v.attr_int(id, "use_sparse_mixer") == Some(1) {
         return Err("sparse mixer routing is not supported".into());
     }
+    let quantized = v.node(id).op_type.as_deref() == Some("QMoE");
+    let slots = if quantized {
+        qmoe_slots(v, id)?
+    } else {
+        Slots {
+            w: [2, 4, 6],
+            scales: None,
+            bias: [3, 5, 7],
+        }
+    };
     let fc = |i: usize| -> Result<Option<(String, Vec<i64>)>, String> {
         let t = v.input(id, i);
         if t.is_empty() {
@@ -206,21 +296,29 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
             .ok_or(format!("input {i} ('{t}') is not a constant"))?;
         Ok(Some((t.to_string(), d)))
     };
-    let (fc1, d1) = fc(2)?.ok_or("no fc1 weights")?;
-    let (fc2, d2) = fc(4)?.ok_or("no fc2 weights")?;
-    let fc3 = fc(6)?;
+    // Quantised codes pack `pack` inputs per byte: the logical dims multiply the last by it.
+    let logical = |d: Vec<i64>, f: usize| -> Vec<i64> {
+        match &slots.scales {
+            Some((_, q)) if d.len() == 3 => vec![d[0], d[1], d[2] * q[f].pack() as i64],
+            _ => d,
+        }
+    };
+    let (fc1, d1) = fc(slots.w[0])?.ok_or("no fc1 weights")?;
+    let (fc2, d2) = fc(slots.w[1])?.ok_or("no fc2 weights")?;
+    let fc3 = fc(slots.w[2])?;
+    let (d1, d2) = (logical(d1, 0), logical(d2, 1));
     if d1.len() != 3 || d2.len() != 3 || d1[0] as usize != n || d2[0] as usize != n {
         return Err(format!("fc1 {d1:?} / fc2 {d2:?} are not [N={n}, ·, ·]"));
     }
     let layout = if d1[2] as usize == h && d2[1] as usize == h {
-        if d1[1] as usize == h {
+        if d1[1] as usize == h && !quantized {
             notes.push(
                 "weight layout ambiguous (square); assuming [N, out, in] (onnxruntime >= 1.23)"
                     .into(),
             );
         }
         Layout::OutIn
-    } else if d1[1] as usize == h && d2[2] as usize == h {
+    } else if d1[1] as usize == h && d2[2] as usize == h && !quantized {
         notes.push("legacy [N, in, out] weight layout (onnxruntime 1.18-1.22); onnxruntime >= 1.23 CPU silently misreads it".into());
         Layout::InOut
     } else {
@@ -257,15 +355,16 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
         "identity" => Act::Identity,
         other => return Err(format!("activation_type '{other}' is not supported")),
     };
-    let wref = |t: &str, e: usize, rows: Option<RowSel>, out: usize, inp: usize| WeightRef {
-        tensor: t.to_string(),
+    let wref = |f: usize, e: usize, rows: Option<RowSel>, out: usize, inp: usize| WeightRef {
+        tensor: [&fc1, &fc2, fc3.as_ref().map_or(&fc1, |x| &x.0)][f].to_string(),
         expert: Some(e),
         transpose,
         rows,
         shape: [out, inp],
+        quant: slots.scales.as_ref().map(|(_, q)| q[f].clone()),
     };
-    let bias = |i: usize, e: usize, rows: Option<RowSel>, len: usize| -> Option<BiasRef> {
-        let t = v.input(id, i);
+    let bias = |f: usize, e: usize, rows: Option<RowSel>, len: usize| -> Option<BiasRef> {
+        let t = v.input(id, slots.bias[f]);
         (!t.is_empty()).then(|| BiasRef {
             tensor: t.to_string(),
             expert: Some(e),
@@ -276,26 +375,28 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
     let mut experts = Vec::new();
     for e in 0..n {
         let (gate, up, gate_bias, up_bias) = if gated && fusion == 0 {
-            let (f3, _) = fc3.clone().ok_or("swiglu without fusion needs fc3")?;
+            if fc3.is_none() {
+                return Err("swiglu without fusion needs fc3".into());
+            }
             (
-                Some(wref(&fc1, e, None, inter, h)),
-                wref(&f3, e, None, inter, h),
-                bias(3, e, None, inter),
-                bias(7, e, None, inter),
+                Some(wref(0, e, None, inter, h)),
+                wref(2, e, None, inter, h),
+                bias(0, e, None, inter),
+                bias(2, e, None, inter),
             )
         } else if gated {
             (
-                Some(wref(&fc1, e, Some(gate_sel), inter, h)),
-                wref(&fc1, e, Some(up_sel), inter, h),
-                bias(3, e, Some(gate_sel), inter),
-                bias(3, e, Some(up_sel), inter),
+                Some(wref(0, e, Some(gate_sel), inter, h)),
+                wref(0, e, Some(up_sel), inter, h),
+                bias(0, e, Some(gate_sel), inter),
+                bias(0, e, Some(up_sel), inter),
             )
         } else {
             (
                 None,
-                wref(&fc1, e, None, inter, h),
+                wref(0, e, None, inter, h),
                 None,
-                bias(3, e, None, inter),
+                bias(0, e, None, inter),
             )
         };
         experts.push(Expert {
@@ -303,10 +404,10 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
             ffn: Ffn {
                 gate,
                 up,
-                down: wref(&fc2, e, None, h, inter),
+                down: wref(1, e, None, h, inter),
                 gate_bias,
                 up_bias,
-                down_bias: bias(5, e, None, h),
+                down_bias: bias(1, e, None, h),
                 act,
             },
         });
@@ -325,6 +426,7 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
                     transpose: !trans_b,
                     rows: None,
                     shape: [n, h],
+                    quant: None,
                 },
                 bias: router_bias,
                 num_experts: n,

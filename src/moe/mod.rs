@@ -10,6 +10,7 @@ mod detect;
 mod experts;
 mod fused;
 pub mod proj;
+pub mod quant;
 mod region;
 mod router;
 pub mod view;

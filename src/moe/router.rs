@@ -219,6 +219,7 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
                 transpose: !trans_b,
                 rows: None,
                 shape: [n, h],
+                quant: None,
             },
             bias: bias.map(|(tensor, len)| BiasRef {
                 tensor,

@@ -1,6 +1,7 @@
 //! Reading the matrices a [`WeightRef`] describes, as f32 in canonical `[out, in]` order.
 use super::block::{BiasRef, WeightRef};
 use super::consts::const_proto;
+use super::quant::Quant;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::onnx::tensor::{inline_bytes, to_f32};
@@ -20,14 +21,80 @@ fn tensor_f32(g: &Graph, name: &str) -> Result<(Vec<i64>, Vec<f32>)> {
     Ok((t.dims.clone(), data))
 }
 
+/// The raw bytes of a constant tensor, with its dims and element type.
+fn tensor_bytes(g: &Graph, name: &str) -> Result<(Vec<i64>, i32, bytes::Bytes)> {
+    let t = const_proto(g, name).ok_or_else(|| Error::Tensor {
+        tensor: name.to_string(),
+        reason: "not a constant".into(),
+    })?;
+    let bytes = match g.initializer(super::consts::through_identity(g, name)) {
+        Some(i) => i.bytes()?,
+        None => inline_bytes(t)?,
+    };
+    Ok((t.dims.clone(), t.data_type.unwrap_or(0), bytes))
+}
+
+/// One expert's stored `[rows, cols]` matrix of a QMoE code tensor, dequantised.
+fn dequantized(g: &Graph, w: &WeightRef, q: &Quant) -> Result<(Vec<i64>, Vec<f32>)> {
+    let (dims, dt, codes) = tensor_bytes(g, &w.tensor)?;
+    let bad = |tensor: &str, reason: String| Error::Tensor {
+        tensor: tensor.to_string(),
+        reason,
+    };
+    if dt != crate::onnx::proto::tensor_proto::DataType::Uint8 as i32 {
+        return Err(bad(&w.tensor, "QMoE weights are not uint8".into()));
+    }
+    let (n, rows, packed) = match (dims.as_slice(), w.expert) {
+        ([n, r, c], Some(e)) if (e as i64) < *n => (*n as usize, *r as usize, *c as usize),
+        _ => {
+            return Err(bad(
+                &w.tensor,
+                format!("dims {dims:?} do not fit expert {:?}", w.expert),
+            ))
+        }
+    };
+    let cols = packed * q.pack();
+    let (sdims, scales) = tensor_f32(g, &q.scales)?;
+    let nb = q.blocks(cols);
+    let want: Vec<i64> = if sdims.len() == 2 {
+        vec![n as i64, rows as i64]
+    } else {
+        vec![n as i64, rows as i64, nb as i64]
+    };
+    if sdims != want || (sdims.len() == 2 && nb != 1) {
+        return Err(bad(
+            &q.scales,
+            format!("scales {sdims:?} do not fit codes {dims:?} ({nb} blocks per row)"),
+        ));
+    }
+    let e = w.expert.unwrap_or(0);
+    let per = rows * packed;
+    let m = q.dequantize(
+        &codes[e * per..(e + 1) * per],
+        &scales[e * rows * nb..(e + 1) * rows * nb],
+        rows,
+        cols,
+    );
+    Ok((vec![rows as i64, cols as i64], m))
+}
+
 /// The canonical `[out, in]` matrix of a weight reference, row-major.
 pub fn matrix(g: &Graph, w: &WeightRef) -> Result<Vec<f32>> {
-    let (dims, data) = tensor_f32(g, &w.tensor)?;
+    let (dims, data, expert) = match &w.quant {
+        Some(q) => {
+            let (d, m) = dequantized(g, w, q)?;
+            (d, m, None)
+        }
+        None => {
+            let (d, m) = tensor_f32(g, &w.tensor)?;
+            (d, m, w.expert)
+        }
+    };
     let bad = |reason: String| Error::Tensor {
         tensor: w.tensor.clone(),
         reason,
     };
-    let (r, c, base) = match (dims.as_slice(), w.expert) {
+    let (r, c, base) = match (dims.as_slice(), expert) {
         ([r, c], None) => (*r as usize, *c as usize, 0),
         ([n, r, c], Some(e)) if (e as i64) < *n => {
             (*r as usize, *c as usize, e * (*r as usize) * (*c as usize))

@@ -6,7 +6,8 @@ empty past key/value caches, and onnxruntime's outputs) and truth.json (what the
 config says the MoE blocks are). fp32 outputs are also checked against the transformers model
 run in torch, so the builder graph itself is known to be right.
 
-Usage: gen_ortgenai.py --out DIR [--only NAME ...] [--precisions fp32 fp16 int4 int8] [--eps cpu cuda]
+Usage: gen_ortgenai.py --out DIR [--only NAME ...] [--precisions fp32 fp16 int4 int8 int4-rowscale] [--eps cpu cuda]
+int4/int8 are com.microsoft.QMoE (scales per 32 inputs); int4-rowscale one scale per row.
 Developers only (needs torch, transformers 5, onnxruntime-genai; see requirements.txt).
 """
 import argparse, collections, json, os, shutil, subprocess, sys, tempfile
@@ -52,6 +53,32 @@ def lfm2moe():
     return Lfm2MoeForCausalLM(cfg), [dict(layer, layer=i) for i in range(2)]
 
 
+def lfm2moe_wide():
+    """LFM2-MoE with rows of several quantisation blocks, the last one partial (hidden 64,
+    expert intermediate 48, blocks of 32)."""
+    from transformers import Lfm2MoeConfig, Lfm2MoeForCausalLM
+    cfg = Lfm2MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, moe_intermediate_size=48,
+                        num_hidden_layers=2, num_dense_layers=0, num_experts=8, num_experts_per_tok=2,
+                        num_attention_heads=2, num_key_value_heads=1, use_expert_bias=True, norm_topk_prob=True,
+                        routed_scaling_factor=1.0, max_position_embeddings=128,
+                        layer_types=["conv", "full_attention"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    layer = dict(experts=8, top_k=2, hidden=64, intermediate=48, activation="swiglu", renormalize=True,
+                 router_scoring="sigmoid", router_bias=False, selection_bias=True, expert_biases=True,
+                 shared_experts=0, experts_present=list(range(8)))
+    return Lfm2MoeForCausalLM(cfg), [dict(layer, layer=i) for i in range(2)]
+
+
+# Precision variants: the builder's precision, its extra options, and the QMoE format they give
+# ([fc1 bits, fc2 bits], inputs per scale block; 0 = one scale per row).
+PRECISIONS = {
+    "fp32": ("fp32", [], None),
+    "fp16": ("fp16", [], None),
+    "int4": ("int4", [], ([4, 4], 32)),
+    "int8": ("int8", [], ([8, 8], 32)),
+    "int4-rowscale": ("int4", ["qmoe_block_size=0"], ([4, 4], 0)),
+}
+
+
 def randomize_buffers(model):
     """LFM2's expert bias is a buffer (zeros at init): random, so that it changes the choice."""
     g = torch.Generator().manual_seed(11)
@@ -61,14 +88,17 @@ def randomize_buffers(model):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
-ARCHS = {"gptoss": gptoss, "lfm2moe": lfm2moe}
+ARCHS = {"gptoss": gptoss, "lfm2moe": lfm2moe, "lfm2moe_wide": lfm2moe_wide}
 
 
 def build(name, precision, ep, out):
     torch.manual_seed(7)
     model, layers = ARCHS[name]()
-    for p in model.parameters():  # random but non-trivial weights, fixed by the seed
+    for n, p in model.named_parameters():  # random but non-trivial weights, fixed by the seed
         torch.nn.init.normal_(p, std=0.08)
+        if "norm" in n:  # norm gains near 1, as trained models have: blocks see unit-scale inputs
+            with torch.no_grad():
+                p.add_(1.0)
     randomize_buffers(model)
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,11 +108,14 @@ def build(name, precision, ep, out):
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, open(os.path.join(hf, "tokenizer_config.json"), "w"))
         # `-e cuda` writes another graph (GroupQueryAttention in fp16, no MultiHeadAttention
         # path) that onnxruntime's CPU provider also runs.
-        dst = os.path.join(out, f"ortgenai_{name}_{precision}" + ("" if ep == "cpu" else f"_{ep}"))
+        dst = os.path.join(out, f"ortgenai_{name}_{precision}".replace("-", "_") + ("" if ep == "cpu" else f"_{ep}"))
         shutil.rmtree(dst, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-m", hf, "-o", dst,
-                        "-p", precision, "-e", ep, "-c", os.path.join(tmp, "cache")],
-                       check=True, stdout=subprocess.DEVNULL)
+        builder_precision, extra, quant = PRECISIONS[precision]
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-m", hf, "-o", dst,
+               "-p", builder_precision, "-e", ep, "-c", os.path.join(tmp, "cache")]
+        if extra:
+            cmd += ["--extra_options"] + extra
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for f in os.listdir(dst):  # keep the graph and its data only
         if f not in ("model.onnx", "model.onnx.data"):
             os.remove(os.path.join(dst, f))
@@ -102,6 +135,8 @@ def build(name, precision, ep, out):
     io = dict(feed)
     io.update(zip(names, outs))
     np.savez(os.path.join(dst, "io.npz"), **io)
+    if quant is not None:
+        layers = [dict(l, quantization=dict(bits=quant[0], block_size=quant[1])) for l in layers]
     truth = dict(name=os.path.basename(dst), form="ort-fused", exporter="onnxruntime-genai builder",
                  precision=precision, execution_provider=ep, family=name, layers=layers, patched_loop=True,
                  onnxruntime_genai=onnxruntime_genai.__version__, transformers=transformers.__version__,

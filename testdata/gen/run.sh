@@ -20,8 +20,9 @@ PYTHONPATH="$venv/tf4" "$venv/bin/python" "$here/gen_models.py" --tf 4 --only va
 "$venv/bin/python" "$here/gen_models.py" --tf 5 --only gptoss --out "$out"
 "$venv/bin/python" "$here/gen_models.py" --tf 5 --only tokenizer --out "$here/.."
 "$venv/bin/python" "$here/gen_models.py" --tf 5 --only planted --out "$here/../planted"
-"$venv/bin/python" "$here/gen_ortgenai.py" --out "$out" --precisions fp32 fp16
-"$venv/bin/python" "$here/gen_ortgenai.py" --out "$out" --precisions fp16 --eps cuda
-"$venv/bin/python" "$here/gen_ortgenai.py" --out "$out" --only lfm2moe --precisions fp32 fp16
+"$venv/bin/python" "$here/gen_ortgenai.py" --out "$out" --only gptoss --precisions fp32 fp16
+"$venv/bin/python" "$here/gen_ortgenai.py" --out "$out" --only gptoss --precisions fp16 --eps cuda
+"$venv/bin/python" "$here/gen_ortgenai.py" --out "$out" --only lfm2moe --precisions fp32 fp16 int4 int8 int4-rowscale
+"$venv/bin/python" "$here/gen_ortgenai.py" --out "$out" --only lfm2moe_wide --precisions int4
 PYTHONPATH="$venv/tf4" "$venv/bin/python" "$here/train_lm.py" --out "$here/../lm"
 du -sh "$out" "$here/../variants" "$here/../planted" "$here/../lm"

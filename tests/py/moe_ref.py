@@ -23,9 +23,26 @@ class Block:
     def __init__(self, desc, consts):
         self.d, self.c = desc, consts
 
+    def dequantized(self, r):
+        """One expert's QMoE codes [out, in/pack] (uint8, 4-bit low nibble first) times its
+        block scales, around the implicit zero point 2^(bits-1)."""
+        q = r["quant"]
+        codes = self.c[r["tensor"]][r["expert"]]
+        if q["bits"] == 4:
+            codes = np.stack([codes & 15, codes >> 4], axis=-1).reshape(codes.shape[0], -1)
+        vals = codes.astype(np.float64) - 2 ** (q["bits"] - 1)
+        s = self.c[q["scales"]][r["expert"]].astype(np.float64)
+        if s.ndim == 1:
+            s = s[:, None]
+        width = q["block"] or vals.shape[1]
+        return vals * np.repeat(s, width, axis=1)[:, : vals.shape[1]]
+
     def weight(self, r):
-        t = self.c[r["tensor"]].astype(np.float64)
-        if r.get("expert") is not None:
+        if r.get("quant"):
+            t = self.dequantized(r)
+        else:
+            t = self.c[r["tensor"]].astype(np.float64)
+        if r.get("expert") is not None and not r.get("quant"):
             t = t[r["expert"]]
         if r["transpose"]:
             t = t.T
