@@ -134,6 +134,7 @@ pub fn run(input: &Path, output: &Path, opts: &PipelineOptions) -> Result<Pipeli
                             nodes_added: 0,
                             logits: None,
                             semantics: None,
+                            quantization: None,
                         })
                 })
                 .collect();
@@ -315,6 +316,20 @@ impl PipelineReport {
                             forms.join(" ")
                         );
                     }
+                }
+            }
+            for b in &self.blocks {
+                if let Some(q) = &b.quantization {
+                    let _ = writeln!(
+                        s,
+                        "{}: QMoE int{}/int{} kept; requantising added {:.2}% RMS weight error \
+                         (the original quantisation: ~{:.2}%)",
+                        b.block,
+                        q.bits[0],
+                        q.bits[1],
+                        100.0 * q.added_rel_rms,
+                        100.0 * q.original_rel_rms
+                    );
                 }
             }
             match &r.fidelity {

@@ -117,25 +117,78 @@ fn every_model_reduces_to_a_quarter_and_runs_everywhere() {
             pa < pb && ba < bb,
             "{name}: {pb}->{pa} params, {bb}->{ba} bytes"
         );
-        // The file shrinks as the parameter count says (4 bytes per f32 weight, 2 per f16): at least
-        // by the weights removed (less 10% for the new graph's nodes), at most by those plus
-        // everything in the original that is not a weight (the exporter's expert nodes).
-        let elem = if half_precision(&dir) { 2 } else { 4 };
-        let predicted = elem * (pb - pa);
-        let saved = bb - ba;
-        let overhead_before = bb.saturating_sub(elem * pb);
-        // The new graph's nodes are small against f32 weights (10%); the float16 fixture's
-        // weights are so small (75 KB) that the portable graph's nodes are of their order, so
-        // there the bound is everything in the written model that is not a weight.
-        let slack = if elem == 2 {
-            ba.saturating_sub(elem * pa)
+        if quantized(&dir) {
+            // QMoE stays QMoE: the file shrinks by the removed experts' share of the original
+            // expert bytes (codes, scales, biases; inspect counts them), less 10% for new nodes.
+            let info = bin()
+                .arg("inspect")
+                .arg(dir.join("model.onnx"))
+                .arg("--json")
+                .output()
+                .unwrap();
+            let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+            let predicted: f64 = info["moe_blocks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(rep["layers"].as_array().unwrap())
+                .map(|(b, l)| {
+                    let kept = l["experts_after"].as_f64().unwrap()
+                        / l["experts_before"].as_f64().unwrap();
+                    b["expert_bytes"].as_f64().unwrap() * (1.0 - kept)
+                })
+                .sum();
+            let saved = (bb - ba) as f64;
+            assert!(
+                saved >= 0.9 * predicted && saved <= predicted * 1.1,
+                "{name}: saved {saved} bytes, expert bytes predict {predicted}"
+            );
+            let written = bin()
+                .arg("inspect")
+                .arg(&out)
+                .arg("--json")
+                .output()
+                .unwrap();
+            let written: Value = serde_json::from_slice(&written.stdout).unwrap();
+            assert_eq!(
+                written["ops"]["com.microsoft::QMoE"].as_u64(),
+                Some(rep["layers"].as_array().unwrap().len() as u64),
+                "{name}: QMoE stays QMoE"
+            );
+            assert!(written["ops"].get("com.microsoft::MoE").is_none(), "{name}");
+            for b in rep["blocks"].as_array().unwrap() {
+                let q = &b["quantization"];
+                let (orig, added) = (
+                    q["original_rel_rms"].as_f64().unwrap(),
+                    q["added_rel_rms"].as_f64().unwrap(),
+                );
+                // Requantising merged weights adds an error of the original's order.
+                assert!(
+                    orig > 0.0 && added > 0.0 && added < 2.0 * orig,
+                    "{name}: {q}"
+                );
+            }
         } else {
-            predicted / 10
-        };
-        assert!(
+            // The file shrinks as the parameter count says (4 bytes per f32 weight, 2 per f16): at least
+            // by the weights removed (less 10% for the new graph's nodes), at most by those plus
+            // everything in the original that is not a weight (the exporter's expert nodes).
+            let elem = if half_precision(&dir) { 2 } else { 4 };
+            let predicted = elem * (pb - pa);
+            let saved = bb - ba;
+            let overhead_before = bb.saturating_sub(elem * pb);
+            // The new graph's nodes are small against f32 weights (10%); the float16 fixture's
+            // weights are so small (75 KB) that the portable graph's nodes are of their order, so
+            // there the bound is everything in the written model that is not a weight.
+            let slack = if elem == 2 {
+                ba.saturating_sub(elem * pa)
+            } else {
+                predicted / 10
+            };
+            assert!(
             saved + slack >= predicted && saved <= predicted + overhead_before,
             "{name}: saved {saved} bytes, parameters predict {predicted} (+ up to {overhead_before})"
         );
+        }
         assert_eq!(
             std::fs::metadata(&out).unwrap().len()
                 + std::fs::metadata(out.with_extension("onnx.data")).map_or(0, |m| m.len()),

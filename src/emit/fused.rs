@@ -19,7 +19,7 @@ use crate::passes::merge_experts::ExpertParams;
 
 /// Whether the op must be given scattered log-scores (the choice is not the op's own
 /// softmax-then-top-k): sigmoid scores, a selection bias or expert groups.
-fn scattered(block: &MoeBlock) -> bool {
+pub(crate) fn scattered(block: &MoeBlock) -> bool {
     let r = &block.router;
     r.scoring == Scoring::Sigmoid || r.selection_bias.is_some() || r.groups.is_some()
 }
@@ -51,9 +51,41 @@ pub fn unfit(block: &MoeBlock) -> Option<String> {
     }
 }
 
+/// The error of a QMoE block written as QMoE: what requantising the written experts added,
+/// against the rounding error the original quantisation already carries.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuantReport {
+    /// Bits of fc1 (gate/up) and fc2 (down).
+    pub bits: [u32; 2],
+    /// Inputs per scale block (0: one per row).
+    pub block_size: usize,
+    /// The original's rounding error, relative RMS over its expert weights (nominal: a uniform
+    /// error of one step per element, `scale²/12`).
+    pub original_rel_rms: f64,
+    /// The error requantisation added to the written experts, relative RMS (measured: the
+    /// written codes dequantised against the weights they encode; 0 for unchanged experts).
+    pub added_rel_rms: f64,
+}
+
+/// Σ scale²·count/12 (the nominal rounding noise) over one stacked QMoE tensor of `cols` inputs.
+fn nominal_noise(g: &crate::ir::Graph, q: &Quant, cols: usize) -> f64 {
+    let Some(s) = crate::moe::consts::const_floats(g, &q.scales) else {
+        return 0.0;
+    };
+    let (nb, width) = (q.blocks(cols), if q.block == 0 { cols } else { q.block });
+    s.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let b = i % nb;
+            let count = width.min(cols - b * width);
+            f64::from(x) * f64::from(x) * count as f64 / 12.0
+        })
+        .sum()
+}
+
 /// Emits `block` as router MatMul + `com.microsoft.MoE`/`QMoE` (+ shared experts) with its
 /// own experts. Returns the router-logits value.
-pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<String> {
+pub fn emit(em: &mut Emitter, block: &MoeBlock) -> Result<(String, Option<QuantReport>)> {
     let mut experts = Vec::with_capacity(block.experts.len());
     for e in &block.experts {
         experts.push(expert_params(em.graph(), &e.ffn)?);
@@ -212,6 +244,7 @@ fn quantized(
     q: &Quant,
     w: &[f32],
     [n, rows, cols]: [usize; 3],
+    err: &mut [f64; 2],
 ) -> Result<(String, String)> {
     let sdt = crate::moe::consts::const_proto(em.graph(), &q.scales)
         .and_then(|t| t.data_type)
@@ -219,12 +252,12 @@ fn quantized(
     let mut codes = Vec::with_capacity(n * rows * cols / q.pack());
     let mut scales = Vec::with_capacity(n * rows * q.blocks(cols));
     for x in 0..n {
-        let (c, s) = q.quantize(
-            &w[x * rows * cols..(x + 1) * rows * cols],
-            rows,
-            cols,
-            |v| crate::ir::builder::round_to(v, sdt),
-        );
+        let part = &w[x * rows * cols..(x + 1) * rows * cols];
+        let (c, s) = q.quantize(part, rows, cols, |v| crate::ir::builder::round_to(v, sdt));
+        for (a, b) in part.iter().zip(q.dequantize(&c, &s, rows, cols)) {
+            err[0] += f64::from(a - b).powi(2);
+            err[1] += f64::from(*a).powi(2);
+        }
         codes.extend(c);
         scales.extend(s);
     }
@@ -252,7 +285,7 @@ pub fn emit_with(
     experts: &[&ExpertParams],
     router_rows: Option<&[usize]>,
     groups: Option<&[Vec<usize>]>,
-) -> Result<String> {
+) -> Result<(String, Option<QuantReport>)> {
     if let Some(why) = unfit(block) {
         return Err(Error::Graph {
             node: Some(block.name.clone()),
@@ -262,7 +295,13 @@ pub fn emit_with(
     em.float = portable::block_float(em.graph(), block)?;
     let r = &block.router;
     let n = experts.len();
-    if r.top_k > n {
+    // A self-choosing router's merged groups: at most min(k, groups) have weight.
+    let op_k = if scattered(block) && groups.is_some() {
+        r.top_k.min(n)
+    } else {
+        r.top_k
+    };
+    if op_k > n {
         return Err(Error::Graph {
             node: Some(block.name.clone()),
             reason: format!(
@@ -305,7 +344,7 @@ pub fn emit_with(
         _ => (1.0, 0.0, None),
     };
     let mut attrs = vec![
-        attr_int("k", r.top_k as i64),
+        attr_int("k", op_k as i64),
         attr_string("activation_type", act),
         attr_int(
             "normalize_routing_weights",
@@ -318,6 +357,7 @@ pub fn emit_with(
     if let Some(l) = limit {
         attrs.push(attr_float("swiglu_limit", l));
     }
+    let mut report = None;
     let routed = match &quant {
         None => {
             let w1 = em.floats("fc1", &[n as i64, rows1 as i64, h as i64], &st.fc1);
@@ -326,8 +366,30 @@ pub fn emit_with(
             em.op("MoE", &[&x2, &logits, &w1, &b1n, &w2, &b2n], attrs)
         }
         Some([q1, q2]) => {
-            let (w1, s1) = quantized(em, "fc1", q1, &st.fc1, [n, rows1, h])?;
-            let (w2, s2) = quantized(em, "fc2", q2, &st.fc2, [n, h, inter])?;
+            let mut err = [0.0; 2];
+            let (w1, s1) = quantized(em, "fc1", q1, &st.fc1, [n, rows1, h], &mut err)?;
+            let (w2, s2) = quantized(em, "fc2", q2, &st.fc2, [n, h, inter], &mut err)?;
+            // The original's nominal rounding noise against its dequantised weights.
+            let g = em.graph();
+            let orig_inter = block.intermediate();
+            let noise = nominal_noise(g, q1, h) + nominal_noise(g, q2, orig_inter);
+            let mut energy = 0.0;
+            for e in &block.experts {
+                let p = expert_params(g, &e.ffn)?;
+                for m in [p.gate.as_ref(), Some(&p.up), Some(&p.down)]
+                    .into_iter()
+                    .flatten()
+                {
+                    energy += m.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>();
+                }
+            }
+            let rel = |a: f64, b: f64| if b > 0.0 { (a / b).sqrt() } else { 0.0 };
+            report = Some(QuantReport {
+                bits: [q1.bits, q2.bits],
+                block_size: q1.block,
+                original_rel_rms: rel(noise, energy),
+                added_rel_rms: rel(err[0], err[1]),
+            });
             attrs.push(attr_int("expert_weight_bits", i64::from(q1.bits)));
             if q1.bits != q2.bits {
                 attrs.push(attr_int("fc1_expert_weight_bits", i64::from(q1.bits)));
@@ -358,5 +420,5 @@ pub fn emit_with(
     }
     let shape_x = em.op("Shape", &[&block.input], vec![]);
     em.op_into("Reshape", &[&acc, &shape_x], &block.output, vec![]);
-    Ok(logits_out)
+    Ok((logits_out, report))
 }

@@ -4,10 +4,11 @@
 //! the ORIGINAL N router logits, a constant lookup N → M, the M merged experts; two chosen
 //! experts of one group add their routing weights. Pruned layers keep only the kept router
 //! rows, so top-k chooses among the kept experts.
-//! `--emit ort-fused` writes onnxruntime's `com.microsoft.MoE` where the block fits it: pruned
-//! and unmerged layers exactly; merged layers with the router-merging variant (one logit per
-//! group, `log Σ exp`, top-k over groups), which is not the exact semantics — each block's
-//! `semantics` says which was written.
+//! `--emit ort-fused` (and `auto` for QMoE blocks) writes onnxruntime's `com.microsoft.MoE`/`QMoE`
+//! where the block fits it: pruned and unmerged layers exactly; merged layers of plain softmax
+//! routers with the router-merging variant (one logit per group, `log Σ exp`, top-k over
+//! groups), which is not the exact semantics; merged layers of routers that choose themselves
+//! (sigmoid, selection bias, groups) exactly — each block's `semantics` says which was written.
 use super::portable::{Target, TargetFfn};
 use super::{write_blocks, BlockRewrite, BlockWrite, EmitForm, Fused};
 use crate::error::{Error, Result};
@@ -43,11 +44,17 @@ pub fn rewrite(
             None => Fused::Unfit(
                 "compressed experts (low-rank, base+delta) have no com.microsoft.MoE form".into(),
             ),
-            Some(_) if merged && block.router.top_k > plan.experts.len() => Fused::Unfit(format!(
-                "top-{} over {} group logits is impossible",
-                block.router.top_k,
-                plan.experts.len()
-            )),
+            Some(_)
+                if merged
+                    && !super::fused::scattered(block)
+                    && block.router.top_k > plan.experts.len() =>
+            {
+                Fused::Unfit(format!(
+                    "top-{} over {} group logits is impossible",
+                    block.router.top_k,
+                    plan.experts.len()
+                ))
+            }
             Some(d) => Fused::Params(
                 d,
                 merged.then(|| plan.experts.iter().map(|e| e.ids.clone()).collect()),
@@ -55,6 +62,9 @@ pub fn rewrite(
         };
         let semantics = match (&plan.router_rows, merged) {
             (Some(_), _) => (PRUNED, PRUNED),
+            // Scattered routers give the op their own choice: group log-sum-exps are then the
+            // groups' summed weights, the exact semantics.
+            (None, true) if super::fused::scattered(block) => (EXACT, EXACT),
             (None, true) => (EXACT, GROUP_LSE),
             (None, false) => (EXACT, EXACT),
         };

@@ -50,6 +50,9 @@ pub struct BlockRewrite {
     /// Which routing semantics the written block computes (reduced blocks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub semantics: Option<String>,
+    /// QMoE blocks written as QMoE: the error requantisation added, against the original's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<fused::QuantReport>,
 }
 
 /// The nodes and initializers an [`Emitter`] built.
@@ -144,10 +147,11 @@ pub(crate) fn write_blocks(
             EmitForm::Auto => block.quant().is_some(),
             EmitForm::Portable => false,
         };
+        let mut quantization = None;
         let (logits, semantics) = match (fused_wanted, unfit) {
             (true, None) => {
                 fused_used = true;
-                let l = match &item.fused {
+                let (l, q) = match &item.fused {
                     Fused::Params(p, groups) => {
                         let refs: Vec<&ExpertParams> = p.iter().collect();
                         fused::emit_with(
@@ -160,6 +164,7 @@ pub(crate) fn write_blocks(
                     }
                     _ => fused::emit(&mut em, block)?,
                 };
+                quantization = q;
                 (l, item.semantics.map(|s| s.1))
             }
             (wanted, why) => {
@@ -185,6 +190,7 @@ pub(crate) fn write_blocks(
             nodes_added: added,
             logits: Some(logits),
             semantics: semantics.map(str::to_string),
+            quantization,
         });
     }
     if fused_used {
@@ -211,6 +217,7 @@ pub fn reemit(model: &mut Model, det: &Detection, form: EmitForm) -> Result<Vec<
                 nodes_added: 0,
                 logits: None,
                 semantics: None,
+                quantization: None,
             });
             continue;
         }

@@ -97,6 +97,14 @@ pub fn half_precision(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether the generator wrote QMoE (int4/int8) experts.
+pub fn quantized(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("truth.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|t| t["layers"][0].get("quantization").is_some())
+}
+
 /// Relative tolerance for comparing a model's values against a float64 reference: 1e-4 in
 /// float32; in float16, whose unit roundoff is 4.9e-4, values the model computed (router
 /// logits, block inputs) already carry a few roundoffs, so 2e-3.
