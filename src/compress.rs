@@ -24,6 +24,9 @@
 //!
 //! Budgets count the routed experts' stored elements (weights and biases; shared bases
 //! once) of the chosen layers, at 4 bytes each. The plan never stores more than the budget.
+//! QMoE layers (int4/int8 `com.microsoft.QMoE`) hold dense quantised experts only: they are
+//! compressed by merging and neuron pruning, and their bytes are the block's own bytes per
+//! element (codes, scales, biases) times the elements kept.
 use crate::calib::stats::{route, LayerStats, Route};
 use crate::calib::CalibStats;
 use crate::error::{Error, Result};
@@ -111,7 +114,7 @@ pub struct MatrixReport {
     /// Intermediate neurons kept (neuron pruning).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub neurons: Option<usize>,
-    /// Bytes stored (f32).
+    /// Bytes stored (f32: 4 per element; QMoE: the block's bytes per element).
     pub bytes: u64,
     /// Calibrated relative error of this matrix's outputs on its routed tokens
     /// (‖X·(W − Ŵ)ᵀ‖² / ‖X·Wᵀ‖², against the matrix it replaces).
@@ -191,8 +194,11 @@ struct LayerData<'a> {
     energy: f64,
     /// Per expert: Σ w² x xᵀ over its routed tokens (the input Gram gate/up are whitened by).
     in_gram: Vec<Mat<f64>>,
-    /// Routed-expert elements of the layer.
+    /// Routed-expert elements of the layer (QMoE: its bytes in element-equivalents, see
+    /// [`QCost`]).
     elements: usize,
+    /// QMoE layers: the byte cost of their dense quantised experts.
+    qcost: Option<QCost>,
     /// The layer's refitted m-smoe merges, by expert count (computed once).
     merges: std::sync::Mutex<std::collections::BTreeMap<usize, LayerPlan>>,
 }
@@ -404,6 +410,7 @@ impl<'a> LayerData<'a> {
             energy: 0.0,
             in_gram,
             elements,
+            qcost: None,
             merges: Default::default(),
         };
         let ident = d.identity();
@@ -1110,14 +1117,79 @@ struct Built {
     family: String,
 }
 
-fn stored_elements(b: &Built) -> usize {
-    b.experts.iter().map(|e| e.ffn.stored()).sum::<usize>()
-        + b.bases.iter().map(Array2::len).sum::<usize>()
+fn stored_elements(d: &LayerData, b: &Built) -> usize {
+    match &d.qcost {
+        Some(q) => b.experts.iter().map(|e| q.cost(e.ffn.intermediate())).sum(),
+        None => {
+            b.experts.iter().map(|e| e.ffn.stored()).sum::<usize>()
+                + b.bases.iter().map(Array2::len).sum::<usize>()
+        }
+    }
+}
+
+/// The bytes of one dense QMoE expert as the emitter writes it (codes, scales, biases), in
+/// element-equivalents of `bpe` bytes (the plan's bytes per element), so that QMoE budgets are
+/// byte budgets.
+#[derive(Debug, Clone)]
+struct QCost {
+    quant: [crate::moe::quant::Quant; 2],
+    hidden: usize,
+    gated: bool,
+    fc1_bias: bool,
+    fc2_bias: bool,
+    /// Bytes of a scale (and a bias).
+    scale_bytes: f64,
+    /// Bytes per element-equivalent.
+    bpe: f64,
+}
+
+impl QCost {
+    fn new(g: &Graph, block: &MoeBlock) -> Option<Self> {
+        let [q1, q2] = block.quant()?;
+        let f = &block.experts.first()?.ffn;
+        let sdt = crate::moe::consts::const_proto(g, &q1.scales).and_then(|t| t.data_type)?;
+        Some(QCost {
+            quant: [q1.clone(), q2.clone()],
+            hidden: block.hidden(),
+            gated: f.gate.is_some(),
+            fc1_bias: f.up_bias.is_some() || f.gate_bias.is_some(),
+            fc2_bias: f.down_bias.is_some(),
+            scale_bytes: crate::onnx::dtype::bits(sdt).unwrap_or(32) as f64 / 8.0,
+            bpe: 1.0,
+        })
+    }
+
+    /// Bytes of an expert with `k` intermediate neurons (padded to even for 4-bit down codes).
+    fn bytes(&self, k: usize) -> f64 {
+        let [q1, q2] = &self.quant;
+        let k = if q2.pack() > 1 { k.div_ceil(2) * 2 } else { k };
+        let h = self.hidden;
+        let rows1 = if self.gated { 2 * k } else { k };
+        let codes = (rows1 * h) as f64 * f64::from(q1.bits) / 8.0
+            + (h * k) as f64 * f64::from(q2.bits) / 8.0;
+        let scales = (rows1 * q1.blocks(h) + h * q2.blocks(k)) as f64;
+        let biases =
+            (if self.fc1_bias { rows1 } else { 0 } + if self.fc2_bias { h } else { 0 }) as f64;
+        codes + (scales + biases) * self.scale_bytes
+    }
+
+    /// [`Self::bytes`] in element-equivalents (rounded up).
+    fn cost(&self, k: usize) -> usize {
+        (self.bytes(k) / self.bpe).ceil() as usize
+    }
+}
+
+/// The cost of `t`'s targets stored dense: elements, or QMoE element-equivalents.
+fn dense_cost(d: &LayerData, t: &Targets) -> usize {
+    match &d.qcost {
+        Some(q) => t.params.iter().map(|p| q.cost(p.up.nrows())).sum(),
+        None => t.dense_elements(),
+    }
 }
 
 /// Applies `family` to `t` at `budget` elements (biases included).
 fn apply_family(d: &LayerData, t: &Targets, family: Family, budget: usize) -> Option<Built> {
-    if budget >= t.dense_elements() && family != Family::None {
+    if budget >= dense_cost(d, t) && family != Family::None {
         // Everything fits: the experts as they are (exact).
         return Some(dense_built(t, family_name(family).into()));
     }
@@ -1159,11 +1231,19 @@ fn apply_family(d: &LayerData, t: &Targets, family: Family, budget: usize) -> Op
                 .iter()
                 .map(|p| p.down_bias.as_ref().map_or(0, |b| b.len()))
                 .sum();
-            let keep = budget.checked_sub(down_bias)? / per_neuron.max(1);
+            let full = t.params[0].up.nrows();
+            let keep = match &d.qcost {
+                // The most neurons whose written QMoE bytes fit.
+                Some(q) => (1..=full)
+                    .rev()
+                    .find(|&k| t.params.len() * q.cost(k) <= budget)
+                    .unwrap_or(0),
+                None => budget.checked_sub(down_bias)? / per_neuron.max(1),
+            };
             if keep == 0 {
                 return None;
             }
-            let keep = keep.min(t.params[0].up.nrows());
+            let keep = keep.min(full);
             let (experts, matrices) = build_neurons(d, t, keep);
             Some(Built {
                 experts,
@@ -1309,7 +1389,7 @@ fn layer_candidates(g: &Graph, d: &LayerData, families: &[Family]) -> Result<Vec
     let push = |b: Option<Built>, recipe: Recipe, out: &mut Vec<Candidate>| {
         if let Some(b) = b {
             out.push(Candidate {
-                elements: stored_elements(&b),
+                elements: stored_elements(d, &b),
                 error: d.error(&b.experts, &b.bases),
                 recipe,
             });
@@ -1358,12 +1438,19 @@ fn layer_candidates(g: &Graph, d: &LayerData, families: &[Family]) -> Result<Vec
             Recipe::Merge(m, None),
             &mut out,
         );
+        // Merged experts are then factored, or, where factors cannot be stored (QMoE),
+        // pruned to fewer neurons.
+        let then = if families.contains(&Family::LowRank) {
+            Family::LowRank
+        } else {
+            Family::Neurons
+        };
         for &frac in GRID {
             let b = (frac * total as f64) as usize;
             if (b as f64) < (m as f64 / n as f64) * total as f64 {
                 push(
-                    apply_family(d, &t, Family::LowRank, b),
-                    Recipe::Merge(m, Some((Family::LowRank, b))),
+                    apply_family(d, &t, then, b),
+                    Recipe::Merge(m, Some((then, b))),
                     &mut out,
                 );
             }
@@ -1432,14 +1519,42 @@ pub fn plan(
     let chosen = merge::select_layers(g, det, stats, opts.layers.as_deref())?;
     let bar = crate::progress::count_bar(opts.progress, chosen.len() as u64, "layers");
     bar.set_message("preparing");
-    let data: Vec<LayerData> = chosen
+    let mut data: Vec<LayerData> = chosen
         .iter()
         .map(|(b, s)| LayerData::new(g, b, s))
         .collect::<Result<_>>()?;
+    // QMoE blocks store dense quantised experts only: no factors, no shared bases. Their cost
+    // is their bytes as written (codes, scales, biases) in element-equivalents of the plan's
+    // bytes per element, so that the budget is a byte budget.
+    let quantized = data.iter().any(|d| d.block.quant().is_some());
+    let bpe = if quantized {
+        let elements: usize = data.iter().map(|d| d.elements).sum();
+        let bpe = data
+            .iter()
+            .map(|d| d.block.expert_bytes as f64)
+            .sum::<f64>()
+            / elements.max(1) as f64;
+        for d in &mut data {
+            d.qcost = QCost::new(g, d.block).map(|q| QCost { bpe, ..q });
+            if let Some(q) = &d.qcost {
+                d.elements = d.experts.iter().map(|p| q.cost(p.up.nrows())).sum();
+            }
+        }
+        bpe
+    } else {
+        4.0
+    };
     let total: usize = data.iter().map(|d| d.elements).sum();
+    if quantized && matches!(opts.family, Family::LowRank | Family::BaseDelta) {
+        return Err(Error::Usage(format!(
+            "--compress {}: the chosen layers are com.microsoft.QMoE, which stores dense \
+             quantised experts only; use --compress neurons or auto (neuron pruning and merging)",
+            family_name(opts.family)
+        )));
+    }
     let budget = match opts.target {
         TargetSize::Fraction(f) => (f * total as f64).floor() as usize,
-        TargetSize::Bytes(b) => (b / 4) as usize,
+        TargetSize::Bytes(b) => (b as f64 / bpe).floor() as usize,
     };
     // The fixed merge, when asked for.
     let fixed: Option<Vec<LayerPlan>> = match &opts.merge {
@@ -1464,7 +1579,11 @@ pub fn plan(
         None => data.iter().map(|d| Targets::new(d.identity())).collect(),
     };
     let layer_fixed: Vec<usize> = targets.iter().map(Targets::bias_elements).collect();
-    let merged_total: usize = targets.iter().map(Targets::dense_elements).sum();
+    let merged_total: usize = data
+        .iter()
+        .zip(&targets)
+        .map(|(d, t)| dense_cost(d, t))
+        .sum();
     let alternatives: Vec<(Vec<Built>, String)> = match opts.family {
         f if f != Family::None && budget >= merged_total => vec![(
             targets
@@ -1511,11 +1630,12 @@ pub fn plan(
                 let cands: Vec<Vec<Candidate>> = data
                     .iter()
                     .map(|d| {
-                        let c = layer_candidates(
-                            g,
-                            d,
-                            &[Family::LowRank, Family::BaseDelta, Family::Neurons],
-                        );
+                        let families: &[Family] = if quantized {
+                            &[Family::Neurons]
+                        } else {
+                            &[Family::LowRank, Family::BaseDelta, Family::Neurons]
+                        };
+                        let c = layer_candidates(g, d, families);
                         bar.inc(1);
                         c
                     })
@@ -1611,7 +1731,12 @@ pub fn plan(
                     }
                 }
             }
-            for f in [Family::LowRank, Family::BaseDelta] {
+            let factored: &[Family] = if quantized {
+                &[]
+            } else {
+                &[Family::LowRank, Family::BaseDelta]
+            };
+            for &f in factored {
                 if let Ok(b) = global_factored(&data, &targets, f, budget) {
                     alts.push((b, format!("{}, global rank allocation", family_name(f))));
                 }
@@ -1633,7 +1758,7 @@ pub fn plan(
     bar.finish_and_clear();
     alternatives
         .into_iter()
-        .map(|(builts, name)| finish(&data, &targets, builts, name, opts.family, budget))
+        .map(|(builts, name)| finish(&data, &targets, builts, name, opts.family, budget, bpe))
         .collect()
 }
 
@@ -1675,7 +1800,13 @@ fn merge_at_budget(
         b.merged = Some(t.plan);
         out.push(b);
     }
-    if out.iter().map(stored_elements).sum::<usize>() > budget {
+    if out
+        .iter()
+        .zip(data)
+        .map(|(b, d)| stored_elements(d, b))
+        .sum::<usize>()
+        > budget
+    {
         return Ok(None);
     }
     let name = match method {
@@ -1698,12 +1829,16 @@ fn family_name(f: Family) -> &'static str {
 
 /// Neuron pruning at one keep fraction for every layer (the largest that fits).
 fn uniform_neurons(data: &[LayerData], targets: &[Targets], budget: usize) -> Result<Vec<Built>> {
-    let total: usize = targets.iter().map(Targets::dense_elements).sum();
+    let total: usize = data
+        .iter()
+        .zip(targets)
+        .map(|(d, t)| dense_cost(d, t))
+        .sum();
     let frac = budget as f64 / total.max(1) as f64;
     data.iter()
         .zip(targets)
         .map(|(d, t)| {
-            let b = (frac * t.dense_elements() as f64) as usize;
+            let b = (frac * dense_cost(d, t) as f64) as usize;
             apply_family(d, t, Family::Neurons, b).ok_or_else(|| {
                 Error::Usage(format!(
                     "{}: a budget of {} bytes leaves no neuron per expert",
@@ -1731,23 +1866,32 @@ fn finish(
     plan_name: String,
     family: Family,
     budget: usize,
+    bpe: f64,
 ) -> Result<Alternative> {
+    let bytes = |elements: usize| (elements as f64 * bpe).round() as u64;
     let mut plans = Vec::new();
     let (mut bytes_before, mut bytes_after, mut flops_before, mut flops_after) =
         (0u64, 0u64, 0.0, 0.0);
     for ((d, t), b) in data.iter().zip(targets).zip(builts) {
-        let elements = stored_elements(&b);
+        let elements = stored_elements(d, &b);
         let base = b.merged.unwrap_or_else(|| t.plan.clone());
         let fb = flops(d, &Targets::new(d.identity()).plan.experts);
         let fa = flops(d, &b.experts);
         let comp = LayerCompression {
             family: b.family.clone(),
-            bytes_before: 4 * d.elements as u64,
-            bytes_after: 4 * elements as u64,
+            bytes_before: bytes(d.elements),
+            bytes_after: bytes(elements),
             error: d.error(&b.experts, &b.bases),
             flops_before: fb,
             flops_after: fa,
-            matrices: b.matrices,
+            matrices: b
+                .matrices
+                .into_iter()
+                .map(|mut m| {
+                    m.bytes = bytes(m.bytes as usize / 4);
+                    m
+                })
+                .collect(),
         };
         bytes_before += comp.bytes_before;
         bytes_after += comp.bytes_after;
@@ -1765,12 +1909,12 @@ fn finish(
             report,
         });
     }
-    if bytes_after > 4 * budget as u64 {
+    if bytes_after > bytes(budget) + data.len() as u64 {
         return Err(Error::Graph {
             node: None,
             reason: format!(
                 "internal: the plan stores {bytes_after} bytes, over the budget of {}",
-                4 * budget
+                bytes(budget)
             ),
         });
     }
@@ -1779,7 +1923,7 @@ fn finish(
         summary: CompressionSummary {
             family,
             plan: plan_name,
-            budget_bytes: 4 * budget as u64,
+            budget_bytes: bytes(budget),
             bytes_before,
             bytes_after,
             fraction: bytes_after as f64 / bytes_before.max(1) as f64,

@@ -124,9 +124,16 @@ fn sensitivities(
         TargetSize::Bytes(_) => 0.5,
     };
     let mut w = Vec::new();
+    // The probe compression: low rank, or neuron pruning where factors cannot be stored (QMoE).
+    let blocks = det.identified_blocks();
+    let family = if blocks.iter().any(|b| b.quant().is_some()) {
+        Family::Neurons
+    } else {
+        Family::LowRank
+    };
     for &l in &layers {
         let probe = CompressOptions {
-            family: Family::LowRank,
+            family,
             target: TargetSize::Fraction(frac),
             merge: None,
             layers: Some(vec![l]),

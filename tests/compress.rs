@@ -316,3 +316,94 @@ fn bad_combinations_are_usage_errors() {
         assert!(!out.exists(), "{args:?} wrote output");
     }
 }
+
+/// int4/int8 `com.microsoft.QMoE` (onnxruntime-genai builder): compressed by merging and
+/// neuron pruning only (the op stores dense quantised experts), written back as QMoE in the
+/// same format; at budget 1 the model is unchanged; the bytes the report counts are the
+/// written blocks' bytes (inspect of the written model); factored families are refused.
+#[test]
+fn qmoe_compresses_by_merging_and_neurons_and_stays_qmoe() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let inspect = |p: &Path| -> Value {
+        let o = bin().arg("inspect").arg(p).arg("--json").output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let mut done = 0;
+    for (name, dir) in models() {
+        if !quantized(&dir) {
+            continue;
+        }
+        let io = dir.join("io.npz");
+        let io = io.to_str().unwrap();
+        let model = dir.join("model.onnx");
+        let layers = inspect(&model)["moe_blocks"].as_array().unwrap().len() as u64;
+        for (target, family) in [("1", "auto"), ("0.5", "neurons"), ("0.5", "auto")] {
+            let out = tmp.path().join(format!("{name}.{target}.{family}.onnx"));
+            let r = reduce(
+                &model,
+                &out,
+                &["--calib", io, "--target-size", target, "--compress", family],
+            );
+            let tag = format!("{name} {target} {family}");
+            assert!(r.ok, "{tag}: {}", r.stderr);
+            let written = inspect(&out);
+            assert_eq!(
+                written["ops"]["com.microsoft::QMoE"].as_u64(),
+                Some(layers),
+                "{tag}: QMoE stays QMoE"
+            );
+            assert!(written["ops"].get("com.microsoft::MoE").is_none(), "{tag}");
+            let e = check(&py, &dir, &out, &tag);
+            let c = &r.report["compression"];
+            if target == "1" {
+                assert!(e < 1e-6, "{tag}: rel_l2 {e}");
+                continue;
+            }
+            assert!(e.is_finite() && e > 0.0, "{tag}: {e}");
+            let (before, after, budget) = (
+                c["bytes_before"].as_u64().unwrap(),
+                c["bytes_after"].as_u64().unwrap(),
+                c["budget_bytes"].as_u64().unwrap(),
+            );
+            assert!(
+                after <= budget + 2 && budget <= before / 2 + 2,
+                "{tag}: {c}"
+            );
+            // Neuron-pruned blocks (not merged) are recognised again: their bytes as written
+            // (codes, scales, biases) are what the report counts, within the zero neuron an
+            // odd int4 count is padded with and partial scale blocks.
+            let blocks = written["moe_blocks"].as_array().unwrap();
+            if family == "neurons" {
+                assert_eq!(blocks.len() as u64, layers, "{tag}");
+                let stored: u64 = blocks
+                    .iter()
+                    .map(|b| b["expert_bytes"].as_u64().unwrap())
+                    .sum();
+                let (s, a) = (stored as f64, after as f64);
+                assert!((s - a).abs() <= 0.05 * a, "{tag}: written {s}, report {a}");
+                assert_eq!(
+                    blocks[0]["quantization"],
+                    inspect(&model)["moe_blocks"][0]["quantization"]
+                );
+            }
+        }
+        let r = reduce(
+            &model,
+            &tmp.path().join("x.onnx"),
+            &[
+                "--calib",
+                io,
+                "--target-size",
+                "0.5",
+                "--compress",
+                "low-rank",
+            ],
+        );
+        assert_eq!(r.code, Some(2), "{name}: {}", r.stderr);
+        assert!(r.stderr.contains("QMoE"), "{name}: {}", r.stderr);
+        done += 1;
+    }
+    assert!(done >= 4, "QMoE models exercised: {done}");
+}
