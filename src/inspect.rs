@@ -81,6 +81,8 @@ pub struct BlockSummary {
     pub groups: Option<[usize; 2]>,
     /// Routed scaling factor applied to the weights (1 if none).
     pub routed_scaling: f32,
+    /// Sparsemixer's jitter eps (PhiMoE), or null.
+    pub sparsemixer_eps: Option<f32>,
     /// Switch capacity (tokens per expert per sequence), or null.
     pub capacity: Option<usize>,
     /// Number of shared (always-on) experts.
@@ -146,6 +148,7 @@ impl BlockSummary {
             selection_bias: b.router.selection_bias.is_some(),
             groups: b.router.groups.map(|g| [g.count, g.top]),
             routed_scaling: b.router.scale,
+            sparsemixer_eps: b.router.jitter_eps,
             capacity: b.router.capacity,
             shared_experts: b.shared.len(),
             expert_biases: first.is_some_and(|f| f.up_bias.is_some() || f.down_bias.is_some()),

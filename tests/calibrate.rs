@@ -274,6 +274,9 @@ fn past_key_value_inputs_are_fed_as_empty_caches() {
         // Convolution states beside the caches; the head size from the value slice.
         "ortgenai_lfm2moe_fp32",
         "ortgenai_lfm2moe_fp16",
+        // QMoE experts; an int4 embedding (GatherBlockQuantized).
+        "ortgenai_lfm2moe_int4",
+        "ortgenai_lfm2moe_int8",
     ] {
         let dir = root().join("testdata/models").join(name);
         // The token ids of io.npz alone, without its caches.
@@ -320,6 +323,32 @@ fn past_key_value_inputs_are_fed_as_empty_caches() {
             .zip(b["layers"].as_array().unwrap())
         {
             assert_eq!(la["counts"], lb["counts"], "{name}");
+        }
+        // Random ids: the vocabulary is read through the tied LM head (Transpose) or the
+        // quantised embedding's scales; every token is routed to top-k experts.
+        let out = tmp.path().join(format!("{name}.random.json"));
+        let o = bin()
+            .arg("calibrate")
+            .arg(dir.join("model.onnx"))
+            .args(["--calib-random", "3", "--seq-len", "6", "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        for l in r["layers"].as_array().unwrap() {
+            let routed: u64 = l["counts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_u64().unwrap())
+                .sum();
+            assert_eq!(routed, 3 * 6 * 2, "{name}: top-2 of 18 tokens");
         }
     }
 }

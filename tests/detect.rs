@@ -74,6 +74,14 @@ fn detection_matches_generator_truth() {
                 let want = l.get(key).cloned().unwrap_or(Value::Bool(false));
                 assert_eq!(b[key], want, "{ctx}: {key}");
             }
+            match l.get("sparsemixer_eps").and_then(Value::as_f64) {
+                Some(e) => assert!(
+                    (b["sparsemixer_eps"].as_f64().unwrap_or(-1.0) - e).abs() < 1e-6,
+                    "{ctx}: sparsemixer eps {}",
+                    b["sparsemixer_eps"]
+                ),
+                None => assert!(b["sparsemixer_eps"].is_null(), "{ctx}"),
+            }
             let quant = l.get("quantization").cloned().unwrap_or(Value::Null);
             assert_eq!(b["quantization"], quant, "{ctx}: quantization");
             let groups = l.get("groups").cloned().unwrap_or(Value::Null);

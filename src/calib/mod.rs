@@ -635,9 +635,18 @@ fn vocab_size(model: &Model, input: &str) -> Option<u64> {
             let n = g.node(c)?;
             match n.op_type.as_deref() {
                 Some("Gather") if n.input.get(1) == Some(&v) => {
-                    let d = crate::moe::consts::const_dims(g, &n.input[0])?;
-                    if d.len() == 2 {
-                        return Some(d[0] as u64);
+                    if let Some(rows) = table_rows(g, &n.input[0], 0) {
+                        return Some(rows);
+                    }
+                }
+                // onnxruntime-genai's int4/int8 embedding: rows of the block scales.
+                Some("GatherBlockQuantized") if n.input.get(1) == Some(&v) => {
+                    let axis = crate::moe::view::View::new(g)
+                        .attr_int(c, "gather_axis")
+                        .unwrap_or(0);
+                    let d = crate::moe::consts::const_dims(g, n.input.get(2)?)?;
+                    if let Some(&r) = usize::try_from(axis).ok().and_then(|a| d.get(a)) {
+                        return Some(r as u64);
                     }
                 }
                 Some("Reshape" | "Cast" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity")
@@ -650,6 +659,34 @@ fn vocab_size(model: &Model, input: &str) -> Option<u64> {
         }
     }
     None
+}
+
+/// Rows of a 2-D table computed from constants: a constant, or a Transpose (tied embeddings:
+/// the transposed LM head), Reshape to a constant shape, Cast or Identity of one.
+fn table_rows(g: &crate::ir::Graph, value: &str, depth: usize) -> Option<u64> {
+    use crate::moe::consts::{const_dims, const_ints};
+    if let Some(d) = const_dims(g, value).filter(|_| crate::moe::consts::is_const(g, value)) {
+        return (d.len() == 2).then_some(d[0] as u64);
+    }
+    if depth > 8 {
+        return None;
+    }
+    let n = g.node(g.producer(value)?)?;
+    match n.op_type.as_deref()? {
+        "Cast" | "Identity" => table_rows(g, &n.input[0], depth + 1),
+        "Transpose" => {
+            let d = const_dims(g, &n.input[0])?;
+            let perm = crate::moe::view::View::new(g)
+                .attr_ints(g.producer(value)?, "perm")
+                .unwrap_or_else(|| (0..d.len() as i64).rev().collect());
+            (d.len() == 2).then(|| d[perm[0] as usize] as u64)
+        }
+        "Reshape" => {
+            let s = const_ints(g, n.input.get(1)?)?;
+            (s.len() == 2 && s[0] > 0).then_some(s[0] as u64)
+        }
+        _ => None,
+    }
 }
 
 /// Writes statistics as JSON plus an `.npz` sidecar (`<json stem>.npz`) with the big arrays.

@@ -5,6 +5,7 @@ use super::ffn::DenseFfn;
 use crate::error::Result;
 use crate::ir::Graph;
 use crate::moe::{MoeBlock, Scoring};
+use ndarray::ArrayView1;
 use ndarray::{Array2, ArrayView2, Axis};
 use serde::Serialize;
 
@@ -119,6 +120,10 @@ pub fn route(
     let mut routes = Vec::with_capacity(logits.nrows());
     let mut choice = vec![0f32; n];
     for z in logits.rows() {
+        if r.scoring == Scoring::Sparsemixer {
+            routes.push(sparsemixer(z, r.jitter_eps.unwrap_or(0.0)));
+            continue;
+        }
         let scores: Vec<f32> = match r.scoring {
             Scoring::Softmax => {
                 let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -127,7 +132,7 @@ pub fn route(
                 e.iter().map(|v| v / s).collect()
             }
             Scoring::Sigmoid => z.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
-            Scoring::SoftmaxAfterTopk => z.to_vec(),
+            Scoring::SoftmaxAfterTopk | Scoring::Sparsemixer => z.to_vec(),
         };
         choice.copy_from_slice(&scores);
         if let Some(b) = sel_bias {
@@ -173,6 +178,46 @@ pub fn route(
         }
     }
     routes
+}
+
+/// PhiMoE's sparsemixer on one token's logits `z` (top-2, ties to the lower index): pick `i1`
+/// = argmax z, weighted by the softmax over `{j : (m1 − z_j)/max(|z_j|, m1) ≤ 2·eps}` at
+/// `i1`; then `i2` = argmax over the others, weighted by the softmax over the others within
+/// `2·eps` of `m2` (the same relative test, `|z_j|` of the original logits).
+fn sparsemixer(z: ArrayView1<f32>, eps: f32) -> Route {
+    let n = z.len();
+    let argmax = |skip: Option<usize>| {
+        (0..n)
+            .filter(|&j| Some(j) != skip)
+            .fold(None, |best: Option<usize>, j| match best {
+                Some(b) if z[b] >= z[j] => Some(b),
+                _ => Some(j),
+            })
+            .unwrap_or(0)
+    };
+    let weight = |pick: usize, skip: Option<usize>| {
+        let m = z[pick];
+        let inside = |j: usize| Some(j) != skip && (m - z[j]) / z[j].abs().max(m) <= 2.0 * eps;
+        let s: f32 = (0..n)
+            .filter(|&j| inside(j))
+            .map(|j| (z[j] - m).exp())
+            .sum();
+        1.0 / s
+    };
+    let i1 = argmax(None);
+    let w1 = weight(i1, None);
+    let mut experts = vec![i1];
+    let mut weights = vec![w1];
+    if n > 1 {
+        let i2 = argmax(Some(i1));
+        experts.push(i2);
+        weights.push(weight(i2, Some(i1)));
+    }
+    Route {
+        kept: vec![true; experts.len()],
+        experts,
+        weights,
+    }
 }
 
 /// Sets the choice scores of experts outside the best `g.top` groups to -inf; a group scores

@@ -30,6 +30,11 @@ pub fn unfit(block: &MoeBlock) -> Option<String> {
     if r.capacity.is_some() {
         return Some("the fused op has no expert capacity".into());
     }
+    if r.scoring == Scoring::Sparsemixer {
+        return Some(
+            "onnxruntime's CPU kernel has no sparse mixer (use_sparse_mixer is CUDA-only)".into(),
+        );
+    }
     if scattered(block) && !r.renormalize {
         return Some(
             "the fused op normalises the chosen experts' weights; this router's are not \

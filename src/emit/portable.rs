@@ -104,6 +104,7 @@ pub fn emit(
             let s = em.op("Softmax", &[&o[0]], vec![attr_int("axis", -1)]);
             (s, o[1].clone())
         }
+        Scoring::Sparsemixer => sparsemixer(em, &logits, r.jitter_eps.unwrap_or(0.0)),
     };
     let mut vals = if r.renormalize && r.scoring != Scoring::SoftmaxAfterTopk {
         let s = em.reduce_sum(&vals, &[-1], true);
@@ -255,6 +256,38 @@ pub(crate) fn choice_scores(
     );
     let ninf = em.floats("masked", &[], &[f32::NEG_INFINITY]);
     Ok(em.op("Where", &[&keep, &choice, &ninf], vec![]))
+}
+
+/// PhiMoE's sparsemixer (top-2) on logits `z`: the weights `[T, 2]` and expert ids `[T, 2]`
+/// (see [`Scoring::Sparsemixer`]).
+fn sparsemixer(em: &mut Emitter, z: &str, eps: f32) -> (String, String) {
+    let one = em.ints("k1", &[1], &[1]);
+    let abs = em.op("Abs", &[z], vec![]);
+    let two_eps = em.floats("two_eps", &[], &[2.0 * eps]);
+    let ninf = em.floats("ninf", &[], &[f32::NEG_INFINITY]);
+    // One pick: the best of `from`, weighted by the softmax over `from` within 2·eps of it.
+    let pick = |em: &mut Emitter, from: &str| {
+        let t = em.op_multi("TopK", &[from, &one], 2, topk_attrs());
+        let fac = em.op("Max", &[&abs, &t[0]], vec![]);
+        let gap = em.op("Sub", &[&t[0], z], vec![]);
+        let rel = em.op("Div", &[&gap, &fac], vec![]);
+        let out = em.op("Greater", &[&rel, &two_eps], vec![]);
+        let g = em.op("Where", &[&out, &ninf, from], vec![]);
+        let p = em.op("Softmax", &[&g], vec![attr_int("axis", -1)]);
+        let w = em.op("GatherElements", &[&p, &t[1]], vec![attr_int("axis", 1)]);
+        (w, t[1].clone())
+    };
+    let (w1, i1) = pick(em, z);
+    let fill = em.filled_like(&i1, f32::NEG_INFINITY);
+    let others = em.op(
+        "ScatterElements",
+        &[z, &i1, &fill],
+        vec![attr_int("axis", 1)],
+    );
+    let (w2, i2) = pick(em, &others);
+    let vals = em.op("Concat", &[&w1, &w2], vec![attr_int("axis", 1)]);
+    let idx = em.op("Concat", &[&i1, &i2], vec![attr_int("axis", 1)]);
+    (vals, idx)
 }
 
 /// Router logits `x2·Wᵀ (+ b)` over all router rows, or over the kept `rows` (pruning).

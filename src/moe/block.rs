@@ -30,6 +30,11 @@ pub enum Scoring {
     SoftmaxAfterTopk,
     /// Element-wise sigmoid scores (DeepSeek-V3 style).
     Sigmoid,
+    /// PhiMoE's sparsemixer (top-2): the best expert, weighted by the softmax over the logits
+    /// within a relative `2·eps` of the best; then the best of the others, weighted by the
+    /// softmax over the others within `2·eps` of it (no renormalisation; see
+    /// [`Router::jitter_eps`]).
+    Sparsemixer,
 }
 
 /// A matrix in canonical orientation `[out, in]` (as a torch `Linear` weight), read from
@@ -244,6 +249,10 @@ pub struct Router {
     pub groups: Option<Groups>,
     /// Routed scaling factor multiplied into the weights after renormalisation (1 if none).
     pub scale: f32,
+    /// Sparsemixer's jitter eps: expert `j` takes part in the softmax of the pick with maximum
+    /// `m` when `(m − z_j) / max(|z_j|, m) ≤ 2·eps`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jitter_eps: Option<f32>,
     /// The node producing the router logits.
     pub logits: String,
 }

@@ -449,6 +449,7 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
                 }),
                 groups: None,
                 scale: 1.0,
+                jitter_eps: None,
                 logits: chosen
                     .as_ref()
                     .map_or(logits.to_string(), |c| c.scores.to_string()),

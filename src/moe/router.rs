@@ -45,18 +45,31 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
         }
         _ => return Err(format!("{op} is not a selection op")),
     };
+    // PhiMoE's sparsemixer: two argmaxes, the second over the logits without the first.
+    let sm = if op == "ArgMax" {
+        sparsemixer(v, sel)
+    } else {
+        None
+    };
+    let (k, indices) = match &sm {
+        Some(s) => (2, s.indices.clone()),
+        None => (k, indices),
+    };
     // Back from the scores to the logits, through DeepSeek-V3's group mask and selection bias.
     let mut scores = v.skip_back(v.input(sel, 0), PASS);
     let mut groups = None;
     let mut inner = Vec::new();
-    if let Some((w, "Where")) = v.producer(scores) {
+    if let Some(s) = &sm {
+        inner.push(s.second);
+    }
+    if let Some((w, "Where")) = v.producer(scores).filter(|_| sm.is_none()) {
         let (choice, g, tops) = group_mask(v, w)?;
         groups = Some(g);
         inner = tops;
         scores = choice;
     }
     let mut selection_bias = None;
-    if let Some((add, "Add")) = v.producer(scores) {
+    if let Some((add, "Add")) = v.producer(scores).filter(|_| sm.is_none()) {
         if op == "TopK" {
             if let Some((c, other)) = const_operand(v, add) {
                 let other = v.skip_back(other, PASS);
@@ -76,6 +89,7 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
     }
     let mut scoring = Scoring::Softmax;
     match v.producer(scores) {
+        _ if sm.is_some() => scoring = Scoring::Sparsemixer,
         Some((id, "Softmax")) => {
             scores = v.skip_back(v.input(id, 0), PASS);
             let axis = v.attr_int(id, "axis").unwrap_or(-1);
@@ -194,7 +208,9 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
             ));
         }
     }
-    let (renorm, normed) = if scoring == Scoring::SoftmaxAfterTopk {
+    let (renorm, normed) = if scoring == Scoring::Sparsemixer {
+        (false, None)
+    } else if scoring == Scoring::SoftmaxAfterTopk {
         (true, None)
     } else if op == "TopK" {
         match renormalised(v, &vals) {
@@ -240,12 +256,69 @@ pub fn analyze(v: &View, sel: NodeId) -> Result<FoundRouter, String> {
             }),
             groups,
             scale,
+            jitter_eps: sm.as_ref().map(|s| s.eps),
             logits: logits.to_string(),
         },
         matmul: mm,
         x_in: x_in.to_string(),
         indices,
         inner,
+    })
+}
+
+/// What the sparsemixer recogniser found.
+struct Sparsemixer {
+    /// `Concat(first, second)` of the two picks' expert ids.
+    indices: String,
+    /// The second ArgMax.
+    second: NodeId,
+    /// The jitter eps (half the constant the relative gaps are compared with).
+    eps: f32,
+}
+
+/// PhiMoE's sparsemixer from its first ArgMax `a1` over logits `z`: `z2 =
+/// ScatterElements(z, a1, −inf)`, `a2 = ArgMax(z2)`, ids `Concat(a1, a2)`, and each pick's
+/// weight `GatherElements(Softmax(Where(Greater(Div(Sub(max, z), Max(Abs(z), max)), 2·eps),
+/// −inf, ·)), a)` (TorchScript and dynamo write the same ops, casts aside).
+fn sparsemixer(v: &View, a1: NodeId) -> Option<Sparsemixer> {
+    let z = v.skip_back(v.input(a1, 0), PASS);
+    let i1 = v.output(a1, 0);
+    let scatter = v.consumers(i1).iter().copied().find(|&c| {
+        v.op(c) == "ScatterElements" && v.input(c, 1) == i1 && v.skip_back(v.input(c, 0), PASS) == z
+    })?;
+    let z2 = v.output(scatter, 0);
+    let a2 = v
+        .consumers(z2)
+        .iter()
+        .copied()
+        .find(|&c| v.op(c) == "ArgMax")?;
+    let i2 = v.output(a2, 0);
+    let indices = v
+        .consumers(i1)
+        .iter()
+        .copied()
+        .find(|&c| v.op(c) == "Concat" && v.input(c, 0) == i1 && v.input(c, 1) == i2)
+        .map(|c| v.output(c, 0).to_string())?;
+    // The eps: a Greater against a constant inside the first pick's mask.
+    let mut eps = None;
+    for &c in v.consumers(z) {
+        if v.op(c) != "Abs" {
+            continue;
+        }
+        for &m in v.consumers(v.output(c, 0)) {
+            for &d in v.consumers(v.output(m, 0)) {
+                for &gt in v.consumers(v.output(d, 0)) {
+                    if v.op(gt) == "Greater" {
+                        eps = super::consts::const_scalar_float(v.g, v.input(gt, 1));
+                    }
+                }
+            }
+        }
+    }
+    Some(Sparsemixer {
+        indices,
+        second: a2,
+        eps: eps? / 2.0,
     })
 }
 

@@ -694,6 +694,33 @@ def gen_v5_gptoss(out):
                                       experts_implementation="batched_mm", layers=layers), torch_ref=wd)
 
 
+def gen_v5_phimoe(out):
+    """PhiMoE (Phi-3.5-MoE): sparsemixer routing, top-2 chosen one after the other, each weighted
+    by a softmax over the logits within a relative 2·jitter_eps of its own max (no
+    renormalisation). jitter_eps 0.1 (the checkpoint's 0.01 gives weights of almost exactly 1 on
+    random routers). transformers 5, stock eager loop, TorchScript; and dynamo."""
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+    import transformers.models.phimoe.modeling_phimoe as pm
+    patch_masks(pm)
+    cfg = PhimoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                       num_local_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, use_cache=False, tie_word_embeddings=False,
+                       attn_implementation="eager", router_jitter_noise=0.1, input_jitter_noise=0.0,
+                       rope_scaling=None)
+    model, w = stock_model(PhimoeForCausalLM, cfg, 23)
+    layers = moe_layer_truth(2, 8, 2, 32, 32, "swiglu", False, router_scoring="sparsemixer",
+                             sparsemixer_eps=0.1)
+    export_stock(out, "phimoe_v5_ts_raw", model, w, lm_inputs(4, 32, 23), "phimoe", layers)
+    name = "phimoe_v5_dynamo"
+    m, wd = stock_model(PhimoeForCausalLM, cfg, 23)
+    m.set_experts_implementation("batched_mm")
+    small = lm_inputs(2, 16, 23)
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    export(wd, small, os.path.join(out, name, "model.onnx"), dynamo=True, dynamic=True)
+    finish(name, out, wd, small, dict(form="batched-3d", exporter="dynamo", family="phimoe",
+                                      experts_implementation="batched_mm", layers=layers), torch_ref=wd)
+
+
 # ---------------------------------------------------------------------------------------------
 # onnxruntime's fused com.microsoft.MoE, built with onnx.helper (as onnxruntime-genai writes it)
 # ---------------------------------------------------------------------------------------------
@@ -788,6 +815,8 @@ if __name__ == "__main__":
         gen_v5_deepseek(a.out)
     elif a.only == "gptoss":
         gen_v5_gptoss(a.out)
+    elif a.only == "phimoe":
+        gen_v5_phimoe(a.out)
     else:
         gen_v5(a.out)
         gen_ort_fused(a.out)

@@ -18,6 +18,7 @@ PYTHONPATH="$venv/tf4" "$venv/bin/python" "$here/gen_models.py" --tf 4 --only va
 "$venv/bin/python" "$here/gen_models.py" --tf 5 --only v5-stock --out "$out"
 "$venv/bin/python" "$here/gen_models.py" --tf 5 --only deepseek --out "$out"
 "$venv/bin/python" "$here/gen_models.py" --tf 5 --only gptoss --out "$out"
+"$venv/bin/python" "$here/gen_models.py" --tf 5 --only phimoe --out "$out"
 "$venv/bin/python" "$here/gen_models.py" --tf 5 --only tokenizer --out "$here/.."
 "$venv/bin/python" "$here/gen_models.py" --tf 5 --only planted --out "$here/../planted"
 "$venv/bin/python" "$here/gen_ortgenai.py" --out "$out" --only gptoss --precisions fp32 fp16

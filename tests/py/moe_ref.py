@@ -99,6 +99,8 @@ class Block:
         """(idx [T,k], w [T,k], kept [T,k]) exactly as the block routes."""
         r = self.d["router"]
         k = r["top_k"]
+        if r["scoring"] == "sparsemixer":
+            return self.sparsemixer(logits, r["jitter_eps"])
         if r["scoring"] == "softmax":
             p = np.exp(logits - logits.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
         elif r["scoring"] == "sigmoid":
@@ -134,6 +136,25 @@ class Block:
                             kept[t, j] = False
         w = np.where(kept, w, 0.0)
         return idx, w, kept
+
+    @staticmethod
+    def sparsemixer(z, eps):
+        """PhiMoE (transformers' `sparsemixer`, eval): the best logit, weighted by the softmax
+        over the logits whose gap to it, relative to max(|z_j|, best), is at most 2·eps; then the
+        best of the others, the same way among the others."""
+        t = np.arange(len(z))
+        i1 = z.argmax(-1)
+        m1 = z[t, i1][:, None]
+        g1 = np.where((m1 - z) / np.maximum(np.abs(z), m1) > 2 * eps, -np.inf, z)
+        p1 = np.exp(g1 - m1); p1 /= p1.sum(-1, keepdims=True)
+        z2 = z.copy(); z2[t, i1] = -np.inf
+        i2 = z2.argmax(-1)
+        m2 = z2[t, i2][:, None]
+        g2 = np.where((m2 - z) / np.maximum(np.abs(z), m2) > 2 * eps, -np.inf, z2)
+        p2 = np.exp(g2 - m2); p2 /= p2.sum(-1, keepdims=True)
+        idx = np.stack([i1, i2], -1)
+        w = np.stack([p1[t, i1], p2[t, i2]], -1)
+        return idx, w, np.ones(idx.shape, bool)
 
     def forward(self, x, seq_len):
         idx, w, kept = self.route(self.logits(x), seq_len)
