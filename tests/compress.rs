@@ -27,6 +27,7 @@ fn sample() -> Vec<(String, std::path::PathBuf)> {
         "mixtral_v5_ts_raw",
         "deepseekv3_v5_ts_raw",
         "gptoss_v5_dynamo",
+        "phimoe_v5_dynamo",
         "ortgenai_gptoss_fp32",
         "ortgenai_gptoss_fp16",
     ];
