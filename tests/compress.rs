@@ -255,22 +255,41 @@ fn low_rank_writes_matmul_pairs_and_shrinks_flops() {
 
 #[test]
 fn same_flags_give_the_same_bytes() {
+    // Across runs and across thread counts (the planner parallelises over experts and
+    // candidates): compression (auto, every family measured) and merging.
     let dir = root().join("testdata/models/mixtral_v4_ts");
     let io = dir.join("io.npz");
     let tmp = tempfile::tempdir().unwrap();
-    let a = tmp.path().join("a.onnx");
-    let b = tmp.path().join("b.onnx");
-    for out in [&a, &b] {
-        let Run {
-            ok, stderr: err, ..
-        } = reduce(
-            &dir.join("model.onnx"),
-            out,
-            &["--calib", io.to_str().unwrap(), "--target-size", "0.5"],
-        );
-        assert!(ok, "{err}");
+    let io = io.to_str().unwrap();
+    for (tag, args) in [
+        ("compress", vec!["--calib", io, "--target-size", "0.5"]),
+        ("merge", vec!["--calib", io, "--keep", "0.5"]),
+    ] {
+        let mut outs = Vec::new();
+        for threads in ["1", "2", "4", ""] {
+            let out = tmp.path().join(format!("{tag}.{threads}.onnx"));
+            let mut cmd = bin();
+            if !threads.is_empty() {
+                cmd.env("RAYON_NUM_THREADS", threads);
+            }
+            let o = cmd
+                .arg(dir.join("model.onnx"))
+                .arg("-o")
+                .arg(&out)
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{tag} {threads}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            outs.push(std::fs::read(&out).unwrap());
+        }
+        for o in &outs[1..] {
+            assert!(o == &outs[0], "{tag}: output depends on the thread count");
+        }
     }
-    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
 }
 
 #[test]
