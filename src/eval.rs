@@ -3,11 +3,12 @@
 //! For every sample and position t whose token and next token are both real
 //! (`attention_mask` = 1), the prediction at t is scored against `input_ids[t + 1]`:
 //! perplexity = exp(mean negative log-likelihood), top-1 = mean [argmax = target].
-use crate::calib::{slice, Runtime};
+use crate::calib::slice;
 use crate::error::{Error, Result};
-use crate::fidelity::{candidates, open_in};
 use crate::model::Model;
+use crate::runtime::Runtime;
 use crate::runtime::Value;
+use crate::runtime::{candidates, open_in};
 use serde::Serialize;
 
 /// Held-out language-model quality.
@@ -133,5 +134,5 @@ pub fn evaluate(
             top1: hits as f64 / count as f64,
         });
     }
-    Err(last_err.unwrap_or_else(|| Error::Usage("no runtime could run the model".into())))
+    Err(crate::runtime::last_error(rt, last_err))
 }

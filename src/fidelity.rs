@@ -7,10 +7,11 @@
 //! - `cosine` = the mean over positions of cos(y'ᵢ, yᵢ) of the last-axis vectors;
 //! - for language models (token-id input `input_ids`, a rank-3 output: next-token logits),
 //!   `top1_agreement` (argmax equal) and `kl` = mean KL(p ‖ p') of the next-token distributions.
-use crate::calib::{slice, Runtime};
+use crate::calib::slice;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::moe::Detection;
+use crate::runtime::{candidates, open_in, Runtime};
 use crate::runtime::{Session, Value};
 use ndarray::{ArrayD, Axis, Ix2};
 use serde::Serialize;
@@ -39,35 +40,6 @@ pub struct Fidelity {
     /// Mean KL divergence of next-token distributions, original ‖ rewritten (language models).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kl: Option<f64>,
-}
-
-/// Opens `model` in one runtime.
-pub fn open_in(
-    model: &Model,
-    rt: Runtime,
-    #[cfg(feature = "ort")] ep: crate::runtime::ort::Ep,
-) -> Result<Box<dyn Session>> {
-    Ok(match rt {
-        #[cfg(feature = "ort")]
-        Runtime::Ort => Box::new(crate::runtime::ort::OrtSession::from_model(model, ep)?),
-        #[cfg(not(feature = "ort"))]
-        Runtime::Ort => {
-            return Err(Error::Usage(
-                "this build has no onnxruntime support (feature 'ort')".into(),
-            ))
-        }
-        Runtime::Tract | Runtime::Auto => {
-            Box::new(crate::runtime::tract::TractSession::from_model(model)?)
-        }
-    })
-}
-
-/// The runtimes to try for a `--runtime` choice, in order.
-pub fn candidates(rt: Runtime) -> Vec<Runtime> {
-    match rt {
-        Runtime::Auto => vec![Runtime::Tract, Runtime::Ort],
-        r => vec![r],
-    }
 }
 
 /// Runs a session over `data` in batches of `batch` samples; returns every batch's outputs.
@@ -144,7 +116,7 @@ pub fn reference(
             }
         }
     }
-    Err(last_err.unwrap_or_else(|| Error::Usage("no runtime could run the model".into())))
+    Err(crate::runtime::last_error(rt, last_err))
 }
 
 /// Runs `written` on the reference's samples, in its runtime, and measures the distance.
@@ -239,7 +211,7 @@ pub fn measure(
         let runtime = new.runtime().to_string();
         return compare(data, &ref_out, &new_out, runtime, reference, samples);
     }
-    Err(last_err.unwrap_or_else(|| Error::Usage("no runtime could run the models".into())))
+    Err(crate::runtime::last_error(rt, last_err))
 }
 
 fn compare(

@@ -6,29 +6,23 @@
 //! back inline or with external data ([`Model::save`]).
 #![warn(missing_docs)]
 
-#[cfg(feature = "tract")]
 pub mod calib;
-#[cfg(feature = "tract")]
 pub mod compress;
 pub mod emit;
 pub mod error;
-#[cfg(feature = "tract")]
 pub mod eval;
-#[cfg(feature = "tract")]
 pub mod fidelity;
 pub mod fsutil;
 pub mod inputs;
 pub mod inspect;
 pub mod ir;
 pub mod linalg;
-#[cfg(feature = "tract")]
 pub mod merge;
 mod model;
 pub mod moe;
 pub mod onnx;
 pub mod pipeline;
 pub mod progress;
-#[cfg(feature = "tract")]
 pub mod reduce;
 pub mod runtime;
 

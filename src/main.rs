@@ -143,8 +143,8 @@ struct CalibArgs {
     #[arg(long, value_enum, default_value_t = smoe_opt::calib::Runtime::Auto)]
     runtime: smoe_opt::calib::Runtime,
     /// onnxruntime execution provider.
-    #[arg(long, value_enum, default_value_t = smoe_opt::runtime::ort::Ep::Cpu)]
-    ort_ep: smoe_opt::runtime::ort::Ep,
+    #[arg(long, value_enum, default_value_t = smoe_opt::runtime::Ep::Cpu)]
+    ort_ep: smoe_opt::runtime::Ep,
 }
 
 impl CalibArgs {
@@ -189,6 +189,7 @@ impl CalibArgs {
     ) -> smoe_opt::calib::CalibOptions {
         smoe_opt::calib::CalibOptions {
             runtime: self.runtime,
+            #[cfg(feature = "ort")]
             ep: self.ort_ep,
             source,
             batch: self.batch as usize,
@@ -302,8 +303,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = smoe_opt::calib::Runtime::Auto)]
         runtime: smoe_opt::calib::Runtime,
         /// onnxruntime execution provider.
-        #[arg(long, value_enum, default_value_t = smoe_opt::runtime::ort::Ep::Cpu)]
-        ort_ep: smoe_opt::runtime::ort::Ep,
+        #[arg(long, value_enum, default_value_t = smoe_opt::runtime::Ep::Cpu)]
+        ort_ep: smoe_opt::runtime::Ep,
     },
     /// Summarise a model: opsets, inputs/outputs, op counts, initializers, external data.
     Inspect {
@@ -401,9 +402,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime,
             ort_ep,
         }) => {
+            #[cfg(not(feature = "ort"))]
+            let _ = ort_ep;
             let model = Model::load(&input)?;
             let inputs = smoe_opt::calib::load_inputs(&model, &smoe_opt::calib::Source::Npz(data))?;
-            let r = smoe_opt::eval::evaluate(&model, &inputs, runtime, ort_ep, batch)?;
+            let r = smoe_opt::eval::evaluate(
+                &model,
+                &inputs,
+                runtime,
+                #[cfg(feature = "ort")]
+                ort_ep,
+                batch,
+            )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -527,6 +537,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         holdout: a.holdout,
                         max_error: a.max_error,
                         runtime: a.calib.runtime,
+                        #[cfg(feature = "ort")]
                         ep: a.calib.ort_ep,
                         batch: a.calib.batch as usize,
                         emit: a.emit,

@@ -25,7 +25,6 @@ pub enum Method {
 
 impl Method {
     /// The merging/pruning method, for every method but `none`.
-    #[cfg(feature = "tract")]
     pub fn reduction(self) -> Option<crate::merge::MergeMethod> {
         use crate::merge::MergeMethod as M;
         match self {
@@ -49,7 +48,6 @@ pub struct PipelineOptions {
     /// Form of re-emitted blocks.
     pub emit: crate::emit::EmitForm,
     /// Merging/pruning options (methods other than `none`).
-    #[cfg(feature = "tract")]
     pub reduce: Option<crate::reduce::ReduceOptions>,
 }
 
@@ -81,7 +79,6 @@ pub struct PipelineReport {
     /// What happened to each block.
     pub blocks: Vec<crate::emit::BlockRewrite>,
     /// Calibration, per-layer groups and measured fidelity (merging/pruning).
-    #[cfg(feature = "tract")]
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub reduce: Option<crate::reduce::ReduceOutcome>,
 }
@@ -106,12 +103,10 @@ pub fn run(input: &Path, output: &Path, opts: &PipelineOptions) -> Result<Pipeli
     for d in &det.diagnostics {
         log::warn!("{d}");
     }
-    #[cfg(feature = "tract")]
     let mut reduced = None;
     let blocks = match opts.method {
         None => vec![],
         Some(Method::None) => crate::emit::reemit(&mut model, &det, opts.emit)?,
-        #[cfg(feature = "tract")]
         Some(_) => {
             let r = opts
                 .reduce
@@ -141,12 +136,6 @@ pub fn run(input: &Path, output: &Path, opts: &PipelineOptions) -> Result<Pipeli
             reduced = Some(out);
             blocks
         }
-        #[cfg(not(feature = "tract"))]
-        Some(_) => {
-            return Err(Error::Usage(
-                "merging needs the 'tract' feature (calibration)".into(),
-            ))
-        }
     };
     model.graph.verify()?;
     let saved = model.save(output, &opts.save)?;
@@ -163,7 +152,6 @@ pub fn run(input: &Path, output: &Path, opts: &PipelineOptions) -> Result<Pipeli
         nodes_after: model.graph.node_count(),
         blocks_detected: det.blocks.len(),
         blocks,
-        #[cfg(feature = "tract")]
         reduce: reduced,
     })
 }
@@ -222,7 +210,6 @@ impl PipelineReport {
             self.bytes_after,
             pct(self.bytes_before, self.bytes_after)
         );
-        #[cfg(feature = "tract")]
         if let Some(r) = &self.reduce {
             let _ = writeln!(
                 s,

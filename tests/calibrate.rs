@@ -231,6 +231,7 @@ fn saved_statistics_load_back_exactly() {
     let det = smoe_opt::moe::detect(&model.graph);
     let opts = smoe_opt::calib::CalibOptions {
         runtime: smoe_opt::calib::Runtime::Tract,
+        #[cfg(feature = "ort")]
         ep: Default::default(),
         source: smoe_opt::calib::Source::Npz(dir.join("io.npz")),
         batch: 2,

@@ -543,3 +543,52 @@ fn a_top_k_larger_than_the_experts_is_diagnosed() {
         "{diags}"
     );
 }
+
+#[test]
+fn without_onnxruntime_the_error_says_how_to_get_it() {
+    // A builder model needs onnxruntime (contrib ops); with the library made unfindable,
+    // calibration, eval and a reduction fail cleanly and say what to install.
+    let dir = root().join("testdata/models/ortgenai_gptoss_fp32");
+    let tmp = tempfile::tempdir().unwrap();
+    let model = dir.join("model.onnx");
+    let io = dir.join("io.npz");
+    let stats = tmp.path().join("s.json");
+    let out = tmp.path().join("o.onnx");
+    let cases: Vec<Vec<&std::ffi::OsStr>> = vec![
+        vec![
+            "calibrate".as_ref(),
+            model.as_os_str(),
+            "--calib".as_ref(),
+            io.as_os_str(),
+            "-o".as_ref(),
+            stats.as_os_str(),
+        ],
+        vec![
+            "eval".as_ref(),
+            model.as_os_str(),
+            "--data".as_ref(),
+            io.as_os_str(),
+        ],
+        vec![
+            model.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--keep".as_ref(),
+            "0.5".as_ref(),
+            "--calib".as_ref(),
+            io.as_os_str(),
+        ],
+    ];
+    for args in cases {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_smoe-opt"))
+            .env("ORT_DYLIB_PATH", tmp.path().join("missing.so"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}: {err}");
+        assert!(err.contains("pip install onnxruntime"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!stats.exists() && !out.exists(), "{args:?} wrote output");
+    }
+}

@@ -44,17 +44,8 @@ pub enum Source {
     },
 }
 
-/// Which runtime runs the calibration data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Runtime {
-    /// tract when it can run the model, else onnxruntime (else tract on the re-emitted blocks).
-    #[default]
-    Auto,
-    /// tract (embedded).
-    Tract,
-    /// onnxruntime (shared library found at run time).
-    Ort,
-}
+/// Which runtime runs the calibration data (see [`crate::runtime::open`]).
+pub use crate::runtime::Runtime;
 
 /// Calibration options.
 #[derive(Debug, Clone)]
@@ -150,19 +141,13 @@ pub fn calibrate_on(
                     .ok_or_else(|| Error::Usage(format!("{} was not re-emitted", r.block)))
             })
             .collect::<Result<_>>()?;
-        #[cfg(feature = "ort")]
-        if ort {
-            let s = crate::runtime::ort::OrtSession::from_model(
-                &instrument(&re, &blocks, &names)?,
-                opts.ep,
-            )?;
-            return Ok((Box::new(s), names));
-        }
-        #[cfg(not(feature = "ort"))]
-        let _ = ort;
-        let s: Box<dyn Session> = Box::new(crate::runtime::tract::TractSession::from_model(
+        let rt = if ort { Runtime::Ort } else { Runtime::Tract };
+        let s = crate::runtime::open_in(
             &instrument(&re, &blocks, &names)?,
-        )?);
+            rt,
+            #[cfg(feature = "ort")]
+            opts.ep,
+        )?;
         Ok((s, names))
     };
     let original: Vec<String> = blocks.iter().map(|b| b.router.logits.clone()).collect();
@@ -172,43 +157,22 @@ pub fn calibrate_on(
     let t_setup = std::time::Instant::now();
     let mut switched = false;
     let inst = instrument(model, &blocks, &original)?;
-    let (mut session, mut logits): (Box<dyn Session>, Vec<String>) = match opts.runtime {
+    let (mut session, mut logits): (Box<dyn Session>, Vec<String>) = match crate::runtime::open(
+        &inst,
+        opts.runtime,
         #[cfg(feature = "ort")]
-        Runtime::Ort => (
-            Box::new(crate::runtime::ort::OrtSession::from_model(&inst, opts.ep)?),
-            original,
-        ),
-        #[cfg(not(feature = "ort"))]
-        Runtime::Ort => {
-            return Err(Error::Usage(
-                "this build has no onnxruntime support (feature 'ort')".into(),
-            ))
+        opts.ep,
+    ) {
+        Ok(s) => {
+            log::info!("calibrating with {}", s.runtime());
+            (s, original)
         }
-        Runtime::Tract | Runtime::Auto => {
-            match crate::runtime::tract::TractSession::from_model(&inst) {
-                Ok(s) => {
-                    log::info!("calibrating with tract");
-                    (Box::new(s), original)
-                }
-                Err(e) => match opts.runtime {
-                    #[cfg(feature = "ort")]
-                    Runtime::Auto if crate::runtime::ort::find_library().is_ok() => {
-                        log::info!(
-                            "tract cannot run this model ({e}); calibrating with onnxruntime"
-                        );
-                        (
-                            Box::new(crate::runtime::ort::OrtSession::from_model(&inst, opts.ep)?),
-                            original,
-                        )
-                    }
-                    _ => {
-                        log::info!("tract cannot run the exported graph ({e}); calibrating through smoe-opt's exact re-emission");
-                        switched = true;
-                        reemitted(false).map_err(|e2| tract_cannot(opts.runtime, &e, &e2))?
-                    }
-                },
-            }
+        Err(e) if opts.runtime != Runtime::Ort => {
+            log::info!("the exported graph cannot be run ({e}); calibrating through smoe-opt's exact re-emission");
+            switched = true;
+            reemitted(false).map_err(|e2| tract_cannot(opts.runtime, &e, &e2))?
         }
+        Err(e) => return Err(e),
     };
     let seconds_setup = t_setup.elapsed().as_secs_f64();
     let t_run = std::time::Instant::now();
@@ -240,7 +204,7 @@ pub fn calibrate_on(
                         && !switched
                         && opts.runtime == Runtime::Auto
                         && session.runtime() == "tract"
-                        && crate::runtime::ort::find_library().is_ok()
+                        && crate::runtime::ort_available()
                     {
                         tried_ort = true;
                         log::info!("tract failed on batch {start}..{end} ({e}); continuing with onnxruntime");
@@ -338,13 +302,14 @@ fn instrument(model: &Model, blocks: &[&crate::moe::MoeBlock], logits: &[String]
 /// onnxruntime, and the message says how to get it.
 fn tract_cannot(runtime: Runtime, original: &Error, reemitted: &Error) -> Error {
     let what = format!(
-        "tract cannot run this model ({original}; with its MoE blocks re-emitted: {reemitted})"
+        "the model cannot be run ({original}); with its MoE blocks re-emitted, neither \
+         ({reemitted})"
     );
+    let hint = crate::runtime::install_hint();
     match runtime {
-        #[cfg(feature = "ort")]
+        Runtime::Auto if what.contains(hint) => Error::Usage(what),
         Runtime::Auto => Error::Usage(format!(
-            "{what}. onnxruntime is needed and was not found: {}",
-            crate::runtime::ort::HOW
+            "{what}. onnxruntime is needed and was not found: {hint}"
         )),
         _ => Error::Usage(format!("{what}. Use --runtime ort (onnxruntime)")),
     }

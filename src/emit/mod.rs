@@ -1,7 +1,6 @@
 //! Rewriting detected MoE blocks into smoe-opt's own subgraphs.
 pub mod builder;
 pub mod fused;
-#[cfg(feature = "tract")]
 pub mod merged;
 pub mod portable;
 

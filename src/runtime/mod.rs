@@ -1,16 +1,19 @@
-//! Runtimes that execute models: tract (embedded, default) and onnxruntime (planned,
-//! through `ort`). Passes never call a runtime; calibration and verification do.
+//! Runtimes that execute models: tract (embedded, default) and onnxruntime (through `ort`,
+//! shared library found at run time). Passes never call a runtime; calibration, fidelity and
+//! eval do, and open their sessions through [`open`]/[`open_in`] (`select.rs`: the policy).
 mod bounds;
 mod npy_half;
 pub mod npz_check;
 #[cfg(feature = "ort")]
 pub mod ort;
+mod select;
 #[cfg(feature = "tract")]
 pub mod tract;
 
 use crate::error::{Error, Result};
 pub use bounds::IndexBounds;
 use ndarray::ArrayD;
+pub use select::{candidates, install_hint, last_error, open, open_in, ort_available, Ep, Runtime};
 use std::path::Path;
 
 /// A tensor passed to or returned by a runtime.

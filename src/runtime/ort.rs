@@ -8,15 +8,7 @@ use crate::model::Model;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// Execution provider.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Ep {
-    /// CPU.
-    #[default]
-    Cpu,
-    /// CUDA (fails clearly when the library has no CUDA provider).
-    Cuda,
-}
+pub use super::select::Ep;
 
 /// How to get onnxruntime (named in errors).
 pub const HOW: &str = "install it with `pip install onnxruntime` (or onnxruntime-gpu for CUDA) \
