@@ -105,14 +105,6 @@ pub fn parent_dir(p: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-/// Whether two paths name the same existing file (after resolving symlinks).
-pub fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
-}
-
 /// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(path)?;
@@ -132,22 +124,37 @@ fn resolved(p: &Path) -> PathBuf {
     }
 }
 
+/// Whether two paths name the same file: the same resolved path (symlinks followed), or
+/// (existing files) the same device and inode — a hard link is the same file under another
+/// name.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    if resolved(a) == resolved(b) {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    false
+}
+
 /// Refuses a run whose outputs would overwrite one of its inputs, or each other.
 /// `outputs` and `inputs` pair a flag (how the user named it) with a path.
 pub fn check_distinct(outputs: &[(&str, &Path)], inputs: &[(&str, &Path)]) -> Result<()> {
-    let outs: Vec<(&str, &Path, PathBuf)> =
-        outputs.iter().map(|(f, p)| (*f, *p, resolved(p))).collect();
-    for (i, (flag, p, r)) in outs.iter().enumerate() {
+    for (i, (flag, p)) in outputs.iter().enumerate() {
         for (iflag, ip) in inputs {
-            if *r == resolved(ip) {
+            if same_file(p, ip) {
                 return Err(Error::Usage(format!(
                     "{flag} {} is the {iflag} file; smoe-opt never overwrites its inputs",
                     p.display()
                 )));
             }
         }
-        for (flag2, p2, r2) in &outs[..i] {
-            if r == r2 {
+        for (flag2, p2) in &outputs[..i] {
+            if same_file(p, p2) {
                 return Err(Error::Usage(format!(
                     "{flag} {} and {flag2} {} are the same file",
                     p.display(),

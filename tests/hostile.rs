@@ -211,6 +211,8 @@ fn outputs_never_overwrite_inputs_or_each_other() {
         .collect();
     let o = p("o.onnx");
     let (snpz, ejson) = (p("s.npz"), p("eval.json"));
+    let linked = p("linked.onnx");
+    std::fs::hard_link(&m, &linked).unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec![
@@ -284,6 +286,8 @@ fn outputs_never_overwrite_inputs_or_each_other() {
             vec!["calibrate", &m, "-o", &ejson, "--calib", &evalz],
             "sidecar",
         ),
+        // A hard link is the same file under another name.
+        (vec![&m, "-o", &linked, "--method", "none"], "input model"),
     ];
     for (args, needle) in cases {
         fails(&run(&args), 2, needle);
@@ -591,4 +595,87 @@ fn without_onnxruntime_the_error_says_how_to_get_it() {
         assert!(!err.contains("panicked"), "{err}");
         assert!(!stats.exists() && !out.exists(), "{args:?} wrote output");
     }
+}
+
+#[test]
+fn a_killed_write_never_pairs_a_model_with_other_data() {
+    // kill -9 at points spread over a run that rewrites an existing OUT.onnx + OUT.onnx.data:
+    // afterwards either no model is there, or the model and its data are both the old ones
+    // or both the new ones (bytes compared; the output is deterministic).
+    let dir = root().join("testdata/models/mixtral_v4_ts");
+    let model = dir.join("model.onnx");
+    let io = dir.join("io.npz");
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |out: &Path, new: bool| -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            model.clone().into(),
+            "-o".into(),
+            out.into(),
+            "--external-data".into(),
+            "-q".into(),
+        ];
+        if new {
+            a.extend(["--keep", "0.5", "--calib"].map(Into::into));
+            a.push(io.clone().into());
+        } else {
+            a.extend(["--method", "none"].map(Into::into));
+        }
+        a
+    };
+    let pair = |out: &Path| -> Option<(Vec<u8>, Vec<u8>)> {
+        let m = std::fs::read(out).ok()?;
+        let d = std::fs::read(out.with_extension("onnx.data")).unwrap_or_default();
+        Some((m, d))
+    };
+    // The old and the new outputs, written in full.
+    let mut full = Vec::new();
+    let mut took = std::time::Duration::ZERO;
+    for new in [false, true] {
+        // The same file name as below (the model names its data file).
+        let d = tmp.path().join(format!("full{new}"));
+        std::fs::create_dir(&d).unwrap();
+        let out = d.join("out.onnx");
+        let t = std::time::Instant::now();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_smoe-opt"))
+            .args(args(&out, new))
+            .output()
+            .unwrap();
+        took = t.elapsed();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        full.push(pair(&out).unwrap());
+    }
+    assert!(full[0] != full[1]);
+    let out = tmp.path().join("out.onnx");
+    let (mut none, mut old, mut new) = (0, 0, 0);
+    for i in 0..24u32 {
+        // Start from the old output.
+        std::fs::write(&out, &full[0].0).unwrap();
+        std::fs::write(out.with_extension("onnx.data"), &full[0].1).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_smoe-opt"))
+            .args(args(&out, true))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(took * i / 20);
+        let _ = child.kill();
+        let _ = child.wait();
+        match pair(&out) {
+            None => none += 1,
+            Some(p) if p == full[0] => old += 1,
+            Some(p) if p == full[1] => new += 1,
+            Some((m, d)) => panic!(
+                "kill after {:?}: a model beside data it was not written with (model old {} new {}, \
+                 data old {} new {}, {} data bytes)",
+                took * i / 20,
+                m == full[0].0,
+                m == full[1].0,
+                d == full[0].1,
+                d == full[1].1,
+                d.len()
+            ),
+        }
+    }
+    // The kills landed before, during and after the commit.
+    eprintln!("killed runs: {old} left the old pair, {none} no model, {new} the new pair");
+    assert!(old > 0 && new > 0, "old {old}, none {none}, new {new}");
 }
