@@ -8,6 +8,7 @@
 
 pub mod calib;
 pub mod compress;
+pub mod dry_run;
 pub mod emit;
 pub mod error;
 pub mod eval;

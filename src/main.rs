@@ -52,6 +52,10 @@ struct RunArgs {
     /// Write tensor data to `<output>.data` even below the 2 GiB protobuf limit.
     #[arg(long)]
     external_data: bool,
+    /// Print what the run would do, with memory and disk estimates, and stop (nothing is
+    /// calibrated, planned or written).
+    #[arg(long)]
+    dry_run: bool,
     /// What to do to the MoE blocks: `none` re-emits each in canonical form with the same
     /// experts (exact); the others reduce experts (default with --experts/--keep: m-smoe).
     /// Without --method, --experts or --keep the model is copied through unchanged.
@@ -552,6 +556,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 (None, _, _) => None,
             };
+            if a.dry_run {
+                let req = smoe_opt::dry_run::DryRunRequest {
+                    input: &input,
+                    budget,
+                    target,
+                    layers: a.layers.as_ref().map(|l| l.0.as_slice()),
+                    reservoir: a.calib.reservoir,
+                    stats_file: a.stats.is_some(),
+                };
+                print!("{}", smoe_opt::dry_run::dry_run(&req)?);
+                return Ok(());
+            }
             let opts = pipeline::PipelineOptions {
                 save: smoe_opt::onnx::SaveOptions {
                     external_data: a.external_data,

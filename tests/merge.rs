@@ -672,3 +672,47 @@ fn models_too_large_for_memory_reach_the_runtimes_as_files() {
         assert_eq!(outs[0].2, outs[1].2, "{rt}: same groups either way");
     }
 }
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let dir = root().join("testdata/models/mixtral_v4_ts");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.onnx");
+    let o = bin()
+        .arg(dir.join("model.onnx"))
+        .arg("-o")
+        .arg(&out)
+        .args([
+            "--keep",
+            "0.5",
+            "--target-size",
+            "0.25",
+            "--calib-random",
+            "4",
+        ])
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.exists(), "a dry run wrote the model");
+    // Every block, its experts before -> after, and the estimates.
+    let info: Value = serde_json::from_slice(
+        &bin()
+            .arg("inspect")
+            .arg(dir.join("model.onnx"))
+            .arg("--json")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    for b in info["moe_blocks"].as_array().unwrap() {
+        let n = b["experts"].as_u64().unwrap();
+        let line = format!("{} experts -> {}", n, (n as f64 * 0.5).round());
+        assert!(text.contains(&line), "{line}: {text}");
+    }
+    for needle in ["disk ", "memory ", "statistics", "(25%)"] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+}
