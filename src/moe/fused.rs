@@ -321,6 +321,14 @@ pub fn recognise(v: &View, id: NodeId) -> Result<(MoeBlock, Layout, Vec<String>)
     } else if d1[1] as usize == h && d2[2] as usize == h && !quantized {
         notes.push("legacy [N, in, out] weight layout (onnxruntime 1.18-1.22); onnxruntime >= 1.23 CPU silently misreads it".into());
         Layout::InOut
+    } else if quantized {
+        // CUTLASS-prepacked CUDA weights are stored [N, in, out/pack]: their shapes never fit
+        // both fc1 and fc2 of the raw layout.
+        return Err(format!(
+            "QMoE weights fc1 {d1:?} / fc2 {d2:?} are not the raw [N, out, in/pack] layout for \
+             hidden size {h}; onnxruntime-genai's CUDA builds store them CUTLASS-prepacked, \
+             which cannot be read: build the model for the CPU provider (-e cpu)"
+        ));
     } else {
         return Err(format!("fc1 {d1:?} does not match hidden size {h}"));
     };
