@@ -2,8 +2,9 @@
 //! (nothing is calibrated, planned or written).
 //!
 //! The estimates are arithmetic on the detected blocks, not measurements:
-//! - statistics: per reduced layer, the per-expert input moments (N·H² float64) and the
-//!   routed-row reservoirs (N·reservoir·H float32), all layers resident;
+//! - statistics: per reduced layer, the per-expert input moments (N·H² float64, collected
+//!   for compression only) and the routed-row reservoirs (N·reservoir·H float32), all layers
+//!   resident;
 //! - a layer being planned: its experts as float32 (weights dequantised), plus the same again
 //!   for the candidates built from them;
 //! - the models: the original is memory-mapped (page cache, reclaimable), the written model
@@ -68,7 +69,13 @@ pub fn dry_run(req: &DryRunRequest) -> Result<String> {
         let n = b.experts.len() as f64;
         let h = b.hidden() as f64;
         let elements: f64 = b.experts.iter().map(|e| e.ffn.params() as f64).sum();
-        stats_mem += n * h * h * 8.0 + n * req.reservoir as f64 * h * 4.0;
+        // Input moments are collected for compression only.
+        let moments = if req.target.is_some() {
+            n * h * h * 8.0
+        } else {
+            0.0
+        };
+        stats_mem += moments + n * req.reservoir as f64 * h * 4.0;
         layer_max = layer_max.max(elements * 4.0 * 2.0);
         let kept = match req.budget {
             Some(crate::merge::Budget::Keep(f)) => (f * n).round().max(1.0),

@@ -536,7 +536,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         }),
                         layers: a.layers.as_ref().map(|l| l.0.clone()),
                         stats: a.stats.clone(),
-                        calib: source.map(|s| a.calib.options(s, progress)),
+                        // Per-expert input moments (N·H² float64 per layer) are read by
+                        // compression only: a merge-only run does not collect them.
+                        calib: source.map(|s| {
+                            let mut o = a.calib.options(s, progress);
+                            o.stats.moments = target.is_some();
+                            o
+                        }),
                         eval_data: a.eval_data.clone(),
                         holdout: a.holdout,
                         max_error: a.max_error,
