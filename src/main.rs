@@ -537,10 +537,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         layers: a.layers.as_ref().map(|l| l.0.clone()),
                         stats: a.stats.clone(),
                         // Per-expert input moments (N·H² float64 per layer) are read by
-                        // compression only: a merge-only run does not collect them.
+                        // compression only, and every expert's output on every token by
+                        // output-based grouping only (hc-smoe, also among the auto planner's
+                        // alternatives): a run does not collect what it does not read.
                         calib: source.map(|s| {
                             let mut o = a.calib.options(s, progress);
                             o.stats.moments = target.is_some();
+                            o.stats.outputs = target.is_some()
+                                || m == smoe_opt::merge::MergeMethod::HcSmoe
+                                || a.grouping == Some(smoe_opt::merge::Grouping::Outputs);
                             o
                         }),
                         eval_data: a.eval_data.clone(),

@@ -357,7 +357,7 @@ fn check_stats_fit(g: &Graph, b: &MoeBlock, s: &LayerStats) -> Result<()> {
     if s.logit_cosine.iter().any(|r| r.len() != n) {
         return Err(other("'logit_cosine' is not N x N".into()));
     }
-    if s.mean_output.dim() != (n, h) {
+    if s.mean_output.dim() != (n, h) && s.mean_output.dim() != (0, h) {
         return Err(other(format!(
             "mean outputs are {:?}, not {n} x {h}",
             s.mean_output.dim()
@@ -457,6 +457,14 @@ pub(crate) fn plan_layer(
         Grouping::Weights => {
             let refs: Vec<&ExpertParams> = params.iter().collect();
             group_experts(f, &weight_similarity(&refs), m)
+        }
+        Grouping::Outputs if s.mean_output.nrows() == 0 => {
+            return Err(Error::Usage(format!(
+                "{}: output-based grouping (hc-smoe, --grouping outputs) needs the experts' mean \
+                 outputs, which these statistics do not hold; calibrate with them (smoe-opt \
+                 calibrate collects every statistic)",
+                b.name
+            )))
         }
         Grouping::Outputs => cluster_outputs(s.mean_output.view(), f, m),
     };

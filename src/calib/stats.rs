@@ -18,6 +18,10 @@ pub struct StatsConfig {
     pub seed: u64,
     /// Accumulate per-expert input second moments (H×H per expert).
     pub moments: bool,
+    /// Run every expert on every token for the experts' mean outputs (output-based grouping,
+    /// hc-smoe). Without it each expert runs on its routed tokens only (REAP needs no more),
+    /// about N/k times less expert work, and `mean_output` is left empty.
+    pub outputs: bool,
 }
 
 impl Default for StatsConfig {
@@ -26,6 +30,7 @@ impl Default for StatsConfig {
             reservoir: 1024,
             seed: 0,
             moments: true,
+            outputs: true,
         }
     }
 }
@@ -300,25 +305,9 @@ impl LayerAcc {
         let zk = logits.select(Axis(0), &idx).mapv(f64::from);
         self.gram += &zk.t().dot(&zk);
         self.tokens += idx.len() as u64;
-        for &(e, ref f) in &self.ffns {
-            let out = f.forward(xk.view());
-            for (j, row) in out.rows().into_iter().enumerate() {
-                let t = idx[j];
-                let rt = &routes[t];
-                if let Some(slot) = rt.experts.iter().position(|&c| c == e) {
-                    if rt.kept[slot] {
-                        let w = rt.weights[slot] as f64;
-                        let norm = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-                        self.reap_sum[e] += w * norm;
-                    }
-                }
-            }
-            let s = out.sum_axis(Axis(0)).mapv(f64::from);
-            let mut dst = self.out_sum.row_mut(e);
-            dst += &s;
-        }
-        // Rows of `xk` routed to each expert, in token order.
+        // Rows of `xk` routed to each expert, in token order, with their routing weights.
         let mut routed: Vec<Vec<usize>> = vec![Vec::new(); self.counts.len()];
+        let mut routed_w: Vec<Vec<f64>> = vec![Vec::new(); self.counts.len()];
         for (j, &t) in idx.iter().enumerate() {
             let rt = &routes[t];
             for (slot, &e) in rt.experts.iter().enumerate() {
@@ -326,6 +315,26 @@ impl LayerAcc {
                     self.counts[e] += 1;
                     self.weight_sum[e] += rt.weights[slot] as f64;
                     routed[e].push(j);
+                    routed_w[e].push(rt.weights[slot] as f64);
+                }
+            }
+        }
+        let norm =
+            |row: ArrayView1<f32>| row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        for &(e, ref f) in &self.ffns {
+            if self.cfg.outputs {
+                // Every token (mean outputs); REAP from the routed ones.
+                let out = f.forward(xk.view());
+                for (&j, &w) in routed[e].iter().zip(&routed_w[e]) {
+                    self.reap_sum[e] += w * norm(out.row(j));
+                }
+                let s = out.sum_axis(Axis(0)).mapv(f64::from);
+                let mut dst = self.out_sum.row_mut(e);
+                dst += &s;
+            } else if !routed[e].is_empty() {
+                let out = f.forward(xk.select(Axis(0), &routed[e]).view());
+                for (row, &w) in out.rows().into_iter().zip(&routed_w[e]) {
+                    self.reap_sum[e] += w * norm(row);
                 }
             }
         }
@@ -419,7 +428,11 @@ impl LayerAcc {
             mean_weight: per(&self.weight_sum),
             reap: per(&self.reap_sum),
             logit_cosine: cos,
-            mean_output: self.out_sum.mapv(|v| v / tokens),
+            mean_output: if self.cfg.outputs {
+                self.out_sum.mapv(|v| v / tokens)
+            } else {
+                Array2::zeros((0, self.block.hidden()))
+            },
             input_moments: self
                 .moments
                 .into_iter()
@@ -459,7 +472,8 @@ pub struct LayerStats {
     pub reap: Vec<f64>,
     /// Cosine similarity of router-logit columns over tokens (N×N).
     pub logit_cosine: Vec<Vec<f64>>,
-    /// Each expert's mean output over all counted tokens (N×H; sidecar).
+    /// Each expert's mean output over all counted tokens (N×H; sidecar; 0×H when not
+    /// collected, see [`StatsConfig::outputs`]).
     #[serde(skip)]
     pub mean_output: Array2<f64>,
     /// Per expert, E[x xᵀ] over its routed inputs (H×H each; sidecar).
