@@ -4,6 +4,11 @@
 mod fuzz;
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries without `--bench`: the short run is
+    // tests/fuzz.rs.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

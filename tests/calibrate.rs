@@ -353,3 +353,58 @@ fn past_key_value_inputs_are_fed_as_empty_caches() {
         }
     }
 }
+
+#[test]
+fn routed_only_statistics_match_and_refuse_output_grouping() {
+    // Without every expert's output on every token (what merging by router logits and REAP
+    // need), the routing statistics and REAP scores are the same; the mean outputs are
+    // absent, and output-based grouping (hc-smoe) says so instead of grouping on zeros.
+    let dir = root().join("testdata/models/mixtral_v4_ts");
+    let model = Model::load(dir.join("model.onnx")).unwrap();
+    let det = smoe_opt::moe::detect(&model.graph);
+    let calib = |outputs: bool| {
+        let opts = smoe_opt::calib::CalibOptions {
+            runtime: smoe_opt::calib::Runtime::Tract,
+            #[cfg(feature = "ort")]
+            ep: Default::default(),
+            source: smoe_opt::calib::Source::Npz(dir.join("io.npz")),
+            batch: 2,
+            stats: smoe_opt::calib::stats::StatsConfig {
+                outputs,
+                ..Default::default()
+            },
+            progress: false,
+        };
+        smoe_opt::calib::calibrate(&model, &det, &opts).unwrap()
+    };
+    let (all, routed) = (calib(true), calib(false));
+    for (a, b) in all.layers.iter().zip(&routed.layers) {
+        assert_eq!(a.counts, b.counts);
+        assert_eq!(a.reap, b.reap, "REAP from the routed tokens either way");
+        assert_eq!(a.samples, b.samples);
+        assert_eq!(a.mean_output.nrows(), a.num_experts);
+        assert_eq!(b.mean_output.nrows(), 0);
+    }
+    let opts = |method| smoe_opt::merge::MergeOptions {
+        method,
+        align: None,
+        grouping: None,
+        budget: smoe_opt::merge::Budget::Keep(0.5),
+        layers: None,
+        progress: false,
+    };
+    use smoe_opt::merge::MergeMethod;
+    let a = smoe_opt::merge::plan(&model.graph, &det, &all, &opts(MergeMethod::MSmoe)).unwrap();
+    let b = smoe_opt::merge::plan(&model.graph, &det, &routed, &opts(MergeMethod::MSmoe)).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.experts.len(), y.experts.len());
+        for (p, q) in x.experts.iter().zip(&y.experts) {
+            assert_eq!(p.ids, q.ids, "m-smoe does not read mean outputs");
+            assert_eq!(p.ffn, q.ffn);
+        }
+    }
+    let e = smoe_opt::merge::plan(&model.graph, &det, &routed, &opts(MergeMethod::HcSmoe))
+        .err()
+        .expect("hc-smoe without mean outputs");
+    assert!(e.to_string().contains("mean outputs"), "{e}");
+}
