@@ -404,7 +404,6 @@ fn routed_only_statistics_match_and_refuse_output_grouping() {
         }
     }
     let e = smoe_opt::merge::plan(&model.graph, &det, &routed, &opts(MergeMethod::HcSmoe))
-        .err()
-        .expect("hc-smoe without mean outputs");
+        .expect_err("hc-smoe without mean outputs");
     assert!(e.to_string().contains("mean outputs"), "{e}");
 }
