@@ -186,6 +186,10 @@ pub fn measure(
                 continue;
             }
         };
+        // One model in the runtime at a time: the written one is released before the
+        // original is loaded.
+        let runtime = new.runtime().to_string();
+        drop(new);
         // The original as exported, else its exact re-emission (e.g. tract cannot run Switch's
         // boolean-mask reshapes; shape-specialised exports fail on other batch shapes).
         let direct = open(original, r).and_then(|mut s| run_all(s.as_mut(), data, batch));
@@ -208,7 +212,6 @@ pub fn measure(
                 }
             }
         };
-        let runtime = new.runtime().to_string();
         return compare(data, &ref_out, &new_out, runtime, reference, samples);
     }
     Err(crate::runtime::last_error(rt, last_err))
