@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 /// Machine-readable summary of a model (the `inspect --json` schema).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Inspection {
     /// The model file.
     pub file: String,
@@ -44,7 +44,7 @@ pub struct Inspection {
 }
 
 /// One MoE block as `inspect` reports it (stable JSON keys).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct BlockSummary {
     /// `moe.<i>`, in graph order.
     pub name: String,
@@ -102,7 +102,7 @@ pub struct BlockSummary {
 }
 
 /// How a QMoE block's expert weights are quantised.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct QuantSummary {
     /// Bits per weight of fc1 (gate/up) and fc2 (down).
     pub bits: [u32; 2],
@@ -111,7 +111,7 @@ pub struct QuantSummary {
 }
 
 /// gpt-oss's SwiGLU parameters: `min(g, limit)·σ(alpha·min(g, limit))·(clamp(u, ±limit) + beta)`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ActivationParams {
     /// Slope inside the sigmoid.
     pub alpha: f32,
@@ -165,7 +165,7 @@ impl BlockSummary {
 }
 
 /// An opset import.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Opset {
     /// Domain (`""` = ai.onnx).
     pub domain: String,
@@ -174,7 +174,7 @@ pub struct Opset {
 }
 
 /// A graph input or output.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ValueDesc {
     /// Name.
     pub name: String,
@@ -185,7 +185,7 @@ pub struct ValueDesc {
 }
 
 /// Initializer statistics.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, schemars::JsonSchema)]
 pub struct InitStats {
     /// Number of initializers.
     pub count: usize,
@@ -196,7 +196,7 @@ pub struct InitStats {
 }
 
 /// Count and bytes of one element type.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, schemars::JsonSchema)]
 pub struct DtypeStats {
     /// Number of tensors.
     pub count: usize,
@@ -226,6 +226,12 @@ pub fn describe(v: &ValueInfoProto) -> ValueDesc {
             .collect()
     });
     ValueDesc { name, dtype, shape }
+}
+
+/// The JSON Schema of `inspect --json`, generated from the Rust types (committed as
+/// `schemas/inspect.schema.json`; new keys may be added, existing keys keep their meaning).
+pub fn schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Inspection)).expect("a schema serialises")
 }
 
 /// Summarises a model. Reads only protobuf fields and file sizes, never tensor data.

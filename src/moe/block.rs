@@ -4,7 +4,7 @@ use crate::ir::NodeId;
 use serde::Serialize;
 
 /// The exporter form a block was recognised in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Form {
     /// One unrolled chain per expert over 2-D weights (TorchScript export of HF experts;
@@ -21,7 +21,7 @@ pub enum Form {
 }
 
 /// How router logits become routing scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scoring {
     /// Softmax over all N logits, then top-k.

@@ -10,7 +10,7 @@ use serde::Serialize;
 use std::collections::HashSet;
 
 /// A selection node that looked like a router but was not recognised.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct NearMiss {
     /// The node (`name (op)`).
     pub node: String,

@@ -90,7 +90,7 @@ struct MappedFile {
 }
 
 /// One external data file as seen by [`ExternalStore::files`].
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct ExternalFile {
     /// The `location` string as written in the model.
     pub location: String,
