@@ -54,7 +54,8 @@ fn dequantized(g: &Graph, w: &WeightRef, q: &Quant) -> Result<(Vec<i64>, Vec<f32
         }
     };
     let cols = packed * q.pack();
-    let (sdims, scales) = tensor_f32(g, &q.scales)?;
+    // Only this expert's scales are converted (the tensor holds every expert's).
+    let (sdims, sdt, sbytes) = tensor_bytes(g, &q.scales)?;
     let nb = q.blocks(cols);
     let want: Vec<i64> = if sdims.len() == 2 {
         vec![n as i64, rows as i64]
@@ -69,12 +70,13 @@ fn dequantized(g: &Graph, w: &WeightRef, q: &Quant) -> Result<(Vec<i64>, Vec<f32
     }
     let e = w.expert.unwrap_or(0);
     let per = rows * packed;
-    let m = q.dequantize(
-        &codes[e * per..(e + 1) * per],
-        &scales[e * rows * nb..(e + 1) * rows * nb],
-        rows,
-        cols,
-    );
+    let width = crate::onnx::dtype::bits(sdt).unwrap_or(0) as usize / 8;
+    let range = e * rows * nb * width..(e + 1) * rows * nb * width;
+    let scales = sbytes
+        .get(range)
+        .and_then(|b| crate::onnx::tensor::to_f32(sdt, b))
+        .ok_or_else(|| bad(&q.scales, "scales are not a floating-point tensor".into()))?;
+    let m = q.dequantize(&codes[e * per..(e + 1) * per], &scales, rows, cols);
     Ok((vec![rows as i64, cols as i64], m))
 }
 

@@ -666,6 +666,17 @@ def gen_v5_deepseek(out):
                                        experts_implementation="batched_mm", layers=layers), torch_ref=wd)
 
 
+def export_batched(out, name, cls, cfg, seed, family, layers):
+    """The dynamo export of transformers-5 `batched_mm` experts (a fresh seeded model)."""
+    m, wd = stock_model(cls, cfg, seed)
+    m.set_experts_implementation("batched_mm")
+    small = lm_inputs(2, 16, seed)
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    export(wd, small, os.path.join(out, name, "model.onnx"), dynamo=True, dynamic=True)
+    finish(name, out, wd, small, dict(form="batched-3d", exporter="dynamo", family=family,
+                                      experts_implementation="batched_mm", layers=layers), torch_ref=wd)
+
+
 def gen_v5_gptoss(out):
     """gpt-oss from transformers 5: router = Linear with bias, top-k on the logits, softmax over
     the k chosen; experts = x·W_gate_up + b with gate/up interleaved (`[..., ::2]`, `[..., 1::2]`),
@@ -684,14 +695,7 @@ def gen_v5_gptoss(out):
     layers = moe_layer_truth(2, 8, 2, 32, 32, "swiglu-clamped", True, router_scoring="softmax-after-topk",
                              router_bias=True, expert_biases=True, activation_params=act)
     export_stock(out, "gptoss_v5_ts_raw", model, w, lm_inputs(4, 32, 19), "gpt_oss", layers)
-    name = "gptoss_v5_dynamo"
-    m, wd = stock_model(GptOssForCausalLM, cfg, 19)
-    m.set_experts_implementation("batched_mm")
-    small = lm_inputs(2, 16, 19)
-    os.makedirs(os.path.join(out, name), exist_ok=True)
-    export(wd, small, os.path.join(out, name, "model.onnx"), dynamo=True, dynamic=True)
-    finish(name, out, wd, small, dict(form="batched-3d", exporter="dynamo", family="gpt_oss",
-                                      experts_implementation="batched_mm", layers=layers), torch_ref=wd)
+    export_batched(out, "gptoss_v5_dynamo", GptOssForCausalLM, cfg, 19, "gpt_oss", layers)
 
 
 def gen_v5_phimoe(out):
@@ -711,14 +715,7 @@ def gen_v5_phimoe(out):
     layers = moe_layer_truth(2, 8, 2, 32, 32, "swiglu", False, router_scoring="sparsemixer",
                              sparsemixer_eps=0.1)
     export_stock(out, "phimoe_v5_ts_raw", model, w, lm_inputs(4, 32, 23), "phimoe", layers)
-    name = "phimoe_v5_dynamo"
-    m, wd = stock_model(PhimoeForCausalLM, cfg, 23)
-    m.set_experts_implementation("batched_mm")
-    small = lm_inputs(2, 16, 23)
-    os.makedirs(os.path.join(out, name), exist_ok=True)
-    export(wd, small, os.path.join(out, name, "model.onnx"), dynamo=True, dynamic=True)
-    finish(name, out, wd, small, dict(form="batched-3d", exporter="dynamo", family="phimoe",
-                                      experts_implementation="batched_mm", layers=layers), torch_ref=wd)
+    export_batched(out, "phimoe_v5_dynamo", PhimoeForCausalLM, cfg, 23, "phimoe", layers)
 
 
 # ---------------------------------------------------------------------------------------------

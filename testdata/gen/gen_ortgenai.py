@@ -38,16 +38,16 @@ def gptoss():
     return GptOssForCausalLM(cfg), [dict(layer, layer=i) for i in range(2)]
 
 
-def lfm2moe():
+def lfm2moe(hidden=32, inter=32):
     """LFM2-MoE: short-convolution and attention layers; experts chosen by sigmoid scores plus a
     per-expert bias (the builder scatters log σ of the chosen experts into the op's logits)."""
     from transformers import Lfm2MoeConfig, Lfm2MoeForCausalLM
-    cfg = Lfm2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+    cfg = Lfm2MoeConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, moe_intermediate_size=inter,
                         num_hidden_layers=2, num_dense_layers=0, num_experts=8, num_experts_per_tok=2,
                         num_attention_heads=2, num_key_value_heads=1, use_expert_bias=True, norm_topk_prob=True,
                         routed_scaling_factor=1.0, max_position_embeddings=128,
                         layer_types=["conv", "full_attention"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
-    layer = dict(experts=8, top_k=2, hidden=32, intermediate=32, activation="swiglu", renormalize=True,
+    layer = dict(experts=8, top_k=2, hidden=hidden, intermediate=inter, activation="swiglu", renormalize=True,
                  router_scoring="sigmoid", router_bias=False, selection_bias=True, expert_biases=True,
                  shared_experts=0, experts_present=list(range(8)))
     return Lfm2MoeForCausalLM(cfg), [dict(layer, layer=i) for i in range(2)]
@@ -56,16 +56,7 @@ def lfm2moe():
 def lfm2moe_wide():
     """LFM2-MoE with rows of several quantisation blocks, the last one partial (hidden 64,
     expert intermediate 48, blocks of 32)."""
-    from transformers import Lfm2MoeConfig, Lfm2MoeForCausalLM
-    cfg = Lfm2MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, moe_intermediate_size=48,
-                        num_hidden_layers=2, num_dense_layers=0, num_experts=8, num_experts_per_tok=2,
-                        num_attention_heads=2, num_key_value_heads=1, use_expert_bias=True, norm_topk_prob=True,
-                        routed_scaling_factor=1.0, max_position_embeddings=128,
-                        layer_types=["conv", "full_attention"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
-    layer = dict(experts=8, top_k=2, hidden=64, intermediate=48, activation="swiglu", renormalize=True,
-                 router_scoring="sigmoid", router_bias=False, selection_bias=True, expert_biases=True,
-                 shared_experts=0, experts_present=list(range(8)))
-    return Lfm2MoeForCausalLM(cfg), [dict(layer, layer=i) for i in range(2)]
+    return lfm2moe(hidden=64, inter=48)
 
 
 # Precision variants: the builder's precision, its extra options, and the QMoE format they give
