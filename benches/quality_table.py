@@ -36,6 +36,10 @@ for keep in ("0.75", "0.5", "0.25"):
             ("m-smoe", "hc-smoe", "prune-frequency", "prune-reap", "average")]
     runs += [(f"compress {c}", ["--target-size", keep, "--compress", c]) for c in
              ("low-rank", "base-delta", "neurons", "auto")]
+    # The auto plan fitted one-shot and layer by layer (`--pipeline`; the default, auto,
+    # writes whichever measured better on the calibration samples that choose plans).
+    runs += [(f"compress auto, {p}", ["--target-size", keep, "--compress", "auto", "--pipeline", p])
+             for p in ("one-shot", "sequential")]
     best = None
     for label, flags in runs:
         tag = label.replace(" ", "_")
@@ -54,6 +58,8 @@ for keep in ("0.75", "0.5", "0.25"):
             desc = f"{label} ({', '.join(kinds)}; {c['fraction']:.0%} of expert bytes)"
             if c.get("chosen_by"):
                 desc = f"{label} (chose: {c['plan']}; {', '.join(kinds)}; {c['fraction']:.0%})"
+            if c.get("pipeline") == "sequential" and "sequential" not in label:
+                desc = desc.replace(label, f"{label} [sequential fit]", 1)
         else:
             experts = "/".join(str(l["experts_after"]) for l in r["layers"])
             desc = f"{label} (experts {experts})"

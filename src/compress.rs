@@ -46,6 +46,10 @@ use ndarray::{Array1, Array2, Axis};
 use rayon::prelude::*;
 use serde::Serialize;
 
+mod replan;
+pub use replan::{replan, LayerRecipe};
+use replan::{Form, MergeSpec};
+
 /// Relative ridge of the whitening Grams (`λ = REL · tr(G)/d`).
 const WHITEN_RIDGE: f64 = 1e-3;
 /// Relative ridge of the least-squares refits toward the previous weights.
@@ -148,6 +152,9 @@ pub struct CompressionSummary {
     pub family: Family,
     /// Which plan won (`auto`: `per-layer` or `global low-rank`).
     pub plan: String,
+    /// Whether layers were fitted on the original's activations (`one-shot`) or layer by
+    /// layer on the rewritten earlier layers' (`sequential`).
+    pub pipeline: crate::sequential::Pipeline,
     /// Budget in bytes.
     pub budget_bytes: u64,
     /// Routed-expert bytes before, over the compressed layers.
@@ -214,6 +221,11 @@ struct Rows {
     /// Per expert: the rows routed to it, and their weight `ω · w²` (routing weight squared).
     rows: Vec<Vec<usize>>,
     row_w: Vec<Vec<f64>>,
+    /// Paired statistics (the sequential pipeline): the same tokens' rows in the original
+    /// model, with their routing there. What the original block produced — the targets of
+    /// refits and errors — is computed from these, so that a layer refitted on the rewritten
+    /// earlier layers' activations maps them to the original layer's outputs.
+    x_ref: Option<(Array2<f32>, Vec<Route>)>,
 }
 
 impl Rows {
@@ -223,6 +235,7 @@ impl Rows {
         rb: Option<&Array1<f32>>,
         sb: Option<&[f32]>,
         per_expert: &[Vec<&[f32]>],
+        per_expert_ref: Option<&[Vec<&[f32]>]>,
         counts: &[u64],
     ) -> Self {
         let n = block.router.num_experts;
@@ -242,6 +255,20 @@ impl Rows {
             logits += b;
         }
         let routes = route(block, sb, logits.view(), usize::MAX);
+        let x_ref = per_expert_ref.map(|per| {
+            let xs: Vec<f32> = per
+                .iter()
+                .flatten()
+                .flat_map(|r| r.iter().copied())
+                .collect();
+            let xr = Array2::from_shape_vec((omega.len(), h), xs).expect("paired rows of h");
+            let mut z = crate::linalg::mul_t(xr.view(), wr.view());
+            if let Some(b) = rb {
+                z += b;
+            }
+            let routes = route(block, sb, z.view(), usize::MAX);
+            (xr, routes)
+        });
         let mut rows = vec![Vec::new(); n];
         let mut row_w = vec![Vec::new(); n];
         for (tk, r) in routes.iter().enumerate() {
@@ -258,7 +285,13 @@ impl Rows {
             routes,
             rows,
             row_w,
+            x_ref,
         }
+    }
+
+    /// The rows the original block's outputs (targets) are computed from.
+    fn target_x(&self) -> &Array2<f32> {
+        self.x_ref.as_ref().map_or(&self.x, |(x, _)| x)
     }
 }
 
@@ -333,9 +366,8 @@ impl<'a> LayerData<'a> {
         };
         // Every 4th reservoir row measures errors; the others fit (Grams, refits, scores), so
         // a refit is never judged on the rows it was fitted to.
-        let split = |eval: bool| -> Vec<Vec<&[f32]>> {
-            stats
-                .samples
+        let split = |samples: &'a [Vec<Vec<f32>>], eval: bool| -> Vec<Vec<&'a [f32]>> {
+            samples
                 .iter()
                 .map(|res| {
                     let few = res.len() < 4;
@@ -354,12 +386,21 @@ impl<'a> LayerData<'a> {
                 .collect()
         };
         let sb = crate::calib::stats::selection_bias(g, block)?;
+        // Paired statistics: row for row the same tokens in the original model.
+        let paired = stats.reference_samples.len() == n
+            && stats
+                .reference_samples
+                .iter()
+                .zip(&stats.samples)
+                .all(|(r, s)| r.len() == s.len());
+        let refs = |eval: bool| paired.then(|| split(&stats.reference_samples, eval));
         let fit = Rows::new(
             block,
             &wr,
             rb.as_ref(),
             sb.as_deref(),
-            &split(false),
+            &split(&stats.samples, false),
+            refs(false).as_deref(),
             &stats.counts,
         );
         let thin: Vec<usize> = (0..n)
@@ -378,7 +419,8 @@ impl<'a> LayerData<'a> {
             &wr,
             rb.as_ref(),
             sb.as_deref(),
-            &split(true),
+            &split(&stats.samples, true),
+            refs(true).as_deref(),
             &stats.counts,
         );
         let act = block.experts[0].ffn.act;
@@ -414,7 +456,10 @@ impl<'a> LayerData<'a> {
             merges: Default::default(),
         };
         let ident = d.identity();
-        d.y = d.output(&ident.experts, &[]);
+        d.y = match &d.eval.x_ref {
+            Some((x, routes)) => d.output_on(&ident.experts, &[], x, routes),
+            None => d.output(&ident.experts, &[]),
+        };
         d.energy =
             d.y.rows()
                 .into_iter()
@@ -465,6 +510,17 @@ impl<'a> LayerData<'a> {
 
     /// The routed output `Σ_slots w · F_target(x)` on the evaluation rows.
     fn output(&self, experts: &[NewExpert], bases: &[Array2<f32>]) -> Array2<f32> {
+        self.output_on(experts, bases, &self.eval.x, &self.eval.routes)
+    }
+
+    /// The routed output of `experts` on rows `x` routed by `routes`.
+    fn output_on(
+        &self,
+        experts: &[NewExpert],
+        bases: &[Array2<f32>],
+        x: &Array2<f32>,
+        routes: &[Route],
+    ) -> Array2<f32> {
         let n = self.experts.len();
         let mut lut = vec![usize::MAX; n];
         for (i, t) in experts.iter().enumerate() {
@@ -478,7 +534,7 @@ impl<'a> LayerData<'a> {
             .map(|(i, t)| {
                 let mut rows = Vec::new();
                 let mut w = Vec::new();
-                for (tk, r) in self.eval.routes.iter().enumerate() {
+                for (tk, r) in routes.iter().enumerate() {
                     let s: f32 = r
                         .experts
                         .iter()
@@ -491,7 +547,7 @@ impl<'a> LayerData<'a> {
                         w.push(s);
                     }
                 }
-                let xs = self.eval.x.select(Axis(0), &rows);
+                let xs = x.select(Axis(0), &rows);
                 let mut o = t.ffn.forward(xs.view(), bases);
                 for (mut row, s) in o.rows_mut().into_iter().zip(&w) {
                     row *= *s;
@@ -499,7 +555,7 @@ impl<'a> LayerData<'a> {
                 (rows, o)
             })
             .collect();
-        let mut y = Array2::<f32>::zeros(self.eval.x.raw_dim());
+        let mut y = Array2::<f32>::zeros(x.raw_dim());
         for (rows, o) in parts {
             for (j, &tk) in rows.iter().enumerate() {
                 let mut dst = y.row_mut(tk);
@@ -749,7 +805,8 @@ fn refit_factored_down(
             }
             let xs = d.fit.x.select(Axis(0), &rows);
             let hh = e.ffn.hidden(xs.view(), bases);
-            let mut y = ProjFfn::dense(p.clone(), d.act).forward(xs.view(), &[]);
+            let xt = d.fit.target_x().select(Axis(0), &rows);
+            let mut y = ProjFfn::dense(p.clone(), d.act).forward(xt.view(), &[]);
             if let Some(b) = &p.down_bias {
                 y -= b;
             }
@@ -974,7 +1031,9 @@ fn build_neurons(d: &LayerData, t: &Targets, keep: usize) -> (Vec<NewExpert>, Ve
             let kept = keep_neurons(&scores, keep);
             let mut q = permute(p, &kept);
             let hk = h.select(Axis(1), &kept);
-            let mut target = dense.forward(xs.view(), &[]);
+            let xt = d.fit.target_x().select(Axis(0), &rows);
+            let full = dense.forward(xt.view(), &[]);
+            let mut target = full.clone();
             if let Some(b) = &p.down_bias {
                 target -= b;
             }
@@ -983,7 +1042,6 @@ fn build_neurons(d: &LayerData, t: &Targets, keep: usize) -> (Vec<NewExpert>, Ve
             let mut f = ProjFfn::dense(q, d.act);
             f.neurons = Some(kept.clone());
             let approx = f.forward(xs.view(), &[]);
-            let full = dense.forward(xs.view(), &[]);
             let num: f64 = (&approx - &full)
                 .iter()
                 .map(|v| f64::from(*v).powi(2))
@@ -1045,10 +1103,11 @@ fn refit_merged(d: &LayerData, plan: &mut LayerPlan) {
             let h = t.ffn.hidden(xs.view(), &[]);
             let mut a = h;
             let mut target = Array2::<f32>::zeros((rows.len(), p.down.nrows()));
+            let xt = d.fit.target_x().select(Axis(0), &rows);
             let outs: Vec<(usize, Array2<f32>)> = t
                 .ids
                 .iter()
-                .map(|&e| (e, originals[e].forward(xs.view(), &[])))
+                .map(|&e| (e, originals[e].forward(xt.view(), &[])))
                 .collect();
             for (j, &tk) in rows.iter().enumerate() {
                 let r = &d.fit.routes[tk];
@@ -1507,6 +1566,40 @@ fn choose(cands: &[Vec<Candidate>], budget: usize) -> Option<Vec<usize>> {
     Some(pick)
 }
 
+/// The chosen layers' data, and the plan's bytes per element.
+///
+/// QMoE blocks store dense quantised experts only: no factors, no shared bases. Their cost
+/// is their bytes as written (codes, scales, biases) in element-equivalents of the plan's
+/// bytes per element, so that the budget is a byte budget.
+fn prepare<'a>(
+    g: &Graph,
+    det: &'a Detection,
+    stats: &'a CalibStats,
+    layers: Option<&[usize]>,
+) -> Result<(Vec<LayerData<'a>>, f64)> {
+    let chosen = merge::select_layers(g, det, stats, layers)?;
+    let mut data: Vec<LayerData> = chosen
+        .iter()
+        .map(|(b, s)| LayerData::new(g, b, s))
+        .collect::<Result<_>>()?;
+    if !data.iter().any(|d| d.block.quant().is_some()) {
+        return Ok((data, 4.0));
+    }
+    let elements: usize = data.iter().map(|d| d.elements).sum();
+    let bpe = data
+        .iter()
+        .map(|d| d.block.expert_bytes as f64)
+        .sum::<f64>()
+        / elements.max(1) as f64;
+    for d in &mut data {
+        d.qcost = QCost::new(g, d.block).map(|q| QCost { bpe, ..q });
+        if let Some(q) = &d.qcost {
+            d.elements = d.experts.iter().map(|p| q.cost(p.up.nrows())).sum();
+        }
+    }
+    Ok((data, bpe))
+}
+
 /// Plans the compression of every chosen layer: one plan for a fixed family; for `auto`,
 /// several complete alternatives (the per-layer choice by calibrated error, and each family
 /// on its own), which the caller measures end to end and picks from.
@@ -1516,34 +1609,11 @@ pub fn plan(
     stats: &CalibStats,
     opts: &CompressOptions,
 ) -> Result<Vec<Alternative>> {
-    let chosen = merge::select_layers(g, det, stats, opts.layers.as_deref())?;
-    let bar = crate::progress::count_bar(opts.progress, chosen.len() as u64, "layers");
+    let bar = crate::progress::count_bar(opts.progress, 0, "layers");
     bar.set_message("preparing");
-    let mut data: Vec<LayerData> = chosen
-        .iter()
-        .map(|(b, s)| LayerData::new(g, b, s))
-        .collect::<Result<_>>()?;
-    // QMoE blocks store dense quantised experts only: no factors, no shared bases. Their cost
-    // is their bytes as written (codes, scales, biases) in element-equivalents of the plan's
-    // bytes per element, so that the budget is a byte budget.
+    let (data, bpe) = prepare(g, det, stats, opts.layers.as_deref())?;
+    bar.set_length(data.len() as u64);
     let quantized = data.iter().any(|d| d.block.quant().is_some());
-    let bpe = if quantized {
-        let elements: usize = data.iter().map(|d| d.elements).sum();
-        let bpe = data
-            .iter()
-            .map(|d| d.block.expert_bytes as f64)
-            .sum::<f64>()
-            / elements.max(1) as f64;
-        for d in &mut data {
-            d.qcost = QCost::new(g, d.block).map(|q| QCost { bpe, ..q });
-            if let Some(q) = &d.qcost {
-                d.elements = d.experts.iter().map(|p| q.cost(p.up.nrows())).sum();
-            }
-        }
-        bpe
-    } else {
-        4.0
-    };
     let total: usize = data.iter().map(|d| d.elements).sum();
     if quantized && matches!(opts.family, Family::LowRank | Family::BaseDelta) {
         return Err(Error::Usage(format!(
@@ -1574,24 +1644,52 @@ pub fn plan(
         }
         None => None,
     };
+    // Each layer's fixed merge, for the sequential pipeline's refits.
+    let fixed_merge: Vec<Option<MergeSpec>> = match (&fixed, &opts.merge) {
+        (Some(plans), Some(m)) => plans
+            .iter()
+            .map(|p| {
+                Some(MergeSpec {
+                    opts: m.clone(),
+                    experts: p.experts.len(),
+                    refit: true,
+                })
+            })
+            .collect(),
+        _ => vec![None; data.len()],
+    };
     let targets: Vec<Targets> = match fixed {
         Some(plans) => plans.into_iter().map(Targets::new).collect(),
         None => data.iter().map(|d| Targets::new(d.identity())).collect(),
     };
+    // Recipes of a plan that writes every layer in one form (after the fixed merge).
+    let uniform =
+        |builts: &[Built], form: &dyn Fn(&LayerData, &Built) -> Form| -> Vec<LayerRecipe> {
+            data.iter()
+                .zip(builts)
+                .zip(&fixed_merge)
+                .map(|((d, b), m)| LayerRecipe {
+                    block: d.block.name.clone(),
+                    merge: m.clone(),
+                    form: form(d, b),
+                })
+                .collect()
+        };
     let layer_fixed: Vec<usize> = targets.iter().map(Targets::bias_elements).collect();
     let merged_total: usize = data
         .iter()
         .zip(&targets)
         .map(|(d, t)| dense_cost(d, t))
         .sum();
-    let alternatives: Vec<(Vec<Built>, String)> = match opts.family {
-        f if f != Family::None && budget >= merged_total => vec![(
-            targets
+    let alternatives: Vec<(Vec<Built>, String, Vec<LayerRecipe>)> = match opts.family {
+        f if f != Family::None && budget >= merged_total => {
+            let b: Vec<Built> = targets
                 .iter()
                 .map(|t| dense_built(t, "dense".into()))
-                .collect(),
-            "dense: everything fits the budget".into(),
-        )],
+                .collect();
+            let r = uniform(&b, &|_, _| Form::Dense);
+            vec![(b, "dense: everything fits the budget".into(), r)]
+        }
         Family::None => {
             if merged_total > budget {
                 return Err(Error::Usage(format!(
@@ -1601,27 +1699,28 @@ pub fn plan(
                     4 * budget
                 )));
             }
-            vec![(
-                targets
-                    .iter()
-                    .map(|t| dense_built(t, "merged".into()))
-                    .collect(),
-                "merge only".into(),
-            )]
+            let b: Vec<Built> = targets
+                .iter()
+                .map(|t| dense_built(t, "merged".into()))
+                .collect();
+            let r = uniform(&b, &|_, _| Form::Dense);
+            vec![(b, "merge only".into(), r)]
         }
         Family::LowRank | Family::BaseDelta => {
             bar.set_message("factoring");
+            let b = global_factored(&data, &targets, opts.family, budget)?;
+            let r = uniform(&b, &in_family(opts.family));
             vec![(
-                global_factored(&data, &targets, opts.family, budget)?,
+                b,
                 format!("{}, global rank allocation", family_name(opts.family)),
+                r,
             )]
         }
         Family::Neurons => {
             bar.set_message("pruning neurons");
-            vec![(
-                uniform_neurons(&data, &targets, budget)?,
-                "neurons, one fraction for every layer".into(),
-            )]
+            let b = uniform_neurons(&data, &targets, budget)?;
+            let r = uniform(&b, &in_family(Family::Neurons));
+            vec![(b, "neurons, one fraction for every layer".into(), r)]
         }
         Family::Auto => {
             let mut alts = Vec::new();
@@ -1705,7 +1804,9 @@ pub fn plan(
                         continue;
                     }
                     let mut out = Vec::new();
+                    let mut recipes = Vec::new();
                     for ((d, c), &p) in data.iter().zip(&filtered).zip(&pick) {
+                        recipes.push(auto_recipe(d, c[p].recipe));
                         out.push(
                             build(g, d, c[p].recipe, &auto_merge_options(None))?.ok_or_else(
                                 || Error::Graph {
@@ -1718,6 +1819,7 @@ pub fn plan(
                     alts.push((
                         out,
                         format!("per-layer choice ({label}{wlabel}) by calibrated error per byte"),
+                        recipes,
                     ));
                 }
                 // MC-SMoE's merge at the budget (adaptive per-layer counts), refitted.
@@ -1738,11 +1840,13 @@ pub fn plan(
             };
             for &f in factored {
                 if let Ok(b) = global_factored(&data, &targets, f, budget) {
-                    alts.push((b, format!("{}, global rank allocation", family_name(f))));
+                    let r = uniform(&b, &in_family(f));
+                    alts.push((b, format!("{}, global rank allocation", family_name(f)), r));
                 }
             }
             if let Ok(b) = uniform_neurons(&data, &targets, budget) {
-                alts.push((b, "neurons, one fraction for every layer".into()));
+                let r = uniform(&b, &in_family(Family::Neurons));
+                alts.push((b, "neurons, one fraction for every layer".into(), r));
             }
             if alts.is_empty() {
                 return Err(Error::Usage(format!(
@@ -1758,9 +1862,43 @@ pub fn plan(
     bar.finish_and_clear();
     alternatives
         .into_iter()
-        .map(|(builts, name)| finish(&data, &targets, builts, name, opts.family, budget, bpe))
+        .map(|(builts, name, recipes)| {
+            let mut a = finish(&data, &targets, builts, name, opts.family, budget, bpe)?;
+            a.recipes = recipes;
+            Ok(a)
+        })
         .collect()
 }
+
+/// A layer's form in `family` at the elements its built form stores.
+fn in_family(family: Family) -> impl Fn(&LayerData, &Built) -> Form {
+    move |d, b| Form::Family(family, stored_elements(d, b))
+}
+
+/// The sequential pipeline's recipe of an auto planner candidate.
+fn auto_recipe(d: &LayerData, r: Recipe) -> LayerRecipe {
+    let (merge, form) = match r {
+        Recipe::Dense => (None, Form::Dense),
+        Recipe::Family(f, b) => (None, Form::Family(f, b)),
+        Recipe::GroupBase(m, b) => (None, Form::GroupBase(m, b)),
+        Recipe::Merge(m, then) => (
+            Some(MergeSpec {
+                opts: auto_merge_options(None),
+                experts: m,
+                refit: true,
+            }),
+            then.map_or(Form::Dense, |(f, b)| Form::Family(f, b)),
+        ),
+    };
+    LayerRecipe {
+        block: d.block.name.clone(),
+        merge,
+        form,
+    }
+}
+
+/// A merge-only plan: the built layers, its description and its per-layer recipes.
+type MergedPlan = (Vec<Built>, String, Vec<LayerRecipe>);
 
 /// Merging alone to the largest expert count that fits `budget` (the method's own per-layer
 /// counts), merged down projections refitted.
@@ -1772,7 +1910,7 @@ fn merge_at_budget(
     (method, refit): (merge::MergeMethod, bool),
     budget: usize,
     opts: &CompressOptions,
-) -> Result<Option<(Vec<Built>, String)>> {
+) -> Result<Option<MergedPlan>> {
     let n_total: usize = data.iter().map(|d| d.experts.len()).sum();
     let total: usize = data.iter().map(|d| d.elements).sum();
     // Experts are the same size within a layer; keep the total count that fits.
@@ -1791,7 +1929,17 @@ fn merge_at_budget(
     };
     let mut plans = merge::plan(g, det, stats, &mopts)?;
     let mut out = Vec::new();
+    let mut recipes = Vec::new();
     for (p, d) in plans.iter_mut().zip(data) {
+        recipes.push(LayerRecipe {
+            block: d.block.name.clone(),
+            merge: Some(MergeSpec {
+                opts: mopts.clone(),
+                experts: p.experts.len(),
+                refit,
+            }),
+            form: Form::Dense,
+        });
         if refit {
             refit_merged(d, p);
         }
@@ -1814,7 +1962,7 @@ fn merge_at_budget(
         _ => "m-smoe",
     };
     let how = if refit { "refitted" } else { "as merged" };
-    Ok(Some((out, format!("{name} merge, {how}"))))
+    Ok(Some((out, format!("{name} merge, {how}"), recipes)))
 }
 
 fn family_name(f: Family) -> &'static str {
@@ -1854,6 +2002,8 @@ fn uniform_neurons(data: &[LayerData], targets: &[Targets], budget: usize) -> Re
 pub struct Alternative {
     /// Per layer.
     pub plans: Vec<LayerPlan>,
+    /// How each layer is built again from other statistics (the sequential pipeline).
+    pub recipes: Vec<LayerRecipe>,
     /// The summary.
     pub summary: CompressionSummary,
 }
@@ -1920,9 +2070,11 @@ fn finish(
     }
     Ok(Alternative {
         plans,
+        recipes: vec![],
         summary: CompressionSummary {
             family,
             plan: plan_name,
+            pipeline: crate::sequential::Pipeline::OneShot,
             budget_bytes: bytes(budget),
             bytes_before,
             bytes_after,

@@ -84,6 +84,12 @@ struct RunArgs {
     /// Compression family under --target-size: auto measures them all per layer.
     #[arg(long, value_enum, requires = "target")]
     compress: Option<smoe_opt::compress::Family>,
+    /// How a compression plan is fitted: one-shot (every layer on the original model's
+    /// activations), sequential (layer by layer, each refitted on the activations of the
+    /// already rewritten earlier layers), auto (both, measured end to end on calibration
+    /// samples; the better is written).
+    #[arg(long, value_enum, default_value_t = smoe_opt::sequential::Pipeline::Auto)]
+    pipeline: smoe_opt::sequential::Pipeline,
     /// Neuron alignment before averaging (default: weight for m-smoe, none otherwise).
     #[arg(long, value_enum)]
     align: Option<smoe_opt::merge::Align>,
@@ -517,6 +523,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .into());
             }
+            if a.pipeline == smoe_opt::sequential::Pipeline::Sequential && target.is_none() {
+                return Err(smoe_opt::Error::Usage(
+                    "--pipeline sequential refits a compression plan layer by layer: it needs \
+                     --target-size or --target-bytes"
+                        .into(),
+                )
+                .into());
+            }
             let merge_method = method.and_then(pipeline::Method::reduction);
             let reduce = match (merge_method, budget, target) {
                 (Some(m), budget, target) if budget.is_some() || target.is_some() => {
@@ -556,6 +570,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         ep: a.calib.ort_ep,
                         batch: a.calib.batch as usize,
                         emit: a.emit,
+                        pipeline: a.pipeline,
                     })
                 }
                 (Some(m), _, _) => {

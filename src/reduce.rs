@@ -45,6 +45,8 @@ pub struct ReduceOptions {
     pub batch: usize,
     /// Form of the rewritten blocks.
     pub emit: crate::emit::EmitForm,
+    /// One-shot or layer-by-layer fitting of a compression plan (`--pipeline`).
+    pub pipeline: crate::sequential::Pipeline,
 }
 
 /// Where the statistics came from.
@@ -248,6 +250,108 @@ fn choose_alternative(
     Ok(a)
 }
 
+/// The one-shot plan `a`, or the same plan refitted layer by layer (`--pipeline`): `auto`
+/// measures both end to end on the selection samples and keeps the better.
+fn choose_pipeline(
+    model: &Model,
+    det: &Detection,
+    mut a: crate::compress::Alternative,
+    fit: &[(String, Value)],
+    sel: Option<&Selection>,
+    family: crate::compress::Family,
+    opts: &ReduceOptions,
+) -> Result<crate::compress::Alternative> {
+    use crate::sequential::Pipeline;
+    // One layer: its inputs are the original's either way; layers written as they are
+    // depend on no statistics.
+    let refits = a
+        .recipes
+        .iter()
+        .skip(1)
+        .filter(|r| !r.is_identity())
+        .count();
+    if opts.pipeline == Pipeline::OneShot || a.plans.len() < 2 || refits == 0 {
+        if opts.pipeline == Pipeline::Sequential {
+            // Nothing after the first layer depends on statistics: the layer-by-layer fit
+            // is the one-shot one.
+            log::info!("--pipeline sequential: no later layer to refit; the plan stands");
+            a.summary.pipeline = Pipeline::Sequential;
+        }
+        return Ok(a);
+    }
+    let calib = match &opts.calib {
+        Some(c) if samples(fit) > 0 => c,
+        _ if opts.pipeline == Pipeline::Sequential => {
+            return Err(Error::Usage(
+                "--pipeline sequential calibrates every layer again on the rewritten earlier \
+                 layers: give calibration data (--calib, --calib-text or --calib-random; with \
+                 --stats, as well)"
+                    .into(),
+            ))
+        }
+        _ => return Ok(a),
+    };
+    let sel = match sel {
+        Some(sel) => sel,
+        None if opts.pipeline == Pipeline::Sequential => {
+            return crate::sequential::refit(model, det, &a, calib, fit, opts.emit, family)
+        }
+        None => {
+            log::info!("--pipeline auto: no selection samples to compare on; one-shot");
+            return Ok(a);
+        }
+    };
+    let mut s = match crate::sequential::refit(model, det, &a, calib, fit, opts.emit, family) {
+        Ok(s) => s,
+        // `auto` only: the sequential fit is the optional one; it must not cost the run.
+        Err(e) if opts.pipeline == Pipeline::Auto => {
+            log::warn!(
+                "--pipeline auto: the sequential fit failed ({e}); writing the one-shot fit"
+            );
+            return Ok(a);
+        }
+        Err(e) => return Err(e),
+    };
+    let (seq, metric) = score_plans(model, det, &s.plans, sel, opts)?;
+    let chosen = a
+        .summary
+        .chosen_by
+        .as_ref()
+        .and_then(|t| t.iter().find(|x| x.chosen).map(|x| x.score));
+    let one = match chosen {
+        Some(x) => x,
+        None => score_plans(model, det, &a.plans, sel, opts)?.0,
+    };
+    log::info!("one-shot {metric} {one:.5}, sequential {metric} {seq:.5}");
+    let take_seq = opts.pipeline == Pipeline::Sequential || seq < one;
+    let mut table = a.summary.chosen_by.take().unwrap_or_else(|| {
+        vec![crate::compress::AlternativeScore {
+            plan: a.summary.plan.clone(),
+            score: one,
+            metric: metric.to_string(),
+            chosen: true,
+        }]
+    });
+    if take_seq {
+        for x in &mut table {
+            x.chosen = false;
+        }
+    }
+    table.push(crate::compress::AlternativeScore {
+        plan: s.summary.plan.clone(),
+        score: seq,
+        metric: metric.to_string(),
+        chosen: take_seq,
+    });
+    if take_seq {
+        s.summary.chosen_by = Some(table);
+        Ok(s)
+    } else {
+        a.summary.chosen_by = Some(table);
+        Ok(a)
+    }
+}
+
 fn samples(data: &[(String, Value)]) -> usize {
     data.first().map_or(0, |(_, v)| v.shape()[0])
 }
@@ -283,92 +387,108 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
         Some(p) => Some(calib::load_inputs(model, &Source::Npz(p.clone()))?),
         None => None,
     };
-    let (stats, calibration, heldout, selection): (CalibStats, CalibrationReport, Data, Data) =
-        match (&opts.stats, &opts.calib) {
-            (Some(path), _) => {
-                let stats = calib::load(path)?;
-                let held = eval_from_file.unwrap_or_default();
-                if samples(&held) == 0 {
-                    log::warn!(
-                        "--stats without --eval-data: fidelity cannot be measured on held-out data"
-                    );
+    let (stats, calibration, heldout, selection, fit): (
+        CalibStats,
+        CalibrationReport,
+        Data,
+        Data,
+        Data,
+    ) = match (&opts.stats, &opts.calib) {
+        (Some(path), _) => {
+            let stats = calib::load(path)?;
+            let held = eval_from_file.unwrap_or_default();
+            if samples(&held) == 0 {
+                log::warn!(
+                    "--stats without --eval-data: fidelity cannot be measured on held-out data"
+                );
+            }
+            let rep = CalibrationReport {
+                runtime: stats.runtime.clone(),
+                source: format!("{} (statistics file {})", stats.source, path.display()),
+                samples_fit: stats.samples,
+                samples_heldout: samples(&held),
+                heldout_source: opts
+                    .eval_data
+                    .as_ref()
+                    .map_or("none".into(), |p| p.display().to_string()),
+                tokens: stats.layers.first().map_or(0, |l| l.tokens),
+            };
+            // Calibration data given beside --stats serves the auto planner's end-to-end
+            // comparison (its last samples) and the sequential refits.
+            let all = match &opts.calib {
+                Some(c) if opts.compress.is_some() && !matches!(c.source, Source::DataFree) => {
+                    calib::load_inputs(model, &c.source)?
                 }
-                let rep = CalibrationReport {
-                    runtime: stats.runtime.clone(),
-                    source: format!("{} (statistics file {})", stats.source, path.display()),
-                    samples_fit: stats.samples,
-                    samples_heldout: samples(&held),
-                    heldout_source: opts
-                        .eval_data
-                        .as_ref()
-                        .map_or("none".into(), |p| p.display().to_string()),
-                    tokens: stats.layers.first().map_or(0, |l| l.tokens),
-                };
-                // Calibration data given beside --stats serves the auto planner's end-to-end
-                // comparison (its last samples).
-                let sel = match &opts.calib {
-                    Some(c) if opts.compress.is_some() && !matches!(c.source, Source::DataFree) => {
-                        let all = calib::load_inputs(model, &c.source)?;
-                        let n = samples(&all);
-                        split(&all, n - n.min(SELECTION_SAMPLES)).1
-                    }
-                    _ => vec![],
-                };
-                (stats, rep, held, sel)
-            }
-            (None, Some(c)) => {
-                let all = match c.source {
-                    Source::DataFree => vec![],
-                    _ => calib::load_inputs(model, &c.source)?,
-                };
-                let n = samples(&all);
-                let (fit, held, held_src) = match eval_from_file {
-                    Some(e) => (
-                        all,
-                        e,
-                        opts.eval_data
-                            .as_ref()
-                            .map_or(String::new(), |p| p.display().to_string()),
-                    ),
-                    None => {
-                        let h = if n >= 2 && opts.holdout > 0.0 {
-                            ((opts.holdout * n as f64).ceil() as usize).clamp(1, n - 1)
-                        } else {
-                            0
-                        };
-                        let (fit, held) = split(&all, n - h);
-                        let src = if h > 0 {
-                            format!("last {h} of {n} calibration samples (not used to fit)")
-                        } else {
-                            "none".into()
-                        };
-                        (fit, held, src)
-                    }
-                };
-                let stats = calib::calibrate_on(model, det, c, &fit)?;
-                let rep = CalibrationReport {
-                    runtime: stats.runtime.clone(),
-                    source: stats.source.clone(),
-                    samples_fit: stats.samples,
-                    samples_heldout: samples(&held),
-                    heldout_source: held_src,
-                    tokens: stats.layers.first().map_or(0, |l| l.tokens),
-                };
-                // The auto planner's alternatives are compared on the last fitting samples
-                // (never on the held-out ones, which only measure the result).
-                let nf = samples(&fit);
-                let (_, sel) = split(&fit, nf - nf.min(SELECTION_SAMPLES));
-                (stats, rep, held, sel)
-            }
-            (None, None) => {
+                _ => vec![],
+            };
+            let n = samples(&all);
+            if n == 0
+                && opts.compress.is_some()
+                && opts.pipeline == crate::sequential::Pipeline::Sequential
+            {
                 return Err(Error::Usage(
-                    "merging needs routing statistics: give calibration data (--calib FILE.npz, \
+                    "--pipeline sequential with --stats also needs the calibration data \
+                     (--calib, --calib-text or --calib-random): every layer is calibrated \
+                     again on the rewritten earlier layers"
+                        .into(),
+                ));
+            }
+            let sel = split(&all, n - n.min(SELECTION_SAMPLES)).1;
+            (stats, rep, held, sel, all)
+        }
+        (None, Some(c)) => {
+            let all = match c.source {
+                Source::DataFree => vec![],
+                _ => calib::load_inputs(model, &c.source)?,
+            };
+            let n = samples(&all);
+            let (fit, held, held_src) = match eval_from_file {
+                Some(e) => (
+                    all,
+                    e,
+                    opts.eval_data
+                        .as_ref()
+                        .map_or(String::new(), |p| p.display().to_string()),
+                ),
+                None => {
+                    let h = if n >= 2 && opts.holdout > 0.0 {
+                        ((opts.holdout * n as f64).ceil() as usize).clamp(1, n - 1)
+                    } else {
+                        0
+                    };
+                    let (fit, held) = split(&all, n - h);
+                    let src = if h > 0 {
+                        format!("last {h} of {n} calibration samples (not used to fit)")
+                    } else {
+                        "none".into()
+                    };
+                    (fit, held, src)
+                }
+            };
+            let stats = calib::calibrate_on(model, det, c, &fit)?;
+            let rep = CalibrationReport {
+                runtime: stats.runtime.clone(),
+                source: stats.source.clone(),
+                samples_fit: stats.samples,
+                samples_heldout: samples(&held),
+                heldout_source: held_src,
+                tokens: stats.layers.first().map_or(0, |l| l.tokens),
+            };
+            // The auto planner's alternatives are compared on the last fitting samples
+            // (never on the held-out ones, which only measure the result).
+            let nf = samples(&fit);
+            let (_, sel) = split(&fit, nf - nf.min(SELECTION_SAMPLES));
+            (stats, rep, held, sel, fit)
+        }
+        (None, None) => {
+            return Err(Error::Usage(
+                "merging needs routing statistics: give calibration data (--calib FILE.npz, \
                      --calib-text FILE --tokenizer tokenizer.json, --calib-random N, --data-free) \
                      or --stats FILE from `smoe-opt calibrate`"
-                        .into(),
-                ))
-            }
-        };
+                    .into(),
+            ))
+        }
+    };
     if opts.max_error.is_some() && samples(&heldout) == 0 {
         return Err(Error::Usage(
             "--max-error needs held-out samples: give --eval-data FILE.npz, or calibration data \
@@ -393,7 +513,11 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             c.layers = opts.layers.clone();
             // The original's outputs on the selection samples, computed once for every
             // plan compared end to end.
-            let sel = if c.family == crate::compress::Family::Auto && samples(&selection) > 0 {
+            // (Also what `--pipeline auto` compares the one-shot and sequential fits on.)
+            let compared = c.family == crate::compress::Family::Auto
+                || (opts.pipeline == crate::sequential::Pipeline::Auto
+                    && det.identified_blocks().len() > 1);
+            let sel = if compared && samples(&selection) > 0 {
                 match fidelity::reference(
                     model,
                     det,
@@ -420,6 +544,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             }
             let alts = crate::compress::plan(&model.graph, det, &stats, &c)?;
             let a = choose_alternative(model, det, alts, sel.as_ref(), opts)?;
+            let a = choose_pipeline(model, det, a, &fit, sel.as_ref(), c.family, opts)?;
             (a.plans, Some(a.summary))
         }
         (None, Some(m)) => (merge::plan(&model.graph, det, &stats, &m)?, None),

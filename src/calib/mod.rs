@@ -6,14 +6,17 @@
 //! weights, so the runtime only has to produce hidden states and logits.
 pub mod ffn;
 pub mod kv_cache;
+mod paired;
+mod session;
 pub mod stats;
+pub use paired::calibrate_paired;
 
 use crate::error::{Error, Result};
 use crate::inspect::describe;
 use crate::ir::Patch;
 use crate::model::Model;
 use crate::moe::Detection;
-use crate::runtime::{read_npz, Session, Value};
+use crate::runtime::{read_npz, Value};
 use ndarray::{ArrayD, Axis, IxDyn};
 use serde::Serialize;
 use stats::{LayerAcc, LayerStats, StatsConfig};
@@ -126,54 +129,8 @@ pub fn calibrate_on(
             layers,
         });
     }
-    // `ort`: run the re-emitted model in onnxruntime (the runtime in use), else in tract.
-    let reemitted = |ort: bool| -> Result<(Box<dyn Session>, Vec<String>)> {
-        let mut re = model.clone();
-        let rw = crate::emit::reemit(&mut re, det, crate::emit::EmitForm::Portable)?;
-        let names: Vec<String> = det
-            .blocks
-            .iter()
-            .zip(&rw)
-            .filter(|(b, _)| blocks.iter().any(|x| x.name == b.name))
-            .map(|(_, r)| {
-                r.logits
-                    .clone()
-                    .ok_or_else(|| Error::Usage(format!("{} was not re-emitted", r.block)))
-            })
-            .collect::<Result<_>>()?;
-        let rt = if ort { Runtime::Ort } else { Runtime::Tract };
-        let s = crate::runtime::open_in(
-            &instrument(&re, &blocks, &names)?,
-            rt,
-            #[cfg(feature = "ort")]
-            opts.ep,
-        )?;
-        Ok((s, names))
-    };
-    let original: Vec<String> = blocks.iter().map(|b| b.router.logits.clone()).collect();
-    // tract cannot run some exporter graphs (e.g. Switch's boolean-mask reshapes), and
-    // shape-specialised exports fail on other inputs: the re-emitted blocks are exact and
-    // portable, so calibration falls back to them.
     let t_setup = std::time::Instant::now();
-    let mut switched = false;
-    let inst = instrument(model, &blocks, &original)?;
-    let (mut session, mut logits): (Box<dyn Session>, Vec<String>) = match crate::runtime::open(
-        &inst,
-        opts.runtime,
-        #[cfg(feature = "ort")]
-        opts.ep,
-    ) {
-        Ok(s) => {
-            log::info!("calibrating with {}", s.runtime());
-            (s, original)
-        }
-        Err(e) if opts.runtime != Runtime::Ort => {
-            log::info!("the exported graph cannot be run ({e}); calibrating through smoe-opt's exact re-emission");
-            switched = true;
-            reemitted(false).map_err(|e2| tract_cannot(opts.runtime, &e, &e2))?
-        }
-        Err(e) => return Err(e),
-    };
+    let mut session = session::Resilient::open(model, det, blocks.clone(), opts)?;
     let seconds_setup = t_setup.elapsed().as_secs_f64();
     let t_run = std::time::Instant::now();
     let samples = data.first().map(|(_, v)| v.shape()[0]).unwrap_or(0);
@@ -185,8 +142,6 @@ pub fn calibrate_on(
     let bar = crate::progress::count_bar(opts.progress, samples as u64, "samples");
     bar.set_message("calibrating");
     let mut tokens_seen = 0usize;
-    #[cfg(feature = "ort")]
-    let mut tried_ort = false;
     let batch = opts.batch.max(1);
     for start in (0..samples).step_by(batch) {
         let end = (start + batch).min(samples);
@@ -194,33 +149,8 @@ pub fn calibrate_on(
             .iter()
             .map(|(n, v)| (n.clone(), slice(v, start, end)))
             .collect();
-        // On failure: tract → onnxruntime (auto), then → the exact re-emission.
-        let out = loop {
-            match session.run(&feed) {
-                Ok(o) => break o,
-                Err(e) => {
-                    #[cfg(feature = "ort")]
-                    if !tried_ort
-                        && !switched
-                        && opts.runtime == Runtime::Auto
-                        && session.runtime() == "tract"
-                        && crate::runtime::ort_available()
-                    {
-                        tried_ort = true;
-                        log::info!("tract failed on batch {start}..{end} ({e}); continuing with onnxruntime");
-                        session =
-                            Box::new(crate::runtime::ort::OrtSession::from_model(&inst, opts.ep)?);
-                        continue;
-                    }
-                    if switched {
-                        return Err(e);
-                    }
-                    switched = true;
-                    log::info!("the exported graph failed on batch {start}..{end} ({e}); continuing through smoe-opt's exact re-emission");
-                    (session, logits) = reemitted(session.runtime() == "onnxruntime")?;
-                }
-            }
-        };
+        let out = session.run(&feed, &format!("batch {start}..{end}"))?;
+        let logits = session.logits();
         let get = |name: &str| -> Result<ArrayD<f32>> {
             out.iter()
                 .chain(feed.iter())

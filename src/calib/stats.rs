@@ -61,6 +61,8 @@ pub struct LayerAcc {
     out_sum: Array2<f64>,
     moments: Vec<Array2<f64>>,
     reservoir: Vec<Vec<Vec<f32>>>,
+    /// The reference model's input rows of the same tokens (paired calibration only).
+    reservoir_ref: Vec<Vec<Vec<f32>>>,
     seen: Vec<u64>,
     rng: Rng,
     sel_bias: Option<Vec<f32>>,
@@ -279,6 +281,7 @@ impl LayerAcc {
                 vec![]
             },
             reservoir: vec![Vec::new(); n],
+            reservoir_ref: vec![Vec::new(); n],
             seen: vec![0; n],
             rng: Rng(cfg.seed ^ (layer as u64).wrapping_mul(0x2545F4914F6CDD1D)),
             sel_bias: selection_bias(g, block)?,
@@ -296,12 +299,29 @@ impl LayerAcc {
         keep: &[bool],
         seq_len: usize,
     ) {
+        self.update_paired(x, None, logits, keep, seq_len)
+    }
+
+    /// [`LayerAcc::update`] with `x_ref`, the same tokens' inputs to this block in a
+    /// reference model (the original, for the sequential pipeline): the reservoirs keep each
+    /// sampled row's reference row beside it.
+    pub fn update_paired(
+        &mut self,
+        x: ArrayView2<f32>,
+        x_ref: Option<ArrayView2<f32>>,
+        logits: ArrayView2<f32>,
+        keep: &[bool],
+        seq_len: usize,
+    ) {
         let routes = route(&self.block, self.sel_bias.as_deref(), logits, seq_len);
         let idx: Vec<usize> = (0..x.nrows()).filter(|&t| keep[t]).collect();
         if idx.is_empty() {
             return;
         }
         let xk = x.select(Axis(0), &idx);
+        let rk = x_ref
+            .filter(|r| r.dim() == x.dim())
+            .map(|r| r.select(Axis(0), &idx));
         let zk = logits.select(Axis(0), &idx).mapv(f64::from);
         self.gram += &zk.t().dot(&zk);
         self.tokens += idx.len() as u64;
@@ -351,10 +371,16 @@ impl LayerAcc {
                 self.seen[e] += 1;
                 if self.reservoir[e].len() < cap {
                     self.reservoir[e].push(xk.row(j).to_vec());
+                    if let Some(r) = &rk {
+                        self.reservoir_ref[e].push(r.row(j).to_vec());
+                    }
                 } else if cap > 0 {
                     let k = (self.rng.next() % self.seen[e]) as usize;
                     if k < cap {
                         self.reservoir[e][k] = xk.row(j).to_vec();
+                        if let Some(r) = &rk {
+                            self.reservoir_ref[e][k] = r.row(j).to_vec();
+                        }
                     }
                 }
             }
@@ -440,6 +466,7 @@ impl LayerAcc {
                 .map(|(m, &c)| m / (c.max(1) as f64))
                 .collect(),
             samples: self.reservoir,
+            reference_samples: self.reservoir_ref,
         }
     }
 }
@@ -482,4 +509,8 @@ pub struct LayerStats {
     /// Per expert, a reservoir of routed input rows (sidecar).
     #[serde(skip)]
     pub samples: Vec<Vec<Vec<f32>>>,
+    /// Paired calibration only (the sequential pipeline): per expert, the reference model's
+    /// input rows of the same tokens as `samples`, row for row; else empty.
+    #[serde(skip)]
+    pub reference_samples: Vec<Vec<Vec<f32>>>,
 }

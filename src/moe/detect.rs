@@ -35,6 +35,38 @@ pub struct Detection {
 }
 
 impl Detection {
+    /// The detection restricted to the identified block `name` (None when there is none).
+    pub fn only(&self, name: &str) -> Option<Detection> {
+        let i = self
+            .blocks
+            .iter()
+            .zip(&self.identified)
+            .position(|(b, &id)| id && b.name == name)?;
+        Some(Detection {
+            blocks: vec![self.blocks[i].clone()],
+            diagnostics: vec![],
+            near_misses: vec![],
+            identified: vec![true],
+        })
+    }
+
+    /// This detection less the blocks named in `names` (e.g. those already rewritten).
+    pub fn without(&self, names: &[&str]) -> Detection {
+        let (blocks, identified) = self
+            .blocks
+            .iter()
+            .zip(&self.identified)
+            .filter(|(b, _)| !names.contains(&b.name.as_str()))
+            .map(|(b, &i)| (b.clone(), i))
+            .unzip();
+        Detection {
+            blocks,
+            diagnostics: vec![],
+            near_misses: vec![],
+            identified,
+        }
+    }
+
     /// The blocks whose experts are all identified (safe to calibrate and rewrite).
     pub fn identified_blocks(&self) -> Vec<&MoeBlock> {
         self.blocks

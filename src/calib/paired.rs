@@ -1,0 +1,95 @@
+//! Paired calibration (the sequential pipeline): one block's statistics on a model whose
+//! earlier blocks are rewritten, with each sampled routed row kept beside the same token's
+//! input to that block in the reference (original) model. Both models run on every batch;
+//! refits then map what the block now receives to what the original block produced.
+use super::session::Resilient;
+use super::stats::LayerAcc;
+use super::{slice, CalibOptions, CalibStats};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::moe::Detection;
+use crate::runtime::Value;
+use ndarray::ArrayD;
+
+/// Calibrates `det`'s single identified block on `current`, pairing its reservoir rows with
+/// `reference`'s inputs to the same block (same data, same token order). `full` is
+/// `reference`'s detection; `rest`, the blocks of `current` still as exported (re-emitted
+/// when `current` cannot run as it is).
+pub fn calibrate_paired(
+    current: &Model,
+    reference: &Model,
+    det: &Detection,
+    full: &Detection,
+    rest: &Detection,
+    opts: &CalibOptions,
+    data: &[(String, Value)],
+) -> Result<CalibStats> {
+    let blocks = det.identified_blocks();
+    let [b] = blocks.as_slice() else {
+        return Err(Error::Usage(
+            "internal: paired calibration takes one block".into(),
+        ));
+    };
+    // Each model falls back on its own (a later layer of a shape-specialised export can fail
+    // once the earlier layers are rewritten): `current` re-emits its blocks that are still
+    // the exported ones, `reference` all of them.
+    let t_setup = std::time::Instant::now();
+    let mut cur = Resilient::open(current, rest, vec![*b], opts)?;
+    let mut refs = Resilient::open(reference, full, vec![*b], opts)?;
+    let seconds_setup = t_setup.elapsed().as_secs_f64();
+    let t_run = std::time::Instant::now();
+    let mut acc = LayerAcc::new(&current.graph, b, opts.stats.clone(), 0)?;
+    let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
+    let h = b.hidden();
+    let n = b.router.num_experts;
+    for start in (0..samples).step_by(opts.batch.max(1)) {
+        let end = (start + opts.batch.max(1)).min(samples);
+        let feed: Vec<(String, Value)> = data
+            .iter()
+            .map(|(k, v)| (k.clone(), slice(v, start, end)))
+            .collect();
+        let what = format!("batch {start}..{end}");
+        let out = cur.run(&feed, &what)?;
+        let out_ref = refs.run(&feed, &what)?;
+        let get = |out: &[(String, Value)], name: &str| -> Result<ArrayD<f32>> {
+            out.iter()
+                .chain(feed.iter())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.to_f32())
+                .ok_or_else(|| Error::Usage(format!("runtime returned no '{name}'")))
+        };
+        let x = get(&out, &b.input)?;
+        let x_ref = get(&out_ref, &b.input)?;
+        let z = get(&out, &cur.logits()[0])?;
+        let seq_len = if x.ndim() == 3 {
+            x.shape()[1]
+        } else {
+            x.shape()[0]
+        };
+        let rows = x.len() / h;
+        let shape = |a: ArrayD<f32>, c: usize, what: &str| {
+            a.into_shape_with_order((rows, c))
+                .map_err(|e| Error::Usage(format!("{}: {what}: {e}", b.name)))
+        };
+        let (x, x_ref, z) = (
+            shape(x, h, "block input")?,
+            shape(x_ref, h, "reference block input")?,
+            shape(z, n, "router logits")?,
+        );
+        let keep: Vec<bool> = match feed.iter().find(|(k, _)| k == "attention_mask") {
+            Some((_, m)) if m.shape().iter().product::<usize>() == rows => {
+                m.to_f32().iter().map(|&v| v != 0.0).collect()
+            }
+            _ => vec![true; rows],
+        };
+        acc.update_paired(x.view(), Some(x_ref.view()), z.view(), &keep, seq_len);
+    }
+    Ok(CalibStats {
+        runtime: cur.runtime().into(),
+        source: "paired with the original model".into(),
+        samples,
+        seconds_setup,
+        seconds_run: t_run.elapsed().as_secs_f64(),
+        layers: vec![acc.finish()],
+    })
+}

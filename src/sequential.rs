@@ -1,0 +1,113 @@
+//! The sequential pipeline (`--pipeline sequential`): a compression plan is chosen once on the
+//! original model's activations (which form and how many bytes each layer gets), then each
+//! layer in graph order is calibrated again on the model whose earlier layers are already
+//! rewritten, and its form refitted on those activations — Grams, whitening, neuron scores
+//! and merges see what the layer will really receive — with the ORIGINAL layer's outputs on
+//! the original model's activations (the same tokens) as the targets of its least-squares
+//! refits and errors: each layer absorbs part of the error of the layers before it instead
+//! of compounding it.
+use crate::calib::{self, CalibOptions};
+use crate::compress::{Alternative, Family, LayerRecipe};
+use crate::emit::EmitForm;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::moe::Detection;
+use crate::runtime::Value;
+use serde::Serialize;
+
+/// How layers are calibrated and fitted (`--pipeline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pipeline {
+    /// Both, measured end to end on the calibration samples that choose plans; the better is
+    /// written (one-shot without such samples).
+    #[default]
+    Auto,
+    /// Every layer fitted on the original model's activations.
+    OneShot,
+    /// Layer by layer, each fitted on the activations of the already rewritten earlier layers.
+    Sequential,
+}
+
+/// Refits `alt` layer by layer on `model` (the original): for each of its layers in graph
+/// order, calibrate that layer on the model with the earlier layers rewritten, rebuild the
+/// layer's form from those statistics, and rewrite it. Returns the refitted plan; its summary
+/// keeps `alt`'s budget and family, with the new bytes, FLOPs and errors.
+pub fn refit(
+    model: &Model,
+    det: &Detection,
+    alt: &Alternative,
+    calib: &CalibOptions,
+    fit: &[(String, Value)],
+    emit: EmitForm,
+    family: Family,
+) -> Result<Alternative> {
+    if alt.recipes.len() != alt.plans.len() {
+        return Err(Error::Graph {
+            node: None,
+            reason: "internal: the plan has no per-layer recipes to refit".into(),
+        });
+    }
+    let mut current = model.clone();
+    let mut plans = Vec::new();
+    let mut recipes = Vec::new();
+    let mut summary = alt.summary.clone();
+    summary.bytes_after = 0;
+    summary.flops_after = 0.0;
+    // Graph order: each layer's inputs depend on the layers before it only.
+    let mut order: Vec<usize> = (0..alt.recipes.len()).collect();
+    order.sort_by_key(|&i| {
+        det.blocks
+            .iter()
+            .position(|b| b.name == alt.recipes[i].block())
+            .unwrap_or(usize::MAX)
+    });
+    for (step, &i) in order.iter().enumerate() {
+        let recipe = &alt.recipes[i];
+        let one = det.only(recipe.block()).ok_or_else(|| Error::Graph {
+            node: Some(recipe.block().to_string()),
+            reason: "the block to refit is not among the detected blocks".into(),
+        })?;
+        // The first layer's inputs are the original's: its one-shot form stands.
+        let layer = if step == 0 {
+            Alternative {
+                plans: vec![alt.plans[i].clone()],
+                recipes: vec![recipe.clone()],
+                summary: alt.summary.clone(),
+            }
+        } else {
+            let done: Vec<&str> = recipes.iter().map(|r: &LayerRecipe| r.block()).collect();
+            let rest = det.without(&done);
+            let stats = calib::calibrate_paired(&current, model, &one, det, &rest, calib, fit)?;
+            crate::compress::replan(&current.graph, &one, &stats, recipe, family)?
+        };
+        crate::emit::merged::rewrite(&mut current, &one, &layer.plans, emit)?;
+        for p in &layer.plans {
+            if let Some(c) = &p.compress {
+                summary.bytes_after += c.bytes_after;
+                summary.flops_after += c.flops_after;
+            }
+        }
+        plans.extend(layer.plans);
+        recipes.push(recipe.clone());
+    }
+    // Layers of the first step keep the one-shot's accounting.
+    if summary.bytes_after > summary.budget_bytes + alt.plans.len() as u64 {
+        return Err(Error::Graph {
+            node: None,
+            reason: format!(
+                "internal: the refitted plan stores {} bytes, over the budget of {}",
+                summary.bytes_after, summary.budget_bytes
+            ),
+        });
+    }
+    summary.fraction = summary.bytes_after as f64 / summary.bytes_before.max(1) as f64;
+    summary.plan = format!("{}; refitted layer by layer", alt.summary.plan);
+    summary.pipeline = Pipeline::Sequential;
+    summary.chosen_by = None;
+    Ok(Alternative {
+        plans,
+        recipes,
+        summary,
+    })
+}
