@@ -26,6 +26,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod reduce;
 pub mod runtime;
+pub mod segment;
 pub mod sequential;
 
 #[path = "../passes/mod.rs"]

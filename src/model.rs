@@ -118,6 +118,16 @@ impl Model {
         self.to_proto().encoded_len() as u64 + external
     }
 
+    /// This model's headers and external data with another main graph (a part of this one).
+    pub fn with_graph(&self, graph: Graph) -> Model {
+        Model {
+            proto: self.proto.clone(),
+            graph,
+            path: self.path.clone(),
+            external: self.external.clone(),
+        }
+    }
+
     /// The whole model as a proto (external tensors still reference their files).
     pub fn to_proto(&self) -> ModelProto {
         let mut p = self.proto.clone();

@@ -18,6 +18,8 @@ pub(crate) struct Resilient<'a> {
     /// The blocks whose inputs and router logits are read.
     watched: Vec<&'a MoeBlock>,
     opts: &'a CalibOptions,
+    /// The instrumented model as exported (reopened in onnxruntime when tract fails).
+    #[cfg_attr(not(feature = "ort"), allow(dead_code))]
     inst: Model,
     session: Box<dyn Session>,
     logits: Vec<String>,
@@ -122,6 +124,7 @@ impl<'a> Resilient<'a> {
 
 /// `model` with `reemit`'s blocks re-emitted exactly and `watched` instrumented, opened in
 /// onnxruntime (`ort`) or tract; with the watched blocks' router-logit names in it.
+#[cfg_attr(not(feature = "ort"), allow(unused_variables))]
 fn reemitted(
     model: &Model,
     reemit: &Detection,

@@ -3,6 +3,7 @@ pub mod builder;
 mod graph;
 mod patch;
 mod prune;
+pub mod types;
 
 pub use graph::{node_attr, node_label, Graph, Initializer, NodeId};
 pub use patch::Patch;

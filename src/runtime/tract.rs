@@ -251,6 +251,18 @@ impl Session for TractSession {
                 DatumType::I64 => {
                     Value::I64(t.into_plain_array::<i64>().map_err(|e| err("output", e))?)
                 }
+                // Shape values (tract computes them as symbolic dims) and narrower integers
+                // are integers: int64 carries them exactly.
+                other if other.is_integer() || other == DatumType::TDim => {
+                    let c = t
+                        .cast_to::<i64>()
+                        .map_err(|e| err(&format!("output of type {other:?}"), e))?;
+                    Value::I64(
+                        c.into_owned()
+                            .into_plain_array::<i64>()
+                            .map_err(|e| err("output", e))?,
+                    )
+                }
                 other => {
                     let c = t
                         .cast_to::<f32>()
