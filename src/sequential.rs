@@ -7,13 +7,15 @@
 //! refits and errors: each layer absorbs part of the error of the layers before it instead
 //! of compounding it.
 use crate::calib::{self, CalibOptions};
-use crate::compress::{Alternative, Family, LayerRecipe};
+use crate::compress::{Alternative, Family};
 use crate::emit::EmitForm;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::moe::Detection;
 use crate::runtime::Value;
 use serde::Serialize;
+
+mod segmented;
 
 /// How layers are calibrated and fitted (`--pipeline`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
@@ -48,13 +50,62 @@ pub fn refit(
             reason: "internal: the plan has no per-layer recipes to refit".into(),
         });
     }
-    let mut current = model.clone();
+    // A test knob: the whole-model refit that the segment-by-segment one must agree with.
+    let whole = std::env::var_os("SMOE_SEQUENTIAL_WHOLE_MODEL").is_some();
+    let segmented = if whole {
+        Err(Error::Usage("SMOE_SEQUENTIAL_WHOLE_MODEL is set".into()))
+    } else {
+        segmented::refit_layers(model, det, alt, calib, fit, emit, family)
+    };
+    let (layers, how) = match segmented {
+        Ok(l) => (l, "segment by segment"),
+        Err(e) => {
+            log::warn!("the segment-by-segment refit failed ({e}); refitting on the whole model");
+            (
+                whole_model_layers(model, det, alt, calib, fit, emit, family)?,
+                "on the whole model",
+            )
+        }
+    };
     let mut plans = Vec::new();
     let mut recipes = Vec::new();
     let mut summary = alt.summary.clone();
     summary.bytes_after = 0;
     summary.flops_after = 0.0;
-    // Graph order: each layer's inputs depend on the layers before it only.
+    for i in graph_order(det, alt) {
+        for p in &layers[i].plans {
+            if let Some(c) = &p.compress {
+                summary.bytes_after += c.bytes_after;
+                summary.flops_after += c.flops_after;
+            }
+        }
+        plans.extend(layers[i].plans.iter().cloned());
+        recipes.push(alt.recipes[i].clone());
+    }
+    // Layers of the first step keep the one-shot's accounting.
+    if summary.bytes_after > summary.budget_bytes + alt.plans.len() as u64 {
+        return Err(Error::Graph {
+            node: None,
+            reason: format!(
+                "internal: the refitted plan stores {} bytes, over the budget of {}",
+                summary.bytes_after, summary.budget_bytes
+            ),
+        });
+    }
+    summary.fraction = summary.bytes_after as f64 / summary.bytes_before.max(1) as f64;
+    summary.plan = format!("{}; refitted layer by layer ({how})", alt.summary.plan);
+    summary.pipeline = Pipeline::Sequential;
+    summary.chosen_by = None;
+    Ok(Alternative {
+        plans,
+        recipes,
+        summary,
+    })
+}
+
+/// The indices of `alt`'s layers in graph order: each layer's inputs depend on the layers
+/// before it only.
+fn graph_order(det: &Detection, alt: &Alternative) -> Vec<usize> {
     let mut order: Vec<usize> = (0..alt.recipes.len()).collect();
     order.sort_by_key(|&i| {
         det.blocks
@@ -62,7 +113,25 @@ pub fn refit(
             .position(|b| b.name == alt.recipes[i].block())
             .unwrap_or(usize::MAX)
     });
-    for (step, &i) in order.iter().enumerate() {
+    order
+}
+
+/// The refitted layers of `alt` (in `alt`'s order), each calibrated on the whole model with
+/// the earlier layers rewritten, paired with the whole original model: what runs when the
+/// model cannot be cut into segments.
+fn whole_model_layers(
+    model: &Model,
+    det: &Detection,
+    alt: &Alternative,
+    calib: &CalibOptions,
+    fit: &[(String, Value)],
+    emit: EmitForm,
+    family: Family,
+) -> Result<Vec<Alternative>> {
+    let mut current = model.clone();
+    let mut layers: Vec<Option<Alternative>> = (0..alt.recipes.len()).map(|_| None).collect();
+    let mut done: Vec<&str> = Vec::new();
+    for (step, i) in graph_order(det, alt).into_iter().enumerate() {
         let recipe = &alt.recipes[i];
         let one = det.only(recipe.block()).ok_or_else(|| Error::Graph {
             node: Some(recipe.block().to_string()),
@@ -76,38 +145,21 @@ pub fn refit(
                 summary: alt.summary.clone(),
             }
         } else {
-            let done: Vec<&str> = recipes.iter().map(|r: &LayerRecipe| r.block()).collect();
             let rest = det.without(&done);
             let stats = calib::calibrate_paired(&current, model, &one, det, &rest, calib, fit)?;
             crate::compress::replan(&current.graph, &one, &stats, recipe, family)?
         };
         crate::emit::merged::rewrite(&mut current, &one, &layer.plans, emit)?;
-        for p in &layer.plans {
-            if let Some(c) = &p.compress {
-                summary.bytes_after += c.bytes_after;
-                summary.flops_after += c.flops_after;
-            }
-        }
-        plans.extend(layer.plans);
-        recipes.push(recipe.clone());
+        done.push(recipe.block());
+        layers[i] = Some(layer);
     }
-    // Layers of the first step keep the one-shot's accounting.
-    if summary.bytes_after > summary.budget_bytes + alt.plans.len() as u64 {
-        return Err(Error::Graph {
-            node: None,
-            reason: format!(
-                "internal: the refitted plan stores {} bytes, over the budget of {}",
-                summary.bytes_after, summary.budget_bytes
-            ),
-        });
-    }
-    summary.fraction = summary.bytes_after as f64 / summary.bytes_before.max(1) as f64;
-    summary.plan = format!("{}; refitted layer by layer", alt.summary.plan);
-    summary.pipeline = Pipeline::Sequential;
-    summary.chosen_by = None;
-    Ok(Alternative {
-        plans,
-        recipes,
-        summary,
-    })
+    layers
+        .into_iter()
+        .map(|l| {
+            l.ok_or_else(|| Error::Graph {
+                node: None,
+                reason: "internal: a layer was not refitted".into(),
+            })
+        })
+        .collect()
 }

@@ -234,3 +234,87 @@ fn misuse_is_a_usage_error() {
         assert!(!out.exists(), "{what}: partial output");
     }
 }
+
+/// The sequential refit runs segment by segment (one segment in a runtime at a time) and
+/// writes the same bytes as the refit on the whole model (each layer calibrated on the whole
+/// partially rewritten model, paired with the whole original; `SMOE_SEQUENTIAL_WHOLE_MODEL`
+/// selects it): the segments compute exactly what the whole model does. Also on the
+/// onnxruntime-only QMoE graph. On the shape-specialised Switch export, whose exported block
+/// cannot run on a rewritten model's activations, both refits calibrate through a re-emitted
+/// block (the whole model re-emits every block still as exported, a segment only its own),
+/// so their sums round differently: the same plan (bytes, ranks and groups per layer) with
+/// errors equal within 1e-9 (both are ~1e-11 there).
+#[test]
+fn segment_by_segment_refit_equals_the_whole_model_refit() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FORMS
+        .iter()
+        .copied()
+        .chain(["switch_v4_ts", "ortgenai_lfm2moe_int4"])
+    {
+        let d = dir(name);
+        let io = d.join("io.npz");
+        let args = [
+            "--calib",
+            io.to_str().unwrap(),
+            "--target-size",
+            "0.5",
+            "--pipeline",
+            "sequential",
+        ];
+        let seg = tmp.path().join(format!("{name}.seg.onnx"));
+        let r = reduce(&d.join("model.onnx"), &seg, &args);
+        assert!(r.ok, "{name}: {}", r.stderr);
+        let plan = r.report["compression"]["plan"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(plan.contains("segment by segment"), "{name}: {plan}");
+        let whole = tmp.path().join(format!("{name}.whole.onnx"));
+        let rep = tmp.path().join(format!("{name}.whole.json"));
+        let out = bin()
+            .env("SMOE_SEQUENTIAL_WHOLE_MODEL", "1")
+            .arg(d.join("model.onnx"))
+            .arg("-o")
+            .arg(&whole)
+            .arg("--report")
+            .arg(&rep)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if name != "switch_v4_ts" {
+            assert!(
+                std::fs::read(&seg).unwrap() == std::fs::read(&whole).unwrap(),
+                "{name}: the segment-by-segment refit wrote other bytes than the whole-model one"
+            );
+            continue;
+        }
+        let w: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+        let (a, b) = (
+            r.report["layers"].as_array().unwrap(),
+            w["layers"].as_array().unwrap(),
+        );
+        assert_eq!(a.len(), b.len(), "{name}");
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x["groups"], y["groups"], "{name}");
+            let (cx, cy) = (&x["compression"], &y["compression"]);
+            assert_eq!(cx["bytes_after"], cy["bytes_after"], "{name}");
+            let ranks = |c: &serde_json::Value| {
+                c["matrices"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m["rank"].clone())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(ranks(cx), ranks(cy), "{name}");
+            let (ex, ey) = (cx["error"].as_f64().unwrap(), cy["error"].as_f64().unwrap());
+            assert!((ex - ey).abs() <= 1e-9, "{name}: errors {ex} and {ey}");
+        }
+    }
+}

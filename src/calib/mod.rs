@@ -9,7 +9,8 @@ pub mod kv_cache;
 mod paired;
 mod session;
 pub mod stats;
-pub use paired::calibrate_paired;
+pub use paired::{calibrate_paired, calibrate_paired_segment};
+pub(crate) use session::Resilient;
 
 use crate::error::{Error, Result};
 use crate::inspect::describe;

@@ -40,8 +40,6 @@ pub fn calibrate_paired(
     let t_run = std::time::Instant::now();
     let mut acc = LayerAcc::new(&current.graph, b, opts.stats.clone(), 0)?;
     let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
-    let h = b.hidden();
-    let n = b.router.num_experts;
     for start in (0..samples).step_by(opts.batch.max(1)) {
         let end = (start + opts.batch.max(1)).min(samples);
         let feed: Vec<(String, Value)> = data
@@ -51,38 +49,7 @@ pub fn calibrate_paired(
         let what = format!("batch {start}..{end}");
         let out = cur.run(&feed, &what)?;
         let out_ref = refs.run(&feed, &what)?;
-        let get = |out: &[(String, Value)], name: &str| -> Result<ArrayD<f32>> {
-            out.iter()
-                .chain(feed.iter())
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.to_f32())
-                .ok_or_else(|| Error::Usage(format!("runtime returned no '{name}'")))
-        };
-        let x = get(&out, &b.input)?;
-        let x_ref = get(&out_ref, &b.input)?;
-        let z = get(&out, &cur.logits()[0])?;
-        let seq_len = if x.ndim() == 3 {
-            x.shape()[1]
-        } else {
-            x.shape()[0]
-        };
-        let rows = x.len() / h;
-        let shape = |a: ArrayD<f32>, c: usize, what: &str| {
-            a.into_shape_with_order((rows, c))
-                .map_err(|e| Error::Usage(format!("{}: {what}: {e}", b.name)))
-        };
-        let (x, x_ref, z) = (
-            shape(x, h, "block input")?,
-            shape(x_ref, h, "reference block input")?,
-            shape(z, n, "router logits")?,
-        );
-        let keep: Vec<bool> = match feed.iter().find(|(k, _)| k == "attention_mask") {
-            Some((_, m)) if m.shape().iter().product::<usize>() == rows => {
-                m.to_f32().iter().map(|&v| v != 0.0).collect()
-            }
-            _ => vec![true; rows],
-        };
-        acc.update_paired(x.view(), Some(x_ref.view()), z.view(), &keep, seq_len);
+        pair(&mut acc, b, &out, &feed, &out_ref, &feed, &cur.logits()[0])?;
     }
     Ok(CalibStats {
         runtime: cur.runtime().into(),
@@ -92,4 +59,108 @@ pub fn calibrate_paired(
         seconds_run: t_run.elapsed().as_secs_f64(),
         layers: vec![acc.finish()],
     })
+}
+
+/// [`calibrate_paired`] on one segment (`segment`, whose only block is `det`'s) fed batch by
+/// batch: `current[k]` holds batch `k`'s values at the segment's inputs in the partially
+/// rewritten model, `reference[k]` the same in the original; the original segment runs on
+/// both, and each `reference[k]` is extended with that run's outputs (the next segment's
+/// inputs in the original model).
+pub fn calibrate_paired_segment(
+    segment: &Model,
+    det: &Detection,
+    opts: &CalibOptions,
+    current: &[Vec<(String, Value)>],
+    reference: &mut [Vec<(String, Value)>],
+) -> Result<CalibStats> {
+    let blocks = det.identified_blocks();
+    let [b] = blocks.as_slice() else {
+        return Err(Error::Usage(
+            "internal: paired calibration takes one block".into(),
+        ));
+    };
+    let t_setup = std::time::Instant::now();
+    let mut cur = Resilient::open(segment, det, vec![*b], opts)?;
+    let mut refs = Resilient::open(segment, det, vec![*b], opts)?;
+    let seconds_setup = t_setup.elapsed().as_secs_f64();
+    let t_run = std::time::Instant::now();
+    let mut acc = LayerAcc::new(&segment.graph, b, opts.stats.clone(), 0)?;
+    let mut samples = 0;
+    for (k, (feed, feed_ref)) in current.iter().zip(reference.iter_mut()).enumerate() {
+        samples += feed.first().map_or(0, |(_, v)| v.shape()[0]);
+        let what = format!("batch {k}");
+        let out = cur.run(feed, &what)?;
+        let out_ref = refs.run(feed_ref, &what)?;
+        pair(
+            &mut acc,
+            b,
+            &out,
+            feed,
+            &out_ref,
+            feed_ref,
+            &cur.logits()[0],
+        )?;
+        for (name, v) in out_ref {
+            match feed_ref.iter_mut().find(|(n, _)| *n == name) {
+                Some(slot) => slot.1 = v,
+                None => feed_ref.push((name, v)),
+            }
+        }
+    }
+    Ok(CalibStats {
+        runtime: cur.runtime().into(),
+        source: "paired with the original model, segment by segment".into(),
+        samples,
+        seconds_setup,
+        seconds_run: t_run.elapsed().as_secs_f64(),
+        layers: vec![acc.finish()],
+    })
+}
+
+/// Adds one batch to `acc`: block `b`'s inputs in the current run (`out`, else its feed),
+/// the same tokens' inputs in the reference run, and the current router logits `logits`.
+fn pair(
+    acc: &mut LayerAcc,
+    b: &crate::moe::MoeBlock,
+    out: &[(String, Value)],
+    feed: &[(String, Value)],
+    out_ref: &[(String, Value)],
+    feed_ref: &[(String, Value)],
+    logits: &str,
+) -> Result<()> {
+    let h = b.hidden();
+    let n = b.router.num_experts;
+    let get = |out: &[(String, Value)], feed: &[(String, Value)], name: &str| {
+        out.iter()
+            .chain(feed.iter())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.to_f32())
+            .ok_or_else(|| Error::Usage(format!("runtime returned no '{name}'")))
+    };
+    let x = get(out, feed, &b.input)?;
+    let x_ref = get(out_ref, feed_ref, &b.input)?;
+    let z = get(out, feed, logits)?;
+    let seq_len = if x.ndim() == 3 {
+        x.shape()[1]
+    } else {
+        x.shape()[0]
+    };
+    let rows = x.len() / h;
+    let shape = |a: ArrayD<f32>, c: usize, what: &str| {
+        a.into_shape_with_order((rows, c))
+            .map_err(|e| Error::Usage(format!("{}: {what}: {e}", b.name)))
+    };
+    let (x, x_ref, z) = (
+        shape(x, h, "block input")?,
+        shape(x_ref, h, "reference block input")?,
+        shape(z, n, "router logits")?,
+    );
+    let keep: Vec<bool> = match feed.iter().find(|(k, _)| k == "attention_mask") {
+        Some((_, m)) if m.shape().iter().product::<usize>() == rows => {
+            m.to_f32().iter().map(|&v| v != 0.0).collect()
+        }
+        _ => vec![true; rows],
+    };
+    acc.update_paired(x.view(), Some(x_ref.view()), z.view(), &keep, seq_len);
+    Ok(())
 }

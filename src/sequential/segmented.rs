@@ -1,0 +1,195 @@
+//! The sequential refit on graph segments: the model is cut at its blocks
+//! ([`crate::segment`]) and the calibration data flows through the segments one at a time,
+//! twice — through the original segments (the reference activations) and through the
+//! rewritten ones (what each later block really receives). Each block is refitted on its
+//! segment alone, fed those two sets of values; the rewritten segment then produces the next
+//! segment's inputs. No runtime ever holds more than one segment, and each segment runs a
+//! fixed number of times (the whole-model refit ran the whole model twice per layer).
+//! Activations are held in memory, batch by batch, and dropped once no later segment reads
+//! them.
+use crate::calib::{self, slice, CalibOptions};
+use crate::compress::{Alternative, Family, LayerRecipe};
+use crate::emit::EmitForm;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::moe::Detection;
+use crate::runtime::Value;
+use crate::segment::Segmentation;
+use std::collections::HashMap;
+
+/// Values known at a point of the model, per batch.
+type Batches = Vec<Vec<(String, Value)>>;
+
+/// The refitted layers of `alt` (in `alt`'s order) and the calibration runtime's name.
+pub(super) fn refit_layers(
+    model: &Model,
+    det: &Detection,
+    alt: &Alternative,
+    opts: &CalibOptions,
+    fit: &[(String, Value)],
+    emit: EmitForm,
+    family: Family,
+) -> Result<Vec<Alternative>> {
+    let cut = crate::segment::cut(model, det)?;
+    let batch = opts.batch.max(1);
+    let samples = fit.first().map_or(0, |(_, v)| v.shape()[0]);
+    let batches: Batches = (0..samples)
+        .step_by(batch)
+        .map(|s| {
+            fit.iter()
+                .map(|(k, v)| (k.clone(), slice(v, s, (s + batch).min(samples))))
+                .collect()
+        })
+        .collect();
+    let mut reference = batches.clone();
+    let mut current = batches;
+    let keep = Keep {
+        inputs: fit.iter().map(|(k, _)| k.clone()).collect(),
+        last_read: last_reads(&cut),
+    };
+    let recipe_of: HashMap<&str, usize> = alt
+        .recipes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.block(), i))
+        .collect();
+    let mut layers: Vec<Option<Alternative>> = (0..alt.recipes.len()).map(|_| None).collect();
+    let mut first = true;
+    for (s, seg) in cut.segments.iter().enumerate() {
+        // Nothing reads the last segment's outputs.
+        if s + 1 == cut.segments.len() {
+            break;
+        }
+        let Some(&i) = seg.block.as_deref().and_then(|b| recipe_of.get(b)) else {
+            // A segment whose block is not rewritten: both flows pass through it unchanged.
+            run_all(&seg.model, opts, &mut reference)?;
+            run_all(&seg.model, opts, &mut current)?;
+            drop_dead(&mut reference, &keep, s);
+            drop_dead(&mut current, &keep, s);
+            continue;
+        };
+        let recipe: &LayerRecipe = &alt.recipes[i];
+        let one = own_block(&seg.model, det, recipe.block())?;
+        let layer = if first {
+            // The first block's inputs are the original's: its one-shot form stands.
+            run_all(&seg.model, opts, &mut reference)?;
+            Alternative {
+                plans: vec![alt.plans[i].clone()],
+                recipes: vec![recipe.clone()],
+                summary: alt.summary.clone(),
+            }
+        } else {
+            let stats =
+                calib::calibrate_paired_segment(&seg.model, &one, opts, &current, &mut reference)?;
+            crate::compress::replan(&seg.model.graph, &one, &stats, recipe, family)?
+        };
+        first = false;
+        let mut rewritten = seg.model.clone();
+        crate::emit::merged::rewrite(&mut rewritten, &one, &layer.plans, emit)?;
+        run_all(&rewritten, opts, &mut current)?;
+        drop_dead(&mut reference, &keep, s);
+        drop_dead(&mut current, &keep, s);
+        layers[i] = Some(layer);
+    }
+    // The last segment's block (when it ends with one) is fitted without running it after.
+    if let Some(seg) = cut.segments.last() {
+        if let Some(&i) = seg.block.as_deref().and_then(|b| recipe_of.get(b)) {
+            let recipe = &alt.recipes[i];
+            let one = own_block(&seg.model, det, recipe.block())?;
+            layers[i] = Some(if first {
+                Alternative {
+                    plans: vec![alt.plans[i].clone()],
+                    recipes: vec![recipe.clone()],
+                    summary: alt.summary.clone(),
+                }
+            } else {
+                let stats = calib::calibrate_paired_segment(
+                    &seg.model,
+                    &one,
+                    opts,
+                    &current,
+                    &mut reference,
+                )?;
+                crate::compress::replan(&seg.model.graph, &one, &stats, recipe, family)?
+            });
+        }
+    }
+    layers
+        .into_iter()
+        .zip(&alt.recipes)
+        .map(|(l, r)| {
+            l.ok_or_else(|| Error::Graph {
+                node: Some(r.block().to_string()),
+                reason: "the block is in no segment".into(),
+            })
+        })
+        .collect()
+}
+
+/// The detection, in `segment`, of the whole model's block `name` (found by its output,
+/// named as in the whole model: plans name their blocks).
+fn own_block(segment: &Model, det: &Detection, name: &str) -> Result<Detection> {
+    let missing = || Error::Graph {
+        node: Some(name.to_string()),
+        reason: "the block is not recognised in its own segment".into(),
+    };
+    let whole = det
+        .blocks
+        .iter()
+        .find(|b| b.name == name)
+        .ok_or_else(missing)?;
+    let found = crate::moe::detect(&segment.graph);
+    let here = found
+        .blocks
+        .iter()
+        .find(|b| b.output == whole.output)
+        .ok_or_else(missing)?;
+    let mut one = found.only(&here.name).ok_or_else(missing)?;
+    one.blocks[0].name = name.to_string();
+    Ok(one)
+}
+
+/// Runs `model` on every batch, adding its outputs to the batch's values.
+fn run_all(model: &Model, opts: &CalibOptions, batches: &mut Batches) -> Result<()> {
+    let none = Detection::default();
+    let mut session = calib::Resilient::open(model, &none, vec![], opts)?;
+    for (k, values) in batches.iter_mut().enumerate() {
+        let out = session.run(values, &format!("batch {k}"))?;
+        for (name, v) in out {
+            match values.iter_mut().find(|(n, _)| *n == name) {
+                Some(slot) => slot.1 = v,
+                None => values.push((name, v)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// For every crossing tensor and model input: the last segment that reads it.
+fn last_reads(cut: &Segmentation) -> HashMap<String, usize> {
+    let mut last = HashMap::new();
+    for (s, seg) in cut.segments.iter().enumerate() {
+        for p in &seg.inputs {
+            last.insert(p.wire.clone(), s);
+        }
+    }
+    last
+}
+
+/// Drops the values no segment after `s` reads (model inputs stay: the attention mask tells
+/// which tokens are padding).
+fn drop_dead(batches: &mut Batches, keep: &Keep, s: usize) {
+    for values in batches.iter_mut() {
+        values.retain(|(name, _)| {
+            keep.inputs.contains(name) || keep.last_read.get(name).is_some_and(|&l| l > s)
+        });
+    }
+}
+
+/// What [`drop_dead`] keeps.
+struct Keep {
+    /// The model inputs.
+    inputs: std::collections::HashSet<String>,
+    /// For every crossing tensor and model input: the last segment that reads it.
+    last_read: HashMap<String, usize>,
+}
