@@ -15,6 +15,7 @@ use crate::moe::Detection;
 use crate::runtime::Value;
 use serde::Serialize;
 
+mod cache;
 mod segmented;
 
 /// How layers are calibrated and fitted (`--pipeline`).

@@ -61,60 +61,81 @@ pub fn calibrate_paired(
     })
 }
 
-/// [`calibrate_paired`] on one segment (`segment`, whose only block is `det`'s) fed batch by
-/// batch: `current[k]` holds batch `k`'s values at the segment's inputs in the partially
-/// rewritten model, `reference[k]` the same in the original; the original segment runs on
-/// both, and each `reference[k]` is extended with that run's outputs (the next segment's
-/// inputs in the original model).
-pub fn calibrate_paired_segment(
-    segment: &Model,
-    det: &Detection,
-    opts: &CalibOptions,
-    current: &[Vec<(String, Value)>],
-    reference: &mut [Vec<(String, Value)>],
-) -> Result<CalibStats> {
-    let blocks = det.identified_blocks();
-    let [b] = blocks.as_slice() else {
-        return Err(Error::Usage(
-            "internal: paired calibration takes one block".into(),
-        ));
-    };
-    let t_setup = std::time::Instant::now();
-    let mut cur = Resilient::open(segment, det, vec![*b], opts)?;
-    let mut refs = Resilient::open(segment, det, vec![*b], opts)?;
-    let seconds_setup = t_setup.elapsed().as_secs_f64();
-    let t_run = std::time::Instant::now();
-    let mut acc = LayerAcc::new(&segment.graph, b, opts.stats.clone(), 0)?;
-    let mut samples = 0;
-    for (k, (feed, feed_ref)) in current.iter().zip(reference.iter_mut()).enumerate() {
-        samples += feed.first().map_or(0, |(_, v)| v.shape()[0]);
-        let what = format!("batch {k}");
-        let out = cur.run(feed, &what)?;
-        let out_ref = refs.run(feed_ref, &what)?;
+/// [`calibrate_paired`] on one segment (`segment`, whose only block is `det`'s), fed one
+/// batch at a time by the caller: [`PairedSegment::add`] takes a batch's values at the
+/// segment's inputs in the partially rewritten model and in the original, runs the original
+/// segment on both, and returns the reference run's outputs (the next segment's inputs in the
+/// original model).
+pub struct PairedSegment<'a> {
+    block: &'a crate::moe::MoeBlock,
+    cur: Resilient<'a>,
+    refs: Resilient<'a>,
+    acc: LayerAcc,
+    samples: usize,
+    batches: usize,
+    seconds_setup: f64,
+    t_run: std::time::Instant,
+}
+
+impl<'a> PairedSegment<'a> {
+    /// Opens `segment` twice (current and reference flows) with its block instrumented.
+    pub fn open(segment: &'a Model, det: &'a Detection, opts: &'a CalibOptions) -> Result<Self> {
+        let blocks = det.identified_blocks();
+        let [b] = blocks.as_slice() else {
+            return Err(Error::Usage(
+                "internal: paired calibration takes one block".into(),
+            ));
+        };
+        let t_setup = std::time::Instant::now();
+        let cur = Resilient::open(segment, det, vec![*b], opts)?;
+        let refs = Resilient::open(segment, det, vec![*b], opts)?;
+        Ok(PairedSegment {
+            block: b,
+            cur,
+            refs,
+            acc: LayerAcc::new(&segment.graph, b, opts.stats.clone(), 0)?,
+            samples: 0,
+            batches: 0,
+            seconds_setup: t_setup.elapsed().as_secs_f64(),
+            t_run: std::time::Instant::now(),
+        })
+    }
+
+    /// Adds one batch; returns the reference run's outputs.
+    pub fn add(
+        &mut self,
+        feed: &[(String, Value)],
+        feed_ref: &[(String, Value)],
+    ) -> Result<Vec<(String, Value)>> {
+        self.samples += feed.first().map_or(0, |(_, v)| v.shape()[0]);
+        let what = format!("batch {}", self.batches);
+        self.batches += 1;
+        let out = self.cur.run(feed, &what)?;
+        let out_ref = self.refs.run(feed_ref, &what)?;
+        let logits = self.cur.logits()[0].clone();
         pair(
-            &mut acc,
-            b,
+            &mut self.acc,
+            self.block,
             &out,
             feed,
             &out_ref,
             feed_ref,
-            &cur.logits()[0],
+            &logits,
         )?;
-        for (name, v) in out_ref {
-            match feed_ref.iter_mut().find(|(n, _)| *n == name) {
-                Some(slot) => slot.1 = v,
-                None => feed_ref.push((name, v)),
-            }
+        Ok(out_ref)
+    }
+
+    /// The statistics of every batch added.
+    pub fn finish(self) -> CalibStats {
+        CalibStats {
+            runtime: self.cur.runtime().into(),
+            source: "paired with the original model, segment by segment".into(),
+            samples: self.samples,
+            seconds_setup: self.seconds_setup,
+            seconds_run: self.t_run.elapsed().as_secs_f64(),
+            layers: vec![self.acc.finish()],
         }
     }
-    Ok(CalibStats {
-        runtime: cur.runtime().into(),
-        source: "paired with the original model, segment by segment".into(),
-        samples,
-        seconds_setup,
-        seconds_run: t_run.elapsed().as_secs_f64(),
-        layers: vec![acc.finish()],
-    })
 }
 
 /// Adds one batch to `acc`: block `b`'s inputs in the current run (`out`, else its feed),

@@ -5,8 +5,9 @@
 //! segment alone, fed those two sets of values; the rewritten segment then produces the next
 //! segment's inputs. No runtime ever holds more than one segment, and each segment runs a
 //! fixed number of times (the whole-model refit ran the whole model twice per layer).
-//! Activations are held in memory, batch by batch, and dropped once no later segment reads
-//! them.
+//! Activations between segments are kept on disk (`cache.rs`), one batch in memory at a
+//! time, and deleted once no later segment reads them.
+use super::cache::ActivationCache;
 use crate::calib::{self, slice, CalibOptions};
 use crate::compress::{Alternative, Family, LayerRecipe};
 use crate::emit::EmitForm;
@@ -17,10 +18,7 @@ use crate::runtime::Value;
 use crate::segment::Segmentation;
 use std::collections::HashMap;
 
-/// Values known at a point of the model, per batch.
-type Batches = Vec<Vec<(String, Value)>>;
-
-/// The refitted layers of `alt` (in `alt`'s order) and the calibration runtime's name.
+/// The refitted layers of `alt` (in `alt`'s order).
 pub(super) fn refit_layers(
     model: &Model,
     det: &Detection,
@@ -33,16 +31,17 @@ pub(super) fn refit_layers(
     let cut = crate::segment::cut(model, det)?;
     let batch = opts.batch.max(1);
     let samples = fit.first().map_or(0, |(_, v)| v.shape()[0]);
-    let batches: Batches = (0..samples)
-        .step_by(batch)
-        .map(|s| {
-            fit.iter()
-                .map(|(k, v)| (k.clone(), slice(v, s, (s + batch).min(samples))))
-                .collect()
-        })
-        .collect();
-    let mut reference = batches.clone();
-    let mut current = batches;
+    let count = samples.div_ceil(batch);
+    let mut reference = ActivationCache::new(count)?;
+    let mut current = ActivationCache::new(count)?;
+    for k in 0..count {
+        let (start, end) = (k * batch, ((k + 1) * batch).min(samples));
+        for (name, v) in fit {
+            let v = slice(v, start, end);
+            reference.put(k, name, &v)?;
+            current.put(k, name, &v)?;
+        }
+    }
     let keep = Keep {
         inputs: fit.iter().map(|(k, _)| k.clone()).collect(),
         last_read: last_reads(&cut),
@@ -55,65 +54,57 @@ pub(super) fn refit_layers(
         .collect();
     let mut layers: Vec<Option<Alternative>> = (0..alt.recipes.len()).map(|_| None).collect();
     let mut first = true;
+    let last = cut.segments.len().saturating_sub(1);
     for (s, seg) in cut.segments.iter().enumerate() {
-        // Nothing reads the last segment's outputs.
-        if s + 1 == cut.segments.len() {
-            break;
-        }
         let Some(&i) = seg.block.as_deref().and_then(|b| recipe_of.get(b)) else {
-            // A segment whose block is not rewritten: both flows pass through it unchanged.
-            run_all(&seg.model, opts, &mut reference)?;
-            run_all(&seg.model, opts, &mut current)?;
-            drop_dead(&mut reference, &keep, s);
-            drop_dead(&mut current, &keep, s);
+            // A segment whose block is not rewritten: both flows pass through it unchanged
+            // (nothing reads the last segment's outputs).
+            if s < last {
+                run_all(&seg.model, opts, &mut reference)?;
+                run_all(&seg.model, opts, &mut current)?;
+            }
+            drop_dead(&mut reference, &keep, s)?;
+            drop_dead(&mut current, &keep, s)?;
             continue;
         };
         let recipe: &LayerRecipe = &alt.recipes[i];
         let one = own_block(&seg.model, det, recipe.block())?;
         let layer = if first {
             // The first block's inputs are the original's: its one-shot form stands.
-            run_all(&seg.model, opts, &mut reference)?;
+            if s < last {
+                run_all(&seg.model, opts, &mut reference)?;
+            }
             Alternative {
                 plans: vec![alt.plans[i].clone()],
                 recipes: vec![recipe.clone()],
                 summary: alt.summary.clone(),
             }
         } else {
-            let stats =
-                calib::calibrate_paired_segment(&seg.model, &one, opts, &current, &mut reference)?;
-            crate::compress::replan(&seg.model.graph, &one, &stats, recipe, family)?
+            let mut paired = calib::PairedSegment::open(&seg.model, &one, opts)?;
+            for k in 0..count {
+                let out = paired.add(&current.get(k)?, &reference.get(k)?)?;
+                if s < last {
+                    for (name, v) in &out {
+                        reference.put(k, name, v)?;
+                    }
+                }
+            }
+            crate::compress::replan(&seg.model.graph, &one, &paired.finish(), recipe, family)?
         };
         first = false;
-        let mut rewritten = seg.model.clone();
-        crate::emit::merged::rewrite(&mut rewritten, &one, &layer.plans, emit)?;
-        run_all(&rewritten, opts, &mut current)?;
-        drop_dead(&mut reference, &keep, s);
-        drop_dead(&mut current, &keep, s);
+        if s < last {
+            let mut rewritten = seg.model.clone();
+            crate::emit::merged::rewrite(&mut rewritten, &one, &layer.plans, emit)?;
+            run_all(&rewritten, opts, &mut current)?;
+        }
+        drop_dead(&mut reference, &keep, s)?;
+        drop_dead(&mut current, &keep, s)?;
         layers[i] = Some(layer);
     }
-    // The last segment's block (when it ends with one) is fitted without running it after.
-    if let Some(seg) = cut.segments.last() {
-        if let Some(&i) = seg.block.as_deref().and_then(|b| recipe_of.get(b)) {
-            let recipe = &alt.recipes[i];
-            let one = own_block(&seg.model, det, recipe.block())?;
-            layers[i] = Some(if first {
-                Alternative {
-                    plans: vec![alt.plans[i].clone()],
-                    recipes: vec![recipe.clone()],
-                    summary: alt.summary.clone(),
-                }
-            } else {
-                let stats = calib::calibrate_paired_segment(
-                    &seg.model,
-                    &one,
-                    opts,
-                    &current,
-                    &mut reference,
-                )?;
-                crate::compress::replan(&seg.model.graph, &one, &stats, recipe, family)?
-            });
-        }
-    }
+    log::info!(
+        "activations between segments: at most {:.1} MiB on disk per flow",
+        reference.peak.max(current.peak) as f64 / (1u64 << 20) as f64
+    );
     layers
         .into_iter()
         .zip(&alt.recipes)
@@ -150,16 +141,13 @@ fn own_block(segment: &Model, det: &Detection, name: &str) -> Result<Detection> 
 }
 
 /// Runs `model` on every batch, adding its outputs to the batch's values.
-fn run_all(model: &Model, opts: &CalibOptions, batches: &mut Batches) -> Result<()> {
+fn run_all(model: &Model, opts: &CalibOptions, cache: &mut ActivationCache) -> Result<()> {
     let none = Detection::default();
     let mut session = calib::Resilient::open(model, &none, vec![], opts)?;
-    for (k, values) in batches.iter_mut().enumerate() {
-        let out = session.run(values, &format!("batch {k}"))?;
-        for (name, v) in out {
-            match values.iter_mut().find(|(n, _)| *n == name) {
-                Some(slot) => slot.1 = v,
-                None => values.push((name, v)),
-            }
+    for k in 0..cache.batches() {
+        let out = session.run(&cache.get(k)?, &format!("batch {k}"))?;
+        for (name, v) in &out {
+            cache.put(k, name, v)?;
         }
     }
     Ok(())
@@ -178,12 +166,10 @@ fn last_reads(cut: &Segmentation) -> HashMap<String, usize> {
 
 /// Drops the values no segment after `s` reads (model inputs stay: the attention mask tells
 /// which tokens are padding).
-fn drop_dead(batches: &mut Batches, keep: &Keep, s: usize) {
-    for values in batches.iter_mut() {
-        values.retain(|(name, _)| {
-            keep.inputs.contains(name) || keep.last_read.get(name).is_some_and(|&l| l > s)
-        });
-    }
+fn drop_dead(cache: &mut ActivationCache, keep: &Keep, s: usize) -> Result<()> {
+    cache.retain(|name| {
+        keep.inputs.contains(name) || keep.last_read.get(name).is_some_and(|&l| l > s)
+    })
 }
 
 /// What [`drop_dead`] keeps.
