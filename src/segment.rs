@@ -73,7 +73,7 @@ pub fn cut(model: &Model, det: &Detection) -> Result<Segmentation> {
         .enumerate()
         .map(|(k, (id, _))| (*id, k))
         .collect();
-    let seg = assign(g, det, &pos, order.len())?;
+    let seg = assign(g, det, &order, &pos)?;
     let types = types::elem_types(g);
     let count = seg.iter().copied().max().map_or(0, |m| m + 1);
 
@@ -84,7 +84,7 @@ pub fn cut(model: &Model, det: &Detection) -> Result<Segmentation> {
             made_in.insert(o.as_str(), seg[k]);
         }
     }
-    let cheap = recomputable(g, &order);
+    let cheap = recomputable(g, &order, &pos);
     let mut recompute: Vec<HashSet<usize>> = vec![HashSet::new(); count];
     let mut crossing: Vec<Port> = Vec::new();
     let mut wire_of: HashMap<String, String> = HashMap::new();
@@ -187,10 +187,10 @@ impl Segmentation {
 fn assign(
     g: &Graph,
     det: &Detection,
+    order: &[(NodeId, &NodeProto)],
     pos: &HashMap<NodeId, usize>,
-    len: usize,
 ) -> Result<Vec<usize>> {
-    let mut seg = vec![usize::MAX; len];
+    let mut seg = vec![usize::MAX; order.len()];
     for (i, b) in det.blocks.iter().enumerate() {
         let out = g.producer(&b.output).ok_or_else(|| Error::Graph {
             node: Some(b.name.clone()),
@@ -210,16 +210,10 @@ fn assign(
         }
     }
     let tail = det.blocks.len();
-    let ids: Vec<NodeId> = {
-        let mut v: Vec<(usize, NodeId)> = pos.iter().map(|(id, k)| (*k, *id)).collect();
-        v.sort();
-        v.into_iter().map(|(_, id)| id).collect()
-    };
-    for k in 0..len {
+    for (k, (_, n)) in order.iter().enumerate() {
         if seg[k] == usize::MAX {
             seg[k] = tail;
         }
-        let Some(n) = g.node(ids[k]) else { continue };
         for u in Graph::node_uses(n) {
             if let Some(p) = g.producer(&u).and_then(|id| pos.get(&id)) {
                 seg[k] = seg[k].max(seg[*p]);
@@ -440,12 +434,11 @@ pub const RECOMPUTE_LIMIT: usize = 64;
 /// Per position: whether the node computes from model inputs, vector or scalar initializers
 /// and constants only, through at most [`RECOMPUTE_LIMIT`] nodes, none with a subgraph. A
 /// matrix (a weight, an embedding table) marks the data path, which is never recomputed.
-fn recomputable(g: &Graph, order: &[(NodeId, &NodeProto)]) -> Vec<bool> {
-    let pos: HashMap<NodeId, usize> = order
-        .iter()
-        .enumerate()
-        .map(|(k, (id, _))| (*id, k))
-        .collect();
+fn recomputable(
+    g: &Graph,
+    order: &[(NodeId, &NodeProto)],
+    pos: &HashMap<NodeId, usize>,
+) -> Vec<bool> {
     let data: HashSet<&str> = g.data_inputs().filter_map(|v| v.name.as_deref()).collect();
     let mut ok = vec![false; order.len()];
     let mut size = vec![0usize; order.len()];

@@ -104,6 +104,16 @@ pub fn refit(
     })
 }
 
+/// Layer `i` of `alt` as fitted one-shot (the first layer's inputs are the original's either
+/// way).
+fn one_shot_layer(alt: &Alternative, i: usize) -> Alternative {
+    Alternative {
+        plans: vec![alt.plans[i].clone()],
+        recipes: vec![alt.recipes[i].clone()],
+        summary: alt.summary.clone(),
+    }
+}
+
 /// The indices of `alt`'s layers in graph order: each layer's inputs depend on the layers
 /// before it only.
 fn graph_order(det: &Detection, alt: &Alternative) -> Vec<usize> {
@@ -140,11 +150,7 @@ fn whole_model_layers(
         })?;
         // The first layer's inputs are the original's: its one-shot form stands.
         let layer = if step == 0 {
-            Alternative {
-                plans: vec![alt.plans[i].clone()],
-                recipes: vec![recipe.clone()],
-                summary: alt.summary.clone(),
-            }
+            one_shot_layer(alt, i)
         } else {
             let rest = det.without(&done);
             let stats = calib::calibrate_paired(&current, model, &one, det, &rest, calib, fit)?;

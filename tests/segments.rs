@@ -90,14 +90,15 @@ fn every_segment_reproduces_the_whole_model_at_its_cuts() {
     for (name, dir) in models() {
         let model = Model::load(dir.join("model.onnx")).unwrap();
         let det = smoe_opt::moe::detect(&model.graph);
-        let Segmentation { segments, crossing } = cut(&model, &det).unwrap();
+        let segmentation = cut(&model, &det).unwrap();
         let feed = inputs(&model, &dir);
         let (tol, chained_tol) = if half_precision(&dir) {
             (2e-3, 4e-3)
         } else {
             (1e-5, 1e-4)
         };
-        let full = cut(&model, &det).unwrap().instrumented(&model).unwrap();
+        let full = segmentation.instrumented(&model).unwrap();
+        let Segmentation { segments, crossing } = segmentation;
         // The segments run in the runtime that ran the whole model (runtimes differ in
         // their kernels: onnxruntime's MatMulNBits at accuracy level 4 quantises its inputs).
         let (rt, reference) = match run_in(&full, &feed, &candidates(Runtime::Auto)) {

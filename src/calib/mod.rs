@@ -9,7 +9,7 @@ pub mod kv_cache;
 mod paired;
 mod session;
 pub mod stats;
-pub use paired::{calibrate_paired, PairedSegment};
+pub use paired::{calibrate_paired, Paired};
 pub(crate) use session::Resilient;
 
 use crate::error::{Error, Result};

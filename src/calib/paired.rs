@@ -24,21 +24,7 @@ pub fn calibrate_paired(
     opts: &CalibOptions,
     data: &[(String, Value)],
 ) -> Result<CalibStats> {
-    let blocks = det.identified_blocks();
-    let [b] = blocks.as_slice() else {
-        return Err(Error::Usage(
-            "internal: paired calibration takes one block".into(),
-        ));
-    };
-    // Each model falls back on its own (a later layer of a shape-specialised export can fail
-    // once the earlier layers are rewritten): `current` re-emits its blocks that are still
-    // the exported ones, `reference` all of them.
-    let t_setup = std::time::Instant::now();
-    let mut cur = Resilient::open(current, rest, vec![*b], opts)?;
-    let mut refs = Resilient::open(reference, full, vec![*b], opts)?;
-    let seconds_setup = t_setup.elapsed().as_secs_f64();
-    let t_run = std::time::Instant::now();
-    let mut acc = LayerAcc::new(&current.graph, b, opts.stats.clone(), 0)?;
+    let mut paired = Paired::open(current, rest, reference, full, det, opts)?;
     let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
     for start in (0..samples).step_by(opts.batch.max(1)) {
         let end = (start + opts.batch.max(1)).min(samples);
@@ -46,27 +32,15 @@ pub fn calibrate_paired(
             .iter()
             .map(|(k, v)| (k.clone(), slice(v, start, end)))
             .collect();
-        let what = format!("batch {start}..{end}");
-        let out = cur.run(&feed, &what)?;
-        let out_ref = refs.run(&feed, &what)?;
-        pair(&mut acc, b, &out, &feed, &out_ref, &feed, &cur.logits()[0])?;
+        paired.add(&feed, &feed)?;
     }
-    Ok(CalibStats {
-        runtime: cur.runtime().into(),
-        source: "paired with the original model".into(),
-        samples,
-        seconds_setup,
-        seconds_run: t_run.elapsed().as_secs_f64(),
-        layers: vec![acc.finish()],
-    })
+    Ok(paired.finish("paired with the original model"))
 }
 
-/// [`calibrate_paired`] on one segment (`segment`, whose only block is `det`'s), fed one
-/// batch at a time by the caller: [`PairedSegment::add`] takes a batch's values at the
-/// segment's inputs in the partially rewritten model and in the original, runs the original
-/// segment on both, and returns the reference run's outputs (the next segment's inputs in the
-/// original model).
-pub struct PairedSegment<'a> {
+/// Paired calibration fed one batch at a time by the caller: [`Paired::add`] takes a batch's
+/// values in the partially rewritten model and in the original, runs each model, and returns
+/// the reference run's outputs (for segments: the next segment's inputs in the original).
+pub struct Paired<'a> {
     block: &'a crate::moe::MoeBlock,
     cur: Resilient<'a>,
     refs: Resilient<'a>,
@@ -77,9 +51,19 @@ pub struct PairedSegment<'a> {
     t_run: std::time::Instant,
 }
 
-impl<'a> PairedSegment<'a> {
-    /// Opens `segment` twice (current and reference flows) with its block instrumented.
-    pub fn open(segment: &'a Model, det: &'a Detection, opts: &'a CalibOptions) -> Result<Self> {
+impl<'a> Paired<'a> {
+    /// Opens `current` and `reference` with `det`'s single identified block instrumented.
+    /// Each falls back on its own (a later layer of a shape-specialised export can fail once
+    /// the earlier layers are rewritten), re-emitting its blocks in `current_reemit` /
+    /// `reference_reemit`.
+    pub fn open(
+        current: &'a Model,
+        current_reemit: &'a Detection,
+        reference: &'a Model,
+        reference_reemit: &'a Detection,
+        det: &'a Detection,
+        opts: &'a CalibOptions,
+    ) -> Result<Self> {
         let blocks = det.identified_blocks();
         let [b] = blocks.as_slice() else {
             return Err(Error::Usage(
@@ -87,13 +71,13 @@ impl<'a> PairedSegment<'a> {
             ));
         };
         let t_setup = std::time::Instant::now();
-        let cur = Resilient::open(segment, det, vec![*b], opts)?;
-        let refs = Resilient::open(segment, det, vec![*b], opts)?;
-        Ok(PairedSegment {
+        let cur = Resilient::open(current, current_reemit, vec![*b], opts)?;
+        let refs = Resilient::open(reference, reference_reemit, vec![*b], opts)?;
+        Ok(Paired {
             block: b,
             cur,
             refs,
-            acc: LayerAcc::new(&segment.graph, b, opts.stats.clone(), 0)?,
+            acc: LayerAcc::new(&current.graph, b, opts.stats.clone(), 0)?,
             samples: 0,
             batches: 0,
             seconds_setup: t_setup.elapsed().as_secs_f64(),
@@ -125,11 +109,11 @@ impl<'a> PairedSegment<'a> {
         Ok(out_ref)
     }
 
-    /// The statistics of every batch added.
-    pub fn finish(self) -> CalibStats {
+    /// The statistics of every batch added; `source` describes the data.
+    pub fn finish(self, source: &str) -> CalibStats {
         CalibStats {
             runtime: self.cur.runtime().into(),
-            source: "paired with the original model, segment by segment".into(),
+            source: source.into(),
             samples: self.samples,
             seconds_setup: self.seconds_setup,
             seconds_run: self.t_run.elapsed().as_secs_f64(),

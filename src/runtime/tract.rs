@@ -244,38 +244,29 @@ impl Session for TractSession {
         let mut res = Vec::new();
         for (name, t) in self.outputs.iter().zip(out) {
             let t = t.into_tensor();
-            let v = match t.datum_type() {
-                DatumType::F32 => {
-                    Value::F32(t.into_plain_array::<f32>().map_err(|e| err("output", e))?)
-                }
-                DatumType::I64 => {
-                    Value::I64(t.into_plain_array::<i64>().map_err(|e| err("output", e))?)
-                }
-                // Shape values (tract computes them as symbolic dims) and narrower integers
-                // are integers: int64 carries them exactly.
-                other if other.is_integer() || other == DatumType::TDim => {
-                    let c = t
-                        .cast_to::<i64>()
-                        .map_err(|e| err(&format!("output of type {other:?}"), e))?;
-                    Value::I64(
-                        c.into_owned()
-                            .into_plain_array::<i64>()
-                            .map_err(|e| err("output", e))?,
-                    )
-                }
-                other => {
-                    let c = t
-                        .cast_to::<f32>()
-                        .map_err(|e| err(&format!("output of type {other:?}"), e))?;
-                    Value::F32(
-                        c.into_owned()
-                            .into_plain_array::<f32>()
-                            .map_err(|e| err("output", e))?,
-                    )
-                }
+            // Shape values (tract computes them as symbolic dims) and narrower integers are
+            // carried exactly as int64; every float as float32.
+            let dt = t.datum_type();
+            let v = if dt.is_integer() || dt == DatumType::TDim {
+                Value::I64(plain::<i64>(t)?)
+            } else {
+                Value::F32(plain::<f32>(t)?)
             };
             res.push((name.clone(), v));
         }
         Ok(res)
     }
+}
+
+/// `t` as a plain array of `T`, converted when it holds another type.
+fn plain<T: Datum>(t: Tensor) -> Result<tract_ndarray::ArrayD<T>> {
+    let dt = t.datum_type();
+    let t = if dt == T::datum_type() {
+        t
+    } else {
+        t.cast_to::<T>()
+            .map_err(|e| err(&format!("output of type {dt:?}"), e))?
+            .into_owned()
+    };
+    t.into_plain_array::<T>().map_err(|e| err("output", e))
 }

@@ -74,13 +74,9 @@ pub(super) fn refit_layers(
             if s < last {
                 run_all(&seg.model, opts, &mut reference)?;
             }
-            Alternative {
-                plans: vec![alt.plans[i].clone()],
-                recipes: vec![recipe.clone()],
-                summary: alt.summary.clone(),
-            }
+            super::one_shot_layer(alt, i)
         } else {
-            let mut paired = calib::PairedSegment::open(&seg.model, &one, opts)?;
+            let mut paired = calib::Paired::open(&seg.model, &one, &seg.model, &one, &one, opts)?;
             for k in 0..count {
                 let out = paired.add(&current.get(k)?, &reference.get(k)?)?;
                 if s < last {
@@ -89,7 +85,8 @@ pub(super) fn refit_layers(
                     }
                 }
             }
-            crate::compress::replan(&seg.model.graph, &one, &paired.finish(), recipe, family)?
+            let stats = paired.finish("paired with the original model, segment by segment");
+            crate::compress::replan(&seg.model.graph, &one, &stats, recipe, family)?
         };
         first = false;
         if s < last {
