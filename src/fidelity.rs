@@ -13,7 +13,12 @@ use crate::model::Model;
 use crate::moe::Detection;
 use crate::runtime::{candidates, open_in, Runtime};
 use crate::runtime::{Session, Value};
-use ndarray::{ArrayD, Axis, Ix2};
+use ndarray::{ArrayD, Axis};
+
+mod distance;
+mod segmented;
+pub(crate) use distance::Distance;
+pub use segmented::{measure_segmented, measure_segmented_against, reference_segmented};
 use serde::Serialize;
 
 /// The measured distance between two models.
@@ -40,6 +45,25 @@ pub struct Fidelity {
     /// Mean KL divergence of next-token distributions, original ‖ rewritten (language models).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kl: Option<f64>,
+    /// Measured segment by segment: how far each rewritten block's output moved from the
+    /// original's at its cut (the rewritten model's own activations against the original's,
+    /// so each figure includes the drift of the blocks before it). Empty when the whole
+    /// models were run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<BlockFidelity>,
+}
+
+/// How far one block's output moved, measured at its cut.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockFidelity {
+    /// The block.
+    pub block: String,
+    /// Its output tensor.
+    pub output: String,
+    /// Relative L2 error of the block's output (padding excluded).
+    pub rel_l2: f64,
+    /// Mean per-position cosine similarity of the block's output.
+    pub cosine: f64,
 }
 
 /// Runs a session over `data` in batches of `batch` samples; returns every batch's outputs.
@@ -229,136 +253,18 @@ fn compare(
         .iter()
         .find(|(n, _)| n == "attention_mask")
         .map(|(_, v)| v.to_f32());
-    let is_lm = data.iter().any(|(n, _)| n == "input_ids");
-    let (mut num, mut den) = (0f64, 0f64);
-    let (mut cos_sum, mut positions) = (0f64, 0usize);
-    let (mut agree, mut kl_sum, mut lm_pos) = (0usize, 0f64, 0usize);
-    let mut outputs: Vec<String> = Vec::new();
+    let mut d = Distance::new(data.iter().any(|(n, _)| n == "input_ids"));
     let mut offset = 0usize;
     for (ba, bb) in a.iter().zip(b) {
-        let rows_in_batch = ba
+        let rows = ba
             .first()
             .map_or(0, |(_, v)| v.shape().first().copied().unwrap_or(0));
-        for (name, va) in ba {
-            if crate::calib::kv_cache::is_present_output(name) {
-                continue;
-            }
-            let (Value::F32(ya), Some((_, Value::F32(yb)))) =
-                (va, bb.iter().find(|(n, _)| n == name))
-            else {
-                continue;
-            };
-            if ya.shape() != yb.shape() || ya.ndim() == 0 {
-                return Err(Error::Usage(format!(
-                    "output '{name}' has shape {:?} in the original and {:?} in the rewritten model",
-                    ya.shape(),
-                    yb.shape()
-                )));
-            }
-            if !outputs.contains(name) {
-                outputs.push(name.clone());
-            }
-            let last = *ya.shape().last().expect("rank >= 1");
-            let rows = ya.len() / last.max(1);
-            let ya2 = ya
-                .view()
-                .into_shape_with_order((rows, last))
-                .map_err(|e| Error::Usage(e.to_string()))?;
-            let yb2 = yb
-                .view()
-                .into_shape_with_order((rows, last))
-                .map_err(|e| Error::Usage(e.to_string()))?;
-            // Which rows are real tokens.
-            let keep: Vec<bool> = match &mask {
-                Some(m) if ya.ndim() >= 3 && m.ndim() == 2 && ya.shape()[1] == m.shape()[1] => {
-                    let bsz = ya.shape()[0];
-                    let seq = m.shape()[1];
-                    let mm = m.slice_axis(Axis(0), (offset..offset + bsz).into());
-                    let mm = mm
-                        .into_dimensionality::<Ix2>()
-                        .map_err(|e| Error::Usage(e.to_string()))?;
-                    let per = rows / (bsz * seq).max(1);
-                    (0..rows)
-                        .map(|r| mm[[r / per / seq, (r / per) % seq]] != 0.0)
-                        .collect()
-                }
-                _ => vec![true; rows],
-            };
-            let lm = is_lm && ya.ndim() == 3;
-            for (r, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
-                let (x, y) = (ya2.row(r), yb2.row(r));
-                let (mut d, mut nx, mut ny, mut xy) = (0f64, 0f64, 0f64, 0f64);
-                for (&p, &q) in x.iter().zip(y.iter()) {
-                    let (p, q) = (f64::from(p), f64::from(q));
-                    d += (p - q) * (p - q);
-                    nx += p * p;
-                    ny += q * q;
-                    xy += p * q;
-                }
-                num += d;
-                den += nx;
-                cos_sum += if nx > 0.0 && ny > 0.0 {
-                    xy / (nx.sqrt() * ny.sqrt())
-                } else if nx == ny {
-                    1.0
-                } else {
-                    0.0
-                };
-                positions += 1;
-                if lm {
-                    let argmax = |v: &ndarray::ArrayView1<f32>| {
-                        v.iter()
-                            .enumerate()
-                            .fold(
-                                (0, f32::MIN),
-                                |acc, (i, &t)| if t > acc.1 { (i, t) } else { acc },
-                            )
-                            .0
-                    };
-                    agree += usize::from(argmax(&x) == argmax(&y));
-                    let lse = |v: &ndarray::ArrayView1<f32>| {
-                        let m = v.iter().copied().fold(f32::MIN, f32::max) as f64;
-                        m + v
-                            .iter()
-                            .map(|&t| (f64::from(t) - m).exp())
-                            .sum::<f64>()
-                            .ln()
-                    };
-                    let (la, lb) = (lse(&x), lse(&y));
-                    let kl: f64 = x
-                        .iter()
-                        .zip(y.iter())
-                        .map(|(&p, &q)| {
-                            let lp = f64::from(p) - la;
-                            let lq = f64::from(q) - lb;
-                            lp.exp() * (lp - lq)
-                        })
-                        .sum();
-                    kl_sum += kl.max(0.0);
-                    lm_pos += 1;
-                }
-            }
-        }
-        offset += rows_in_batch;
+        let m = mask
+            .as_ref()
+            .filter(|m| m.ndim() >= 1 && offset + rows <= m.shape()[0])
+            .map(|m| m.slice_axis(Axis(0), (offset..offset + rows).into()).to_owned());
+        d.add(m.as_ref(), ba, bb)?;
+        offset += rows;
     }
-    if outputs.is_empty() || positions == 0 {
-        return Err(Error::Usage(
-            "the models share no float output to compare".into(),
-        ));
-    }
-    Ok(Fidelity {
-        runtime,
-        reference,
-        samples,
-        positions,
-        outputs,
-        rel_l2: if den > 0.0 {
-            (num / den).sqrt()
-        } else {
-            num.sqrt()
-        },
-        cosine: cos_sum / positions as f64,
-        top1_agreement: (lm_pos > 0).then(|| agree as f64 / lm_pos as f64),
-        kl: (lm_pos > 0).then(|| kl_sum / lm_pos as f64),
-    })
+    d.finish(runtime, reference, samples)
 }

@@ -86,10 +86,16 @@ struct RunArgs {
     compress: Option<smoe_opt::compress::Family>,
     /// How a compression plan is fitted: one-shot (every layer on the original model's
     /// activations), sequential (layer by layer, each refitted on the activations of the
-    /// already rewritten earlier layers), auto (both, measured end to end on calibration
-    /// samples; the better is written).
+    /// already rewritten earlier layers; every model run goes segment by segment, one
+    /// segment in a runtime at a time), auto (both, measured end to end on calibration
+    /// samples; the better is written — sequential, segment by segment, when the model would
+    /// not fit comfortably in memory run whole).
     #[arg(long, value_enum, default_value_t = smoe_opt::sequential::Pipeline::Auto)]
     pipeline: smoe_opt::sequential::Pipeline,
+    /// Plan as if only this much memory were available (bytes, or with a K/M/G/T suffix,
+    /// powers of 1024); default: MemAvailable, capped by the cgroup's limit.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory_limit: Option<u64>,
     /// Neuron alignment before averaging (default: weight for m-smoe, none otherwise).
     #[arg(long, value_enum)]
     align: Option<smoe_opt::merge::Align>,
@@ -254,6 +260,31 @@ fn parse_layers(s: &str) -> Result<Layers, String> {
     out.sort_unstable();
     out.dedup();
     Ok(Layers(out))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 12G, 512M, 1000000)"))?;
+    let bytes = v * (1u64 << shift) as f64;
+    if v.is_finite() && v > 0.0 && bytes < u64::MAX as f64 {
+        Ok(bytes as u64)
+    } else {
+        Err(format!("'{s}' is not a positive size"))
+    }
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -571,6 +602,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         batch: a.calib.batch as usize,
                         emit: a.emit,
                         pipeline: a.pipeline,
+                        memory_limit: a.memory_limit,
                     })
                 }
                 (Some(m), _, _) => {

@@ -47,6 +47,8 @@ pub struct ReduceOptions {
     pub emit: crate::emit::EmitForm,
     /// One-shot or layer-by-layer fitting of a compression plan (`--pipeline`).
     pub pipeline: crate::sequential::Pipeline,
+    /// Plan as if only this many bytes of memory were available (`--memory-limit`).
+    pub memory_limit: Option<u64>,
 }
 
 /// Where the statistics came from.
@@ -81,6 +83,8 @@ pub struct ReduceOutcome {
     pub rewrites: Vec<crate::emit::BlockRewrite>,
     /// Held-out fidelity (None when there were no held-out samples).
     pub fidelity: Option<Fidelity>,
+    /// Whether models were run whole or segment by segment, and why.
+    pub execution: crate::sequential::Execution,
     /// Wall time of each stage.
     pub seconds: StageSeconds,
 }
@@ -174,6 +178,22 @@ fn sensitivities(
 struct Selection {
     data: Data,
     reference: fidelity::Reference,
+    /// The original cut into segments when written models are measured segment by segment
+    /// (the reference was computed so).
+    cut: Option<crate::segment::Segmentation>,
+}
+
+/// The options of a model run outside calibration (fidelity, end-to-end comparisons).
+fn run_options(opts: &ReduceOptions) -> CalibOptions {
+    CalibOptions {
+        runtime: opts.runtime,
+        #[cfg(feature = "ort")]
+        ep: opts.ep,
+        source: Source::DataFree,
+        batch: opts.batch,
+        stats: Default::default(),
+        progress: false,
+    }
 }
 
 /// Writes `plans` into a copy of `model` and scores it against the original's outputs on
@@ -185,6 +205,22 @@ fn score_plans(
     sel: &Selection,
     opts: &ReduceOptions,
 ) -> Result<(f64, &'static str)> {
+    if let Some(cut) = &sel.cut {
+        let f = fidelity::measure_segmented_against(
+            &sel.reference,
+            model,
+            cut,
+            det,
+            plans,
+            opts.emit,
+            &sel.data,
+            &run_options(opts),
+        )?;
+        return Ok(match f.kl {
+            Some(kl) => (kl, "kl"),
+            None => (f.rel_l2, "rel_l2"),
+        });
+    }
     let mut m = model.clone();
     crate::emit::merged::rewrite(&mut m, det, plans, opts.emit)?;
     let f = fidelity::measure_against(
@@ -380,6 +416,30 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
         crate::emit::portable::block_float(&model.graph, b)?;
     }
     let original = model.clone();
+    let mut execution = crate::sequential::memory::choose(
+        opts.pipeline,
+        crate::sequential::memory::model_bytes(model),
+        crate::sequential::memory::available(opts.memory_limit),
+    );
+    // A test knob: every run whole, what the segment-by-segment runs must agree with.
+    if std::env::var_os("SMOE_SEQUENTIAL_WHOLE_MODEL").is_some() && execution.segments {
+        execution.segments = false;
+        execution.reason += " (SMOE_SEQUENTIAL_WHOLE_MODEL is set: models run whole)";
+    }
+    log::info!(
+        "models run {} ({})",
+        if execution.segments {
+            "segment by segment"
+        } else {
+            "whole"
+        },
+        execution.reason
+    );
+    let resolved = ReduceOptions {
+        pipeline: execution.pipeline,
+        ..opts.clone()
+    };
+    let opts = &resolved;
     let mut seconds = StageSeconds::default();
     let t = std::time::Instant::now();
     // Statistics and the held-out split.
@@ -465,7 +525,20 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                     (fit, held, src)
                 }
             };
-            let stats = calib::calibrate_on(model, det, c, &fit)?;
+            let stats = if execution.segments {
+                match calib::calibrate_segmented(model, det, c, &fit) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::warn!(
+                            "calibration segment by segment failed ({e}); calibrating on the \
+                             whole model"
+                        );
+                        calib::calibrate_on(model, det, c, &fit)?
+                    }
+                }
+            } else {
+                calib::calibrate_on(model, det, c, &fit)?
+            };
             let rep = CalibrationReport {
                 runtime: stats.runtime.clone(),
                 source: stats.source.clone(),
@@ -518,18 +591,31 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                 || (opts.pipeline == crate::sequential::Pipeline::Auto
                     && det.identified_blocks().len() > 1);
             let sel = if compared && samples(&selection) > 0 {
-                match fidelity::reference(
-                    model,
-                    det,
-                    &selection,
-                    opts.runtime,
-                    #[cfg(feature = "ort")]
-                    opts.ep,
-                    opts.batch,
-                ) {
+                let cut = if execution.segments {
+                    crate::segment::cut(model, det)
+                        .map_err(|e| log::warn!("the model cannot be cut into segments: {e}"))
+                        .ok()
+                } else {
+                    None
+                };
+                let reference = if let Some(cut) = &cut {
+                    fidelity::reference_segmented(model, cut, det, &selection, &run_options(opts))
+                } else {
+                    fidelity::reference(
+                        model,
+                        det,
+                        &selection,
+                        opts.runtime,
+                        #[cfg(feature = "ort")]
+                        opts.ep,
+                        opts.batch,
+                    )
+                };
+                match reference {
                     Ok(reference) => Some(Selection {
                         data: selection,
                         reference,
+                        cut,
                     }),
                     Err(e) => {
                         log::warn!("the original did not run on the selection samples: {e}");
@@ -560,8 +646,28 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
     model.graph.verify()?;
     seconds.emit = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
+    let segmented = if execution.segments && samples(&heldout) > 0 {
+        match fidelity::measure_segmented(
+            &original,
+            det,
+            &plans,
+            opts.emit,
+            &heldout,
+            &run_options(opts),
+        ) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                log::warn!("fidelity segment by segment failed ({e}); running the whole models");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let fidelity = if samples(&heldout) == 0 {
         None
+    } else if segmented.is_some() {
+        segmented
     } else {
         Some(fidelity::measure(
             &original,
@@ -596,6 +702,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
         compression,
         rewrites,
         fidelity,
+        execution,
         seconds,
     })
 }

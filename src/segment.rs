@@ -27,6 +27,9 @@ use crate::onnx::proto::{
 };
 use std::collections::{HashMap, HashSet};
 
+mod cache;
+pub(crate) mod flow;
+
 /// A tensor entering or leaving a segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Port {

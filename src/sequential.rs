@@ -15,8 +15,9 @@ use crate::moe::Detection;
 use crate::runtime::Value;
 use serde::Serialize;
 
-mod cache;
+pub mod memory;
 mod segmented;
+pub use memory::Execution;
 
 /// How layers are calibrated and fitted (`--pipeline`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]

@@ -7,9 +7,11 @@
 pub mod ffn;
 pub mod kv_cache;
 mod paired;
+mod segmented;
 mod session;
 pub mod stats;
 pub use paired::{calibrate_paired, Paired};
+pub use segmented::calibrate_segmented;
 pub(crate) use session::Resilient;
 
 use crate::error::{Error, Result};
@@ -152,42 +154,11 @@ pub fn calibrate_on(
             .collect();
         let out = session.run(&feed, &format!("batch {start}..{end}"))?;
         let logits = session.logits();
-        let get = |name: &str| -> Result<ArrayD<f32>> {
-            out.iter()
-                .chain(feed.iter())
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.to_f32())
-                .ok_or_else(|| Error::Usage(format!("runtime returned no '{name}'")))
-        };
-        let mask = feed
-            .iter()
-            .find(|(n, _)| n == "attention_mask")
-            .map(|(_, v)| v.to_f32());
         for (li, (acc, b)) in accs.iter_mut().zip(&blocks).enumerate() {
-            let x = get(&b.input)?;
-            let z = get(&logits[li])?;
-            let h = b.hidden();
-            let seq_len = if x.ndim() == 3 {
-                x.shape()[1]
-            } else {
-                x.shape()[0]
-            };
-            let rows = x.len() / h;
-            let x2 = x
-                .into_shape_with_order((rows, h))
-                .map_err(|e| Error::Usage(e.to_string()))?;
-            let n = b.router.num_experts;
-            let z2 = z
-                .into_shape_with_order((rows, n))
-                .map_err(|e| Error::Usage(format!("router logits: {e}")))?;
-            let keep: Vec<bool> = match &mask {
-                Some(m) if m.len() == rows => m.iter().map(|&v| v != 0.0).collect(),
-                _ => vec![true; rows],
-            };
+            let kept = fold(acc, b, &out, &feed, &logits[li])?;
             if li == 0 {
-                tokens_seen += keep.iter().filter(|&&k| k).count();
+                tokens_seen += kept;
             }
-            acc.update(x2.view(), z2.view(), &keep, seq_len);
         }
         bar.set_position(end as u64);
         bar.set_message(format!(
@@ -196,22 +167,69 @@ pub fn calibrate_on(
         ));
     }
     bar.finish_and_clear();
-    let source = match &opts.source {
+    Ok(CalibStats {
+        runtime: session.runtime().into(),
+        source: describe_source(&opts.source),
+        samples,
+        seconds_setup,
+        seconds_run: t_run.elapsed().as_secs_f64(),
+        layers: accs.into_iter().map(LayerAcc::finish).collect(),
+    })
+}
+
+/// The data, in words (the statistics' `source`).
+fn describe_source(source: &Source) -> String {
+    match source {
         Source::Npz(p) => format!("npz {}", p.display()),
         Source::Random { samples, seq_len } => format!("random token ids: {samples} x {seq_len}"),
         Source::Text { text, seq_len, .. } => {
             format!("text {} in windows of {seq_len} tokens", text.display())
         }
         Source::DataFree => "data-free (weights only)".to_string(),
+    }
+}
+
+/// Folds one batch into `acc`: block `b`'s inputs (from the run's outputs `out`, else the
+/// `feed`) and its router logits `logits`; padding (`attention_mask` = 0) is skipped.
+/// Returns the tokens counted.
+fn fold(
+    acc: &mut LayerAcc,
+    b: &crate::moe::MoeBlock,
+    out: &[(String, Value)],
+    feed: &[(String, Value)],
+    logits: &str,
+) -> Result<usize> {
+    let get = |name: &str| -> Result<ArrayD<f32>> {
+        out.iter()
+            .chain(feed.iter())
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.to_f32())
+            .ok_or_else(|| Error::Usage(format!("runtime returned no '{name}'")))
     };
-    Ok(CalibStats {
-        runtime: session.runtime().into(),
-        source,
-        samples,
-        seconds_setup,
-        seconds_run: t_run.elapsed().as_secs_f64(),
-        layers: accs.into_iter().map(LayerAcc::finish).collect(),
-    })
+    let x = get(&b.input)?;
+    let z = get(logits)?;
+    let h = b.hidden();
+    let seq_len = if x.ndim() == 3 {
+        x.shape()[1]
+    } else {
+        x.shape()[0]
+    };
+    let rows = x.len() / h;
+    let x2 = x
+        .into_shape_with_order((rows, h))
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    let n = b.router.num_experts;
+    let z2 = z
+        .into_shape_with_order((rows, n))
+        .map_err(|e| Error::Usage(format!("router logits: {e}")))?;
+    let keep: Vec<bool> = match feed.iter().find(|(n, _)| n == "attention_mask") {
+        Some((_, m)) if m.shape().iter().product::<usize>() == rows => {
+            m.to_f32().iter().map(|&v| v != 0.0).collect()
+        }
+        _ => vec![true; rows],
+    };
+    acc.update(x2.view(), z2.view(), &keep, seq_len);
+    Ok(keep.iter().filter(|&&k| k).count())
 }
 
 fn instrument(model: &Model, blocks: &[&crate::moe::MoeBlock], logits: &[String]) -> Result<Model> {

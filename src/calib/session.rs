@@ -79,6 +79,11 @@ impl<'a> Resilient<'a> {
         self.session.runtime()
     }
 
+    /// Whether the blocks were re-emitted because the graph as it is failed.
+    pub fn reemitted(&self) -> bool {
+        self.switched
+    }
+
     /// The router-logit output names of the watched blocks, in their order (they change
     /// when the blocks are re-emitted).
     pub fn logits(&self) -> &[String] {

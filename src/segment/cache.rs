@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Per batch, the tensors stored (by name), each a file and whether it holds floats.
-pub(super) struct ActivationCache {
+pub(crate) struct ActivationCache {
     dir: tempfile::TempDir,
     files: Vec<BTreeMap<String, (PathBuf, bool)>>,
     next: u64,
