@@ -30,6 +30,56 @@ pub struct DryRunRequest<'a> {
     pub reservoir: usize,
     /// Whether statistics come from a file (`--stats`: no calibration run).
     pub stats_file: bool,
+    /// The calibration data, if any (its size sets the activation cache's).
+    pub source: Option<crate::calib::Source>,
+    /// `--pipeline`.
+    pub pipeline: crate::sequential::Pipeline,
+    /// `--memory-limit`.
+    pub memory_limit: Option<u64>,
+}
+
+/// The activation cache of a segment-by-segment run, per flow, and the samples: the first
+/// segment is run on the first sample and what it hands on (with the sample's inputs) is
+/// measured, times the samples; later cuts carry about as much (BENCHMARKS.md compares this
+/// with the peak a run reports). `None` without data or blocks.
+fn cache_per_flow(
+    model: &Model,
+    det: &crate::moe::Detection,
+    source: &crate::calib::Source,
+) -> Result<Option<(u64, u64)>> {
+    if matches!(source, crate::calib::Source::DataFree) || det.blocks.is_empty() {
+        return Ok(None);
+    }
+    let data = crate::calib::load_inputs(model, source)?;
+    let Some((_, first)) = data.first() else {
+        return Ok(None);
+    };
+    let samples = first.shape()[0];
+    if samples == 0 {
+        return Ok(None);
+    }
+    let one: Vec<_> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), crate::calib::slice(v, 0, 1)))
+        .collect();
+    let cut = crate::segment::cut(model, det)?;
+    let opts = crate::calib::CalibOptions {
+        runtime: crate::runtime::Runtime::Auto,
+        #[cfg(feature = "ort")]
+        ep: Default::default(),
+        source: crate::calib::Source::DataFree,
+        batch: 1,
+        stats: Default::default(),
+        progress: false,
+    };
+    let mut flow = crate::segment::flow::Flow::new(&cut, &one, 1, 1)?;
+    let reemit = cut.segments[0]
+        .block
+        .as_deref()
+        .and_then(|b| crate::segment::flow::own_block(&cut.segments[0].model, det, b).ok())
+        .unwrap_or_default();
+    flow.run(0, &cut.segments[0].model, &reemit, &opts)?;
+    Ok(Some((flow.bytes() * samples as u64, samples as u64)))
 }
 
 fn gib(b: f64) -> String {
@@ -139,7 +189,53 @@ pub fn dry_run(req: &DryRunRequest) -> Result<String> {
         gib(file_bytes as f64),
         gib(file_bytes as f64 + out_bytes)
     );
-    if let Some(avail) = crate::inputs::available_memory() {
+    let exec = crate::sequential::memory::choose(
+        req.pipeline,
+        file_bytes,
+        crate::sequential::memory::available(req.memory_limit),
+    );
+    let _ = writeln!(
+        s,
+        "runs       models run {} ({})",
+        if exec.segments {
+            "segment by segment"
+        } else {
+            "whole"
+        },
+        exec.reason
+    );
+    if exec.segments {
+        if let Some((per_flow, samples)) = match &req.source {
+            Some(src) if !req.stats_file || req.target.is_some() => {
+                cache_per_flow(&model, &det, src)?
+            }
+            _ => None,
+        } {
+            let tmp = std::env::temp_dir();
+            let _ = writeln!(
+                s,
+                "disk       activations between segments (measured at the first cut on one \
+                 sample): about {} per flow of {} samples, two flows at once (sequential \
+                 refit, fidelity): about {} under {}{}",
+                gib(per_flow as f64),
+                samples,
+                gib(2.0 * per_flow as f64),
+                tmp.display(),
+                crate::segment::free_bytes(&tmp)
+                    .map(|f| format!(
+                        " ({} free{})",
+                        gib(f as f64),
+                        if f < 2 * per_flow {
+                            " — not enough"
+                        } else {
+                            ""
+                        }
+                    ))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if let Some(avail) = crate::sequential::memory::available(req.memory_limit) {
         let need = own + file_bytes as f64 + out_bytes;
         let _ = writeln!(
             s,

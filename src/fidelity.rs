@@ -2,11 +2,16 @@
 //! held-out inputs (never the samples the statistics were fitted on).
 //!
 //! Over every float output both models produce, on the positions that are not padding
-//! (`attention_mask` = 0 rows are excluded when an output's leading dims are `[batch, seq]`):
+//! (`attention_mask` = 0 rows are excluded when an output's leading dims are `[batch, seq]`,
+//! or when it is `[batch·seq, H]`):
 //! - `rel_l2` = ‖y' − y‖ / ‖y‖ over all those values;
 //! - `cosine` = the mean over positions of cos(y'ᵢ, yᵢ) of the last-axis vectors;
 //! - for language models (token-id input `input_ids`, a rank-3 output: next-token logits),
 //!   `top1_agreement` (argmax equal) and `kl` = mean KL(p ‖ p') of the next-token distributions.
+//!
+//! The models run whole here, one at a time in the runtime, or segment by segment
+//! ([`measure_segmented`]: never a whole model in a runtime, and each rewritten block's output
+//! compared at its cut too).
 use crate::calib::slice;
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -262,7 +267,10 @@ fn compare(
         let m = mask
             .as_ref()
             .filter(|m| m.ndim() >= 1 && offset + rows <= m.shape()[0])
-            .map(|m| m.slice_axis(Axis(0), (offset..offset + rows).into()).to_owned());
+            .map(|m| {
+                m.slice_axis(Axis(0), (offset..offset + rows).into())
+                    .to_owned()
+            });
         d.add(m.as_ref(), ba, bb)?;
         offset += rows;
     }

@@ -622,6 +622,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     layers: a.layers.as_ref().map(|l| l.0.as_slice()),
                     reservoir: a.calib.reservoir,
                     stats_file: a.stats.is_some(),
+                    source: a.calib.source(),
+                    pipeline: a.pipeline,
+                    memory_limit: a.memory_limit,
                 };
                 print!("{}", smoe_opt::dry_run::dry_run(&req)?);
                 return Ok(());

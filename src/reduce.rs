@@ -294,7 +294,7 @@ fn choose_pipeline(
     mut a: crate::compress::Alternative,
     fit: &[(String, Value)],
     sel: Option<&Selection>,
-    family: crate::compress::Family,
+    ro: crate::sequential::RefitOptions,
     opts: &ReduceOptions,
 ) -> Result<crate::compress::Alternative> {
     use crate::sequential::Pipeline;
@@ -330,14 +330,14 @@ fn choose_pipeline(
     let sel = match sel {
         Some(sel) => sel,
         None if opts.pipeline == Pipeline::Sequential => {
-            return crate::sequential::refit(model, det, &a, calib, fit, opts.emit, family)
+            return crate::sequential::refit(model, det, &a, calib, fit, ro)
         }
         None => {
             log::info!("--pipeline auto: no selection samples to compare on; one-shot");
             return Ok(a);
         }
     };
-    let mut s = match crate::sequential::refit(model, det, &a, calib, fit, opts.emit, family) {
+    let mut s = match crate::sequential::refit(model, det, &a, calib, fit, ro) {
         Ok(s) => s,
         // `auto` only: the sequential fit is the optional one; it must not cost the run.
         Err(e) if opts.pipeline == Pipeline::Auto => {
@@ -528,6 +528,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             let stats = if execution.segments {
                 match calib::calibrate_segmented(model, det, c, &fit) {
                     Ok(s) => s,
+                    Err(e) if !execution.whole_fits => return Err(e),
                     Err(e) => {
                         log::warn!(
                             "calibration segment by segment failed ({e}); calibrating on the \
@@ -600,6 +601,12 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                 };
                 let reference = if let Some(cut) = &cut {
                     fidelity::reference_segmented(model, cut, det, &selection, &run_options(opts))
+                } else if execution.segments && !execution.whole_fits {
+                    Err(Error::Usage(
+                        "the model cannot be cut into segments and does not fit in memory \
+                         run whole"
+                            .into(),
+                    ))
                 } else {
                     fidelity::reference(
                         model,
@@ -630,7 +637,12 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             }
             let alts = crate::compress::plan(&model.graph, det, &stats, &c)?;
             let a = choose_alternative(model, det, alts, sel.as_ref(), opts)?;
-            let a = choose_pipeline(model, det, a, &fit, sel.as_ref(), c.family, opts)?;
+            let ro = crate::sequential::RefitOptions {
+                emit: opts.emit,
+                family: c.family,
+                whole_fallback: execution.whole_fits,
+            };
+            let a = choose_pipeline(model, det, a, &fit, sel.as_ref(), ro, opts)?;
             (a.plans, Some(a.summary))
         }
         (None, Some(m)) => (merge::plan(&model.graph, det, &stats, &m)?, None),
@@ -656,6 +668,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             &run_options(opts),
         ) {
             Ok(f) => Some(f),
+            Err(e) if !execution.whole_fits => return Err(e),
             Err(e) => {
                 log::warn!("fidelity segment by segment failed ({e}); running the whole models");
                 None
@@ -689,6 +702,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             )));
         }
     }
+    execution.activations_peak_bytes = crate::segment::peak_bytes();
     Ok(ReduceOutcome {
         calibration,
         layers: plans

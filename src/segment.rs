@@ -29,6 +29,7 @@ use std::collections::{HashMap, HashSet};
 
 mod cache;
 pub(crate) mod flow;
+pub use cache::{free_bytes, peak_bytes};
 
 /// A tensor entering or leaving a segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -459,8 +460,9 @@ fn recomputable(
         let mut fine = true;
         for u in n.input.iter().filter(|u| !u.is_empty()) {
             if let Some(i) = g.initializer(u) {
-                // Weights (matrices, embeddings) mark the data path, never recomputed.
-                if i.proto.dims.len() >= 2 {
+                // Weights (matrices, embeddings) mark the data path, never recomputed; a
+                // vector with unit axes (`inv_freq[None, :, None]`) is still a vector.
+                if is_matrix(&i.proto.dims) {
                     fine = false;
                     break;
                 }
@@ -487,7 +489,12 @@ fn recomputable(
 
 /// Whether a `Constant` attribute holds a matrix (a weight baked into the graph).
 fn matrix_value(a: &crate::onnx::proto::AttributeProto) -> bool {
-    a.t.as_ref().is_some_and(|t| t.dims.len() >= 2)
+    a.t.as_ref().is_some_and(|t| is_matrix(&t.dims))
+}
+
+/// Whether a tensor of these dims is a matrix: at least two axes longer than one.
+fn is_matrix(dims: &[i64]) -> bool {
+    dims.iter().filter(|&&d| d != 1).count() >= 2
 }
 
 /// Adds position `at` and its recomputable ancestors to `into`.

@@ -33,6 +33,18 @@ pub enum Pipeline {
     Sequential,
 }
 
+/// How [`refit`] writes and where it may run.
+#[derive(Debug, Clone, Copy)]
+pub struct RefitOptions {
+    /// Form of the rewritten blocks.
+    pub emit: EmitForm,
+    /// The plan's compression family.
+    pub family: Family,
+    /// Whether the whole model may be refitted when the segments fail (not when the model
+    /// does not fit in memory run whole).
+    pub whole_fallback: bool,
+}
+
 /// Refits `alt` layer by layer on `model` (the original): for each of its layers in graph
 /// order, calibrate that layer on the model with the earlier layers rewritten, rebuild the
 /// layer's form from those statistics, and rewrite it. Returns the refitted plan; its summary
@@ -43,9 +55,9 @@ pub fn refit(
     alt: &Alternative,
     calib: &CalibOptions,
     fit: &[(String, Value)],
-    emit: EmitForm,
-    family: Family,
+    ro: RefitOptions,
 ) -> Result<Alternative> {
+    let RefitOptions { emit, family, .. } = ro;
     if alt.recipes.len() != alt.plans.len() {
         return Err(Error::Graph {
             node: None,
@@ -61,6 +73,7 @@ pub fn refit(
     };
     let (layers, how) = match segmented {
         Ok(l) => (l, "segment by segment"),
+        Err(e) if !ro.whole_fallback && !whole => return Err(e),
         Err(e) => {
             log::warn!("the segment-by-segment refit failed ({e}); refitting on the whole model");
             (

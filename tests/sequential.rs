@@ -238,7 +238,9 @@ fn misuse_is_a_usage_error() {
 /// The sequential refit runs segment by segment (one segment in a runtime at a time) and
 /// writes the same bytes as the refit on the whole model (each layer calibrated on the whole
 /// partially rewritten model, paired with the whole original; `SMOE_SEQUENTIAL_WHOLE_MODEL`
-/// selects it): the segments compute exactly what the whole model does. Also on the
+/// selects it, and runs the first calibration and the fidelity on the whole models too):
+/// the segments compute exactly what the whole model does — same bytes, same fidelity —
+/// and the report says how the models ran. Also on the
 /// onnxruntime-only QMoE graph. On the shape-specialised Switch export, whose exported block
 /// cannot run on a rewritten model's activations, both refits calibrate through a re-emitted
 /// block (the whole model re-emits every block still as exported, a segment only its own),
@@ -254,6 +256,14 @@ fn segment_by_segment_refit_equals_the_whole_model_refit() {
     {
         let d = dir(name);
         let io = d.join("io.npz");
+        // The builder's QMoE graph needs onnxruntime, whose CPU MatMulNBits (accuracy level 4)
+        // quantises its activations to int8, and tract runs the segments it can (its head
+        // exactly): one runtime for everything compares like with like.
+        let runtime = if name.starts_with("ortgenai_lfm2") {
+            "ort"
+        } else {
+            "auto"
+        };
         let args = [
             "--calib",
             io.to_str().unwrap(),
@@ -261,6 +271,8 @@ fn segment_by_segment_refit_equals_the_whole_model_refit() {
             "0.5",
             "--pipeline",
             "sequential",
+            "--runtime",
+            runtime,
         ];
         let seg = tmp.path().join(format!("{name}.seg.onnx"));
         let r = reduce(&d.join("model.onnx"), &seg, &args);
@@ -287,14 +299,47 @@ fn segment_by_segment_refit_equals_the_whole_model_refit() {
             "{name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let w: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+        let (es, ew) = (&r.report["execution"], &w["execution"]);
+        assert_eq!(es["segments"], true, "{name}: {es}");
+        assert_eq!(ew["segments"], false, "{name}: {ew}");
+        assert!(
+            r.report["calibration"]["source"]
+                .as_str()
+                .unwrap()
+                .ends_with("segment by segment"),
+            "{name}: {}",
+            r.report["calibration"]
+        );
+        let (fs, fw) = (&r.report["fidelity"], &w["fidelity"]);
+        assert!(
+            fs["reference"]
+                .as_str()
+                .unwrap()
+                .contains("segment by segment"),
+            "{name}: {fs}"
+        );
+        let rewritten = r.report["layers"].as_array().unwrap().len();
+        assert_eq!(
+            fs["blocks"].as_array().map_or(0, |b| b.len()),
+            rewritten,
+            "{name}: one figure per rewritten block: {fs}"
+        );
         if name != "switch_v4_ts" {
             assert!(
                 std::fs::read(&seg).unwrap() == std::fs::read(&whole).unwrap(),
-                "{name}: the segment-by-segment refit wrote other bytes than the whole-model one"
+                "{name}: the segment-by-segment run wrote other bytes than the whole-model one"
             );
+            // The same metrics from the segments' outputs as from the whole models'.
+            for key in ["rel_l2", "cosine", "positions"] {
+                let (a, b) = (fs[key].as_f64().unwrap(), fw[key].as_f64().unwrap());
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1e-6),
+                    "{name}: fidelity {key} {a} segment by segment, {b} whole"
+                );
+            }
             continue;
         }
-        let w: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
         let (a, b) = (
             r.report["layers"].as_array().unwrap(),
             w["layers"].as_array().unwrap(),
@@ -317,4 +362,287 @@ fn segment_by_segment_refit_equals_the_whole_model_refit() {
             assert!((ex - ey).abs() <= 1e-9, "{name}: errors {ex} and {ey}");
         }
     }
+}
+
+/// Segment by segment, the report's fidelity at each rewritten block's cut and end to end is
+/// what onnxruntime computes on the whole written and original models (Python, with the
+/// block outputs exposed; a rewritten block keeps its output's name). Tolerance: tract and
+/// onnxruntime differ by ~1e-6 relative on these activations; the figures compared are
+/// 0.01–1, so 1e-3 relative leaves room for rounding and none for a wrong pairing of tensors
+/// or of padding rows.
+#[test]
+fn segmented_fidelity_matches_onnxruntime_at_every_cut() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    for name in [
+        "mixtral_v4_ts",
+        "qwen3moe_v5_ts_raw",
+        "deepseekv3_v5_ts_raw",
+    ] {
+        let d = dir(name);
+        let io = d.join("io.npz");
+        let out = tmp.path().join(format!("{name}.onnx"));
+        let r = reduce(
+            &d.join("model.onnx"),
+            &out,
+            &[
+                "--calib",
+                io.to_str().unwrap(),
+                "--eval-data",
+                io.to_str().unwrap(),
+                "--target-size",
+                "0.5",
+                "--pipeline",
+                "sequential",
+            ],
+        );
+        assert!(r.ok, "{name}: {}", r.stderr);
+        let f = &r.report["fidelity"];
+        let blocks = f["blocks"].as_array().unwrap();
+        assert!(blocks.len() >= 2, "{name}: {f}");
+        let mut args = vec![
+            d.join("model.onnx").to_str().unwrap().to_string(),
+            out.to_str().unwrap().to_string(),
+            io.to_str().unwrap().to_string(),
+        ];
+        args.extend(
+            blocks
+                .iter()
+                .map(|b| b["output"].as_str().unwrap().to_string()),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let c = run_py(&py, "check_cuts.py", &args);
+        assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&c.stdout).unwrap();
+        for b in blocks {
+            let theirs = &v[b["output"].as_str().unwrap()];
+            for key in ["rel_l2", "cosine"] {
+                let (a, t) = (b[key].as_f64().unwrap(), theirs[key].as_f64().unwrap());
+                assert!(
+                    (a - t).abs() <= 1e-3 * t.abs() + 1e-6,
+                    "{name} {}: {key} {a} reported, {t} in onnxruntime",
+                    b["block"]
+                );
+            }
+        }
+        // The later block's output moved: the figures are not all zero by construction.
+        assert!(
+            blocks.iter().any(|b| b["rel_l2"].as_f64().unwrap() > 1e-3),
+            "{name}: {f}"
+        );
+        let ours = f["rel_l2"].as_f64().unwrap();
+        let theirs = rel_l2(&py, &d, &out);
+        assert!(
+            (ours - theirs).abs() <= 1e-3 * theirs + 1e-6,
+            "{name}: end to end {ours} reported, {theirs} in onnxruntime"
+        );
+    }
+}
+
+/// `--pipeline auto` goes segment by segment (and sequential) when the model would not fit
+/// in the memory available run whole (`--memory-limit` stands for a small machine), writing
+/// what `--pipeline sequential` writes; with room it runs the models whole. The report says
+/// which and why.
+#[test]
+fn auto_goes_segment_by_segment_when_memory_is_short() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = dir("mixtral_v4_ts");
+    let io = d.join("io.npz");
+    let base = ["--calib", io.to_str().unwrap(), "--target-size", "0.5"];
+    let run = |tag: &str, extra: &[&str]| {
+        let out = tmp.path().join(format!("{tag}.onnx"));
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let r = reduce(&d.join("model.onnx"), &out, &args);
+        assert!(r.ok, "{tag}: {}", r.stderr);
+        (std::fs::read(&out).unwrap(), r.report)
+    };
+    let (short, rs) = run("short", &["--memory-limit", "1M"]);
+    let e = &rs["execution"];
+    assert_eq!(e["segments"], true, "{e}");
+    assert_eq!(e["pipeline"], "sequential", "{e}");
+    assert!(e["reason"].as_str().unwrap().starts_with("auto:"), "{e}");
+    assert_eq!(rs["compression"]["pipeline"], "sequential");
+    let (seq, _) = run("seq", &["--pipeline", "sequential"]);
+    assert!(
+        short == seq,
+        "auto with little memory wrote other bytes than sequential"
+    );
+    let (_, rr) = run("roomy", &["--memory-limit", "1T"]);
+    let e = &rr["execution"];
+    assert_eq!(e["segments"], false, "{e}");
+    assert_eq!(e["pipeline"], "auto", "{e}");
+    // A size that is not one is a usage error.
+    let out = tmp.path().join("bad.onnx");
+    let r = reduce(
+        &d.join("model.onnx"),
+        &out,
+        &[base.as_slice(), &["--memory-limit", "lots"]].concat(),
+    );
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("--memory-limit"), "{}", r.stderr);
+    assert!(!out.exists());
+}
+
+/// `a b c` -> bytes, for the human sizes smoe-opt prints (`27.0 MiB`).
+fn parse_human(v: &str, unit: &str) -> f64 {
+    let x: f64 = v.parse().unwrap();
+    x * match unit.trim_end_matches([',', ')', ';']) {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        u => panic!("unit {u}"),
+    }
+}
+
+/// `--dry-run` under `--pipeline sequential` says how the models will run and how much disk
+/// the activations between segments take (measured on one sample at the first cut); the run
+/// then reports its measured peak, which the estimate must be close to (within 25%: later
+/// cuts of the LM carry what the first does, and one batch is in flight at a time).
+#[test]
+fn dry_run_estimates_the_activation_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = root().join("testdata/lm");
+    let (calib, tok, eval) = (
+        lm.join("calib.txt"),
+        lm.join("tokenizer.json"),
+        lm.join("eval.npz"),
+    );
+    let args = [
+        "--target-size",
+        "0.5",
+        "--pipeline",
+        "sequential",
+        "--calib-text",
+        calib.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--eval-data",
+        eval.to_str().unwrap(),
+    ];
+    let out = tmp.path().join("lm.onnx");
+    let o = bin()
+        .arg(lm.join("model.onnx"))
+        .arg("-o")
+        .arg(&out)
+        .args(args)
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(!out.exists(), "a dry run wrote the model");
+    assert!(
+        text.contains("models run segment by segment (--pipeline sequential)"),
+        "{text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.contains("activations between segments"))
+        .unwrap_or_else(|| panic!("{text}"));
+    // "... two flows at once (...): about X MiB under DIR (...)"
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let at = w.iter().rposition(|&x| x == "about").unwrap();
+    let estimate = parse_human(w[at + 1], w[at + 2]);
+    let r = reduce(&lm.join("model.onnx"), &out, &args);
+    assert!(r.ok, "{}", r.stderr);
+    let peak = r.report["execution"]["activations_peak_bytes"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        peak > 0.0 && (estimate / peak - 1.0).abs() <= 0.25,
+        "dry run estimated {estimate} bytes, the run kept at most {peak}: {line}"
+    );
+}
+
+/// Mounts a tmpfs of `mib` MiB at `dir` (root with mount rights only: else None and the
+/// caller skips, saying so).
+fn small_disk(dir: &Path, mib: u32) -> Option<impl Drop> {
+    struct Mounted(std::path::PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+        .arg(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then(|| Mounted(dir.to_path_buf()))
+}
+
+/// Too little disk for the activations between segments: when the model does not fit in
+/// memory run whole (`--memory-limit`), the run stops early with a usage error naming the
+/// folder and what it needs, writes nothing and leaves no activation files; when it fits,
+/// each step falls back to the whole model and the run succeeds, saying so.
+#[test]
+fn short_disk_for_the_activations_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("small");
+    std::fs::create_dir(&disk).unwrap();
+    let Some(mounted) = small_disk(&disk, 8) else {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root with mount rights)");
+        return;
+    };
+    let lm = root().join("testdata/lm");
+    let (calib, tok, eval) = (
+        lm.join("calib.txt"),
+        lm.join("tokenizer.json"),
+        lm.join("eval.npz"),
+    );
+    let args = [
+        "--target-size",
+        "0.5",
+        "--calib-text",
+        calib.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--eval-data",
+        eval.to_str().unwrap(),
+    ];
+    let out = tmp.path().join("short.onnx");
+    let o = bin()
+        .env("TMPDIR", &disk)
+        .arg(lm.join("model.onnx"))
+        .arg("-o")
+        .arg(&out)
+        .args(args)
+        .args(["--memory-limit", "1M"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("activations between segments need about") && err.contains("TMPDIR"),
+        "{err}"
+    );
+    assert!(err.contains(disk.to_str().unwrap()), "{err}");
+    assert!(!out.exists(), "a model was written");
+    let left: Vec<_> = std::fs::read_dir(&disk)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("smoe-opt"))
+        .collect();
+    assert!(left.is_empty(), "activation files left: {left:?}");
+    // With memory to spare, the whole model stands in.
+    let o = bin()
+        .env("TMPDIR", &disk)
+        .arg(lm.join("model.onnx"))
+        .arg("-o")
+        .arg(&out)
+        .args(args)
+        .args(["--pipeline", "sequential", "--report"])
+        .arg(tmp.path().join("r.json"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("refitting on the whole model"), "{err}");
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("r.json")).unwrap()).unwrap();
+    let plan = r["compression"]["plan"].as_str().unwrap();
+    assert!(plan.ends_with("(on the whole model)"), "{plan}");
+    drop(mounted);
 }

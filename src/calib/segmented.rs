@@ -26,7 +26,7 @@ pub fn calibrate_segmented(
         ));
     }
     let cut = crate::segment::cut(model, det)?;
-    let mut flow = Flow::new(&cut, data, opts.batch)?;
+    let mut flow = Flow::new(&cut, data, opts.batch, 1)?;
     let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
     let mut layers = Vec::new();
     let (mut seconds_setup, mut seconds_run) = (0f64, 0f64);

@@ -32,7 +32,8 @@ impl Distance {
 
     /// Adds one batch: the float outputs of `a` and `b` of the same name (KV-cache
     /// `present.*` outputs excepted), on the rows `mask` (the batch's `attention_mask`,
-    /// `[batch, seq]`) marks as tokens when an output's leading dims are `[batch, seq]`.
+    /// `[batch, seq]`) marks as tokens when an output's leading dims are `[batch, seq]` or it
+    /// is `[batch·seq, H]`.
     pub fn add(
         &mut self,
         mask: Option<&ArrayD<f32>>,
@@ -85,6 +86,10 @@ impl Distance {
                     (0..rows)
                         .map(|r| mm[[r / per / seq, (r / per) % seq]] != 0.0)
                         .collect()
+                }
+                // Token rows flattened: `[batch·seq, H]`.
+                Some(m) if ya.ndim() == 2 && m.len() == rows => {
+                    m.iter().map(|&v| v != 0.0).collect()
                 }
                 _ => vec![true; rows],
             };

@@ -120,8 +120,8 @@ pub fn measure_segmented(
     let cut = crate::segment::cut(original, det)?;
     let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
     let outputs = model_outputs(original);
-    let mut a = Flow::new(&cut, data, opts.batch)?;
-    let mut b = Flow::new(&cut, data, opts.batch)?;
+    let mut a = Flow::new(&cut, data, opts.batch, 2)?;
+    let mut b = Flow::new(&cut, data, opts.batch, 2)?;
     let mut total = Distance::new(is_lm(data));
     let mut blocks = Vec::new();
     let mut runs = Runs::default();
@@ -225,6 +225,9 @@ pub fn measure_segmented_against(
     )
 }
 
+/// Per batch, named values.
+type Batches = Vec<Vec<(String, Value)>>;
+
 /// Per batch, the model outputs of `original` rewritten by `plans` (none: as it is), run
 /// segment by segment on `data`.
 fn flow_outputs(
@@ -235,10 +238,10 @@ fn flow_outputs(
     emit: EmitForm,
     data: &[(String, Value)],
     opts: &CalibOptions,
-) -> Result<(Vec<Vec<(String, Value)>>, Runs)> {
+) -> Result<(Batches, Runs)> {
     let names = model_outputs(original);
-    let mut flow = Flow::new(cut, data, opts.batch)?;
-    let mut out: Vec<Vec<(String, Value)>> = vec![Vec::new(); flow.batches()];
+    let mut flow = Flow::new(cut, data, opts.batch, 1)?;
+    let mut out: Batches = vec![Vec::new(); flow.batches()];
     let mut runs = Runs::default();
     let none = Detection::default();
     for (s, seg) in cut.segments.iter().enumerate() {

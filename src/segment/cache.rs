@@ -6,7 +6,32 @@ use crate::runtime::Value;
 use ndarray::ArrayD;
 use ndarray_npy::{ReadNpyExt, WriteNpyExt};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bytes of every activation cache of the process, now and at most.
+static LIVE: AtomicU64 = AtomicU64::new(0);
+static PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// The most bytes the activation caches of this process held on disk at once, all caches
+/// together (the flows of a sequential refit or a fidelity measurement coexist).
+pub fn peak_bytes() -> u64 {
+    PEAK.load(Ordering::Relaxed)
+}
+
+/// Bytes free to this user on the file system holding `dir` (None where unknown).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let s = rustix::fs::statvfs(dir).ok()?;
+        Some(s.f_bavail.saturating_mul(s.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
 
 /// Per batch, the tensors stored (by name), each a file and whether it holds floats.
 pub(crate) struct ActivationCache {
@@ -32,6 +57,16 @@ impl ActivationCache {
             bytes: 0,
             peak: 0,
         })
+    }
+
+    /// The folder the files are in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Bytes stored now.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// How many batches.
@@ -60,6 +95,8 @@ impl ActivationCache {
             .len();
         self.bytes += len;
         self.peak = self.peak.max(self.bytes);
+        let live = LIVE.fetch_add(len, Ordering::Relaxed) + len;
+        PEAK.fetch_max(live, Ordering::Relaxed);
         let floats = matches!(v, Value::F32(_));
         self.files[k].insert(name.to_string(), (path, floats));
         Ok(())
@@ -89,10 +126,16 @@ impl ActivationCache {
     /// Deletes, in every batch, the tensors `keep` rejects.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) -> Result<()> {
         for k in 0..self.files.len() {
-            let dead: Vec<String> = self.files[k].keys().filter(|n| !keep(n)).cloned().collect();
-            for n in dead {
-                self.remove(k, &n)?;
-            }
+            self.retain_batch(k, &keep)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes batch `k`'s tensors that `keep` rejects.
+    pub fn retain_batch(&mut self, k: usize, keep: impl Fn(&str) -> bool) -> Result<()> {
+        let dead: Vec<String> = self.files[k].keys().filter(|n| !keep(n)).cloned().collect();
+        for n in dead {
+            self.remove(k, &n)?;
         }
         Ok(())
     }
@@ -102,7 +145,18 @@ impl ActivationCache {
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             self.bytes = self.bytes.saturating_sub(len);
+            LIVE.fetch_sub(len.min(LIVE.load(Ordering::Relaxed)), Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+impl Drop for ActivationCache {
+    fn drop(&mut self) {
+        // The folder and its files go with `dir`.
+        LIVE.fetch_sub(
+            self.bytes.min(LIVE.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
     }
 }

@@ -14,14 +14,24 @@ use std::collections::{HashMap, HashSet};
 /// The values of some data at the current cut of a segmentation.
 pub(crate) struct Flow {
     cache: ActivationCache,
+    /// Flows of the same run that fill the same disk at the same time.
+    flows: u64,
+    /// Whether the room on disk was checked against the first stored activations.
+    checked: bool,
     inputs: HashSet<String>,
     /// For every crossing tensor and model input: the last segment that reads it.
     last_read: HashMap<String, usize>,
 }
 
 impl Flow {
-    /// `data` (first axis = samples) cut in batches of `batch` samples, at the start of `cut`.
-    pub fn new(cut: &Segmentation, data: &[(String, Value)], batch: usize) -> Result<Self> {
+    /// `data` (first axis = samples) cut in batches of `batch` samples, at the start of `cut`;
+    /// `flows` flows of the run (this one included) fill the disk at the same time.
+    pub fn new(
+        cut: &Segmentation,
+        data: &[(String, Value)],
+        batch: usize,
+        flows: u64,
+    ) -> Result<Self> {
         let batch = batch.max(1);
         let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
         let count = samples.div_ceil(batch);
@@ -40,6 +50,8 @@ impl Flow {
         }
         Ok(Flow {
             cache,
+            flows: flows.max(1),
+            checked: false,
             inputs: data.iter().map(|(k, _)| k.clone()).collect(),
             last_read,
         })
@@ -55,14 +67,24 @@ impl Flow {
         self.cache.get(k)
     }
 
-    /// Keeps, of segment `s`'s outputs `out` on batch `k`, those a later segment reads.
+    /// Keeps, of segment `s`'s outputs `out` on batch `k`, those a later segment reads, and
+    /// deletes the batch's values no later segment reads (segment `s` has consumed them).
     pub fn store(&mut self, s: usize, k: usize, out: &[(String, Value)]) -> Result<()> {
+        let before = self.cache.bytes();
         for (name, v) in out {
             if self.last_read.get(name).is_some_and(|&l| l > s) {
                 self.cache.put(k, name, v)?;
             }
         }
-        Ok(())
+        let added = self.cache.bytes() - before;
+        if added > 0 && !self.checked {
+            self.checked = true;
+            self.check_room(added)?;
+        }
+        let (inputs, last) = (&self.inputs, &self.last_read);
+        self.cache.retain_batch(k, |name| {
+            inputs.contains(name) || last.get(name).is_some_and(|&l| l > s)
+        })
     }
 
     /// Segment `s` has run on every batch: deletes what no later segment reads.
@@ -70,6 +92,29 @@ impl Flow {
         let (inputs, last) = (&self.inputs, &self.last_read);
         self.cache
             .retain(|name| inputs.contains(name) || last.get(name).is_some_and(|&l| l > s))
+    }
+
+    /// Once the first activations of one batch are stored (`added` bytes): whether the disk
+    /// has room for the run's flows at a cut, from that measured size, every batch. Later
+    /// cuts carry about as much (the residual stream and its side tensors); half again is
+    /// allowed for wider ones.
+    fn check_room(&self, added: u64) -> Result<()> {
+        let at_cut = added * self.batches() as u64;
+        let need = (self.flows as f64 * 1.5 * at_cut as f64) as u64 - added;
+        let dir = self.cache.dir();
+        match super::cache::free_bytes(dir) {
+            Some(free) if free < need => Err(Error::Usage(format!(
+                "the activations between segments need about {} more on disk under {} \
+                 ({} free; {} per flow at the first cut, measured on its first batch, {} \
+                 flow(s)): point TMPDIR at a disk with room, or calibrate on fewer samples",
+                crate::inspect::human_bytes(need),
+                dir.parent().unwrap_or(dir).display(),
+                crate::inspect::human_bytes(free),
+                crate::inspect::human_bytes(at_cut),
+                self.flows
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Runs segment `s` (`model`, the segment as cut or rewritten) on every batch, keeping
@@ -88,6 +133,11 @@ impl Flow {
             self.store(s, k, &out)?;
         }
         self.advance(s)
+    }
+
+    /// Bytes kept on disk now.
+    pub fn bytes(&self) -> u64 {
+        self.cache.bytes()
     }
 
     /// The most bytes the flow kept on disk at once.

@@ -23,6 +23,13 @@ pub struct Execution {
     pub segments: bool,
     /// Why, in words.
     pub reason: String,
+    /// The most bytes of activations kept on disk between segments at once, all flows
+    /// together (0 when models ran whole).
+    pub activations_peak_bytes: u64,
+    /// Whether the model fits in memory run whole (or the memory is unknown): only then may a
+    /// segment-by-segment step that fails fall back to the whole model.
+    #[serde(skip)]
+    pub whole_fits: bool,
 }
 
 /// The model's bytes: on disk with its external data, else serialised.
@@ -59,16 +66,21 @@ fn cgroup_room() -> Option<u64> {
 pub fn choose(pipeline: Pipeline, bytes: u64, available: Option<u64>) -> Execution {
     let gib = |b: f64| crate::inspect::human_bytes(b.max(0.0) as u64);
     let whole = 2.0 * bytes as f64;
+    let whole_fits = available.is_none_or(|a| whole <= HEADROOM * a as f64);
     match (pipeline, available) {
         (Pipeline::Sequential, _) => Execution {
             pipeline,
             segments: true,
             reason: "--pipeline sequential".into(),
+            activations_peak_bytes: 0,
+            whole_fits,
         },
         (Pipeline::OneShot, _) => Execution {
             pipeline,
             segments: false,
             reason: "--pipeline one-shot".into(),
+            activations_peak_bytes: 0,
+            whole_fits,
         },
         (Pipeline::Auto, Some(a)) if whole > HEADROOM * a as f64 => Execution {
             pipeline: Pipeline::Sequential,
@@ -80,6 +92,8 @@ pub fn choose(pipeline: Pipeline, bytes: u64, available: Option<u64>) -> Executi
                 100.0 * HEADROOM,
                 gib(a as f64)
             ),
+            activations_peak_bytes: 0,
+            whole_fits,
         },
         (Pipeline::Auto, Some(a)) => Execution {
             pipeline,
@@ -89,11 +103,15 @@ pub fn choose(pipeline: Pipeline, bytes: u64, available: Option<u64>) -> Executi
                 gib(whole),
                 gib(a as f64)
             ),
+            activations_peak_bytes: 0,
+            whole_fits,
         },
         (Pipeline::Auto, None) => Execution {
             pipeline,
             segments: false,
             reason: "auto: the available memory is unknown; the model is run whole".into(),
+            activations_peak_bytes: 0,
+            whole_fits,
         },
     }
 }

@@ -28,8 +28,8 @@ pub(super) fn refit_layers(
     family: Family,
 ) -> Result<Vec<Alternative>> {
     let cut = crate::segment::cut(model, det)?;
-    let mut reference = Flow::new(&cut, fit, opts.batch)?;
-    let mut current = Flow::new(&cut, fit, opts.batch)?;
+    let mut reference = Flow::new(&cut, fit, opts.batch, 2)?;
+    let mut current = Flow::new(&cut, fit, opts.batch, 2)?;
     let count = reference.batches();
     let none = Detection::default();
     let recipe_of: HashMap<&str, usize> = alt

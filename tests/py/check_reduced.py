@@ -3,7 +3,7 @@ held-out relative L2 error against the original recomputed here.
 
 usage: check_reduced.py ORIGINAL WRITTEN IO.npz START OUT.npz
 Prints JSON {rel_l2, cosine, positions}; samples START.. are the held-out ones (padding rows
-excluded for [batch, seq, ...] outputs, as smoe-opt does). Writes the written model's
+excluded for [batch, seq, ...] and [batch*seq, H] outputs, as smoe-opt does). Writes the written model's
 onnxruntime outputs on all samples to OUT.npz (for the tract comparison)."""
 import json, sys
 
@@ -47,8 +47,15 @@ for name, ya in a.items():
     # Floating outputs only, and no present key/value caches (as smoe-opt's fidelity).
     if name not in b or not np.issubdtype(ya.dtype, np.floating) or name.startswith("present"):
         continue
-    ya, yb = ya[start:].astype(np.float64), b[name][start:].astype(np.float64)
-    keep = np.ones(ya.shape[:-1], dtype=bool)
+    yb = b[name]
+    if mask is not None and ya.ndim == 2 and ya.shape[0] == mask.size:
+        # Token rows flattened, [batch*seq, H]: the mask's rows, flattened.
+        seq = mask.shape[1]
+        ya, yb = ya[start * seq:].astype(np.float64), yb[start * seq:].astype(np.float64)
+        keep = mask[start:].reshape(-1) != 0
+    else:
+        ya, yb = ya[start:].astype(np.float64), yb[start:].astype(np.float64)
+        keep = np.ones(ya.shape[:-1], dtype=bool)
     if mask is not None and ya.ndim >= 3 and ya.shape[1] == mask.shape[1]:
         keep = np.broadcast_to(mask[start:].reshape(mask[start:].shape + (1,) * (ya.ndim - 3)) != 0, ya.shape[:-1])
     xa, xb = ya[keep], yb[keep]
