@@ -121,10 +121,12 @@ pub struct WhitenedSvd {
     /// Singular values of `Lᵀ·Wᵀ` (non-increasing): σ²_i is the squared output error
     /// (over the Gram's tokens) that dropping term i adds.
     pub sigma: Vec<f64>,
-    /// `L⁻ᵀ·U·Σ` (`[in, p]`): the input-side factor of every term.
-    left: Mat<f64>,
-    /// `V` (`[out, p]`).
-    right: Mat<f64>,
+    /// `L⁻ᵀ·U·Σ` (`[in, p]`): the input-side factor of every term, in float32 (what the
+    /// written factors hold: kept in float64 they took twice the memory of the model's
+    /// float32 weights, for every layer at once while ranks are allocated).
+    left: Array2<f32>,
+    /// `V` (`[out, p]`), float32.
+    right: Array2<f32>,
 }
 
 impl WhitenedSvd {
@@ -152,8 +154,8 @@ impl WhitenedSvd {
         l.transpose().solve_upper_triangular_in_place(us.as_mut());
         WhitenedSvd {
             sigma: s,
-            left: us,
-            right: v,
+            left: Array2::from_shape_fn((us.nrows(), p), |(i, j)| us[(i, j)] as f32),
+            right: Array2::from_shape_fn((v.nrows(), v.ncols()), |(i, j)| v[(i, j)] as f32),
         }
     }
 
@@ -161,8 +163,8 @@ impl WhitenedSvd {
     /// `W ≈ u·v`.
     pub fn factors(&self, r: usize) -> (Array2<f32>, Array2<f32>) {
         let r = r.min(self.sigma.len());
-        let u = Array2::from_shape_fn((self.right.nrows(), r), |(i, j)| self.right[(i, j)] as f32);
-        let v = Array2::from_shape_fn((r, self.left.nrows()), |(i, j)| self.left[(j, i)] as f32);
+        let u = self.right.slice(ndarray::s![.., ..r]).to_owned();
+        let v = self.left.slice(ndarray::s![.., ..r]).t().to_owned();
         (u, v)
     }
 }

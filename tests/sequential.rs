@@ -511,6 +511,8 @@ fn dry_run_estimates_the_activation_cache() {
     let args = [
         "--target-size",
         "0.5",
+        "--compress",
+        "low-rank",
         "--pipeline",
         "sequential",
         "--calib-text",
@@ -595,6 +597,8 @@ fn short_disk_for_the_activations_is_a_clear_error() {
     let args = [
         "--target-size",
         "0.5",
+        "--compress",
+        "low-rank",
         "--calib-text",
         calib.to_str().unwrap(),
         "--tokenizer",
