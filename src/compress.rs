@@ -60,7 +60,7 @@ const EVAL_ROWS: usize = 256;
 const GRID: &[f64] = &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
 
 /// Which compression family (`--compress`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Family {
     /// Measure every family per layer (merging included) and pick by error per byte.
@@ -104,7 +104,7 @@ pub struct CompressOptions {
 }
 
 /// One stored matrix of a compressed layer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct MatrixReport {
     /// Router experts the matrix serves.
     pub experts: Vec<usize>,
@@ -126,7 +126,7 @@ pub struct MatrixReport {
 }
 
 /// How one layer was compressed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct LayerCompression {
     /// What was written: e.g. `low-rank`, `merge 4 + low-rank`, `neurons`, `dense`.
     pub family: String,
@@ -146,7 +146,7 @@ pub struct LayerCompression {
 }
 
 /// The plan as a whole.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct CompressionSummary {
     /// The family asked for.
     pub family: Family,
@@ -174,7 +174,7 @@ pub struct CompressionSummary {
 }
 
 /// One alternative the auto planner measured end to end.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct AlternativeScore {
     /// The plan's name.
     pub plan: String,

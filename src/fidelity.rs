@@ -27,7 +27,7 @@ pub use segmented::{measure_segmented, measure_segmented_against, reference_segm
 use serde::Serialize;
 
 /// The measured distance between two models.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Fidelity {
     /// Runtime that ran both models.
     pub runtime: String,
@@ -54,12 +54,12 @@ pub struct Fidelity {
     /// original's at its cut (the rewritten model's own activations against the original's,
     /// so each figure includes the drift of the blocks before it). Empty when the whole
     /// models were run.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocks: Vec<BlockFidelity>,
 }
 
 /// How far one block's output moved, measured at its cut.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct BlockFidelity {
     /// The block.
     pub block: String,

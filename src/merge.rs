@@ -33,7 +33,7 @@ use serde::Serialize;
 const ALIGN_MEMORY: u64 = 4 << 30;
 
 /// How experts are reduced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum MergeMethod {
     /// MC-SMoE's merge: router-logit groups, alignment, frequency-weighted average.
@@ -70,7 +70,7 @@ impl MergeMethod {
 }
 
 /// Neuron alignment before averaging.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Align {
     /// Weight matching (gate, up and down together).
@@ -82,7 +82,7 @@ pub enum Align {
 }
 
 /// How non-dominant experts find their group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Grouping {
     /// Cosine similarity of router-logit columns (MC-SMoE's default).
@@ -120,7 +120,7 @@ pub struct MergeOptions {
 }
 
 /// One group of a reduced layer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct GroupReport {
     /// The group's dominant expert (its label).
     pub expert: usize,
@@ -131,7 +131,7 @@ pub struct GroupReport {
 }
 
 /// What happened to one layer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct LayerReport {
     /// Block name.
     pub block: String,
@@ -151,7 +151,7 @@ pub struct LayerReport {
     /// The groups (pruning: one per kept expert).
     pub groups: Vec<GroupReport>,
     /// Experts deleted with their router rows (pruning).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dropped: Vec<usize>,
     /// Weight distance of the members to their dominant expert, summed, before and after
     /// alignment, and the relative reduction `1 − after / before` (None when nothing was aligned).
@@ -163,7 +163,7 @@ pub struct LayerReport {
 }
 
 /// The alignment's effect in one layer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct AlignmentReport {
     /// Σ ‖member − dominant‖ before.
     pub distance_before: f64,

@@ -6,7 +6,7 @@ use serde::Serialize;
 use std::path::Path;
 
 /// What to do to the detected MoE blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Re-emit every block in smoe-opt's canonical form with the same experts (exact).
@@ -52,7 +52,7 @@ pub struct PipelineOptions {
 }
 
 /// Result of a pipeline run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct PipelineReport {
     /// Input model.
     pub input: String,
@@ -81,6 +81,12 @@ pub struct PipelineReport {
     /// Calibration, per-layer groups and measured fidelity (merging/pruning).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub reduce: Option<crate::reduce::ReduceOutcome>,
+}
+
+/// The JSON Schema of the `--report` file, generated from the Rust types (committed as
+/// `schemas/report.schema.json`; new keys may be added, existing keys keep their meaning).
+pub fn report_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(PipelineReport)).expect("a schema serialises")
 }
 
 /// Runs the pipeline from `input` to `output`.

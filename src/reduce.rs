@@ -52,7 +52,7 @@ pub struct ReduceOptions {
 }
 
 /// Where the statistics came from.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct CalibrationReport {
     /// Runtime used.
     pub runtime: String,
@@ -69,7 +69,7 @@ pub struct CalibrationReport {
 }
 
 /// What a reducing run did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ReduceOutcome {
     /// Statistics provenance.
     pub calibration: CalibrationReport,
@@ -90,7 +90,7 @@ pub struct ReduceOutcome {
 }
 
 /// Wall time of each stage of a reducing run, in seconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, schemars::JsonSchema)]
 pub struct StageSeconds {
     /// Loading data and calibrating (or loading statistics).
     pub calibrate: f64,

@@ -20,7 +20,9 @@ mod segmented;
 pub use memory::Execution;
 
 /// How layers are calibrated and fitted (`--pipeline`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, schemars::JsonSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Pipeline {
     /// Both, measured end to end on the calibration samples that choose plans; the better is

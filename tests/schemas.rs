@@ -48,3 +48,45 @@ fn inspect_json_of_every_model_fits_the_committed_schema() {
         String::from_utf8_lossy(&r.stderr)
     );
 }
+
+/// The `--report` of a copy, a re-emission, a merge and a sequential compression (segment
+/// by segment: `execution`, `fidelity.blocks`, `compression`) fit the committed schema.
+#[test]
+fn reports_fit_the_committed_schema() {
+    let schema = committed("report.schema.json", &smoe_opt::pipeline::report_schema());
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = root().join("testdata/models/mixtral_v4_ts");
+    let io = dir.join("io.npz");
+    let io = io.to_str().unwrap();
+    let runs: [&[&str]; 4] = [
+        &[],
+        &["--method", "none"],
+        &["--keep", "0.5", "--calib", io],
+        &[
+            "--target-size",
+            "0.5",
+            "--pipeline",
+            "sequential",
+            "--calib",
+            io,
+        ],
+    ];
+    let mut args = vec![schema.to_str().unwrap().to_string()];
+    for (i, extra) in runs.iter().enumerate() {
+        let out = tmp.path().join(format!("{i}.onnx"));
+        let r = reduce(&dir.join("model.onnx"), &out, extra);
+        assert!(r.ok, "{extra:?}: {}", r.stderr);
+        let rep = out.with_extension("report.json");
+        assert!(rep.exists(), "{extra:?}: no report");
+        args.push(rep.to_str().unwrap().to_string());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = run_py(&py, "validate_schema.py", &refs);
+    assert!(
+        r.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+}

@@ -58,7 +58,7 @@ pub fn unfit(block: &MoeBlock) -> Option<String> {
 
 /// The error of a QMoE block written as QMoE: what requantising the written experts added,
 /// against the rounding error the original quantisation already carries.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct QuantReport {
     /// Bits of fc1 (gate/up) and fc2 (down).
     pub bits: [u32; 2],

@@ -14,7 +14,9 @@ use portable::Target;
 use serde::Serialize;
 
 /// Which form replacement blocks take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, schemars::JsonSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum EmitForm {
     /// Portable, except that quantised `com.microsoft.QMoE` blocks stay QMoE (requantised in
@@ -30,7 +32,7 @@ pub enum EmitForm {
 }
 
 /// What a rewrite did to one block.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct BlockRewrite {
     /// Block name.
     pub block: String,

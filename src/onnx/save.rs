@@ -34,7 +34,7 @@ pub struct SaveOptions {
 }
 
 /// What [`Model::save`] wrote.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct SaveSummary {
     /// The model file.
     pub model_path: PathBuf,

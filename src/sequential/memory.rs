@@ -14,7 +14,7 @@ use serde::Serialize;
 pub const HEADROOM: f64 = 0.7;
 
 /// How the run hands models to a runtime, and why.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Execution {
     /// The pipeline the run uses (`auto` when it compares one-shot and sequential fits).
     pub pipeline: Pipeline,
