@@ -63,15 +63,12 @@ fn cache_per_flow(
         .map(|(k, v)| (k.clone(), crate::calib::slice(v, 0, 1)))
         .collect();
     let cut = crate::segment::cut(model, det)?;
-    let opts = crate::calib::CalibOptions {
-        runtime: crate::runtime::Runtime::Auto,
+    let opts = crate::calib::CalibOptions::for_runs(
+        crate::runtime::Runtime::Auto,
         #[cfg(feature = "ort")]
-        ep: Default::default(),
-        source: crate::calib::Source::DataFree,
-        batch: 1,
-        stats: Default::default(),
-        progress: false,
-    };
+        Default::default(),
+        1,
+    );
     let mut flow = crate::segment::flow::Flow::new(&cut, &one, 1, 1)?;
     let reemit = cut.segments[0]
         .block

@@ -185,15 +185,12 @@ struct Selection {
 
 /// The options of a model run outside calibration (fidelity, end-to-end comparisons).
 fn run_options(opts: &ReduceOptions) -> CalibOptions {
-    CalibOptions {
-        runtime: opts.runtime,
+    CalibOptions::for_runs(
+        opts.runtime,
         #[cfg(feature = "ort")]
-        ep: opts.ep,
-        source: Source::DataFree,
-        batch: opts.batch,
-        stats: Default::default(),
-        progress: false,
-    }
+        opts.ep,
+        opts.batch,
+    )
 }
 
 /// Writes `plans` into a copy of `model` and scores it against the original's outputs on
@@ -435,11 +432,6 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
         },
         execution.reason
     );
-    let resolved = ReduceOptions {
-        pipeline: execution.pipeline,
-        ..opts.clone()
-    };
-    let opts = &resolved;
     let mut seconds = StageSeconds::default();
     let t = std::time::Instant::now();
     // Statistics and the held-out split.
@@ -563,6 +555,20 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             ))
         }
     };
+    // `auto` turned sequential by memory refits only with calibration samples to refit on
+    // (the user's `--pipeline sequential` without them was refused above).
+    if opts.pipeline == crate::sequential::Pipeline::Auto
+        && execution.pipeline == crate::sequential::Pipeline::Sequential
+        && samples(&fit) == 0
+    {
+        execution.pipeline = crate::sequential::Pipeline::Auto;
+        execution.reason += "; no calibration samples to refit on: the one-shot fit stands";
+    }
+    let resolved = ReduceOptions {
+        pipeline: execution.pipeline,
+        ..opts.clone()
+    };
+    let opts = &resolved;
     if opts.max_error.is_some() && samples(&heldout) == 0 {
         return Err(Error::Usage(
             "--max-error needs held-out samples: give --eval-data FILE.npz, or calibration data \

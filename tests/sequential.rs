@@ -471,6 +471,44 @@ fn auto_goes_segment_by_segment_when_memory_is_short() {
     let e = &rr["execution"];
     assert_eq!(e["segments"], false, "{e}");
     assert_eq!(e["pipeline"], "auto", "{e}");
+    // With statistics from a file and no calibration data there is nothing to refit on:
+    // still segment by segment, the one-shot fit stands (it used to be refused as if
+    // `--pipeline sequential` had been asked for).
+    let stats = tmp.path().join("stats.json");
+    let o = bin()
+        .arg("calibrate")
+        .arg(d.join("model.onnx"))
+        .arg("--calib")
+        .arg(&io)
+        .arg("-o")
+        .arg(&stats)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("stats.onnx");
+    let r = reduce(
+        &d.join("model.onnx"),
+        &out,
+        &[
+            "--stats",
+            stats.to_str().unwrap(),
+            "--target-size",
+            "0.5",
+            "--memory-limit",
+            "1M",
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let e = &r.report["execution"];
+    assert_eq!(e["segments"], true, "{e}");
+    assert_eq!(e["pipeline"], "auto", "{e}");
+    assert!(
+        e["reason"]
+            .as_str()
+            .unwrap()
+            .contains("one-shot fit stands"),
+        "{e}"
+    );
     // A size that is not one is a usage error.
     let out = tmp.path().join("bad.onnx");
     let r = reduce(

@@ -71,6 +71,26 @@ pub struct CalibOptions {
     pub progress: bool,
 }
 
+impl CalibOptions {
+    /// Options for running models outside calibration (fidelity, plan comparisons,
+    /// estimates): `runtime` (and `ep`), `batch` samples per call, no data source.
+    pub fn for_runs(
+        runtime: Runtime,
+        #[cfg(feature = "ort")] ep: crate::runtime::ort::Ep,
+        batch: usize,
+    ) -> Self {
+        CalibOptions {
+            runtime,
+            #[cfg(feature = "ort")]
+            ep,
+            source: Source::DataFree,
+            batch,
+            stats: Default::default(),
+            progress: false,
+        }
+    }
+}
+
 /// Statistics of a whole model.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct CalibStats {
