@@ -647,7 +647,13 @@ fn a_killed_write_never_pairs_a_model_with_other_data() {
     assert!(full[0] != full[1]);
     let out = tmp.path().join("out.onnx");
     let (mut none, mut old, mut new) = (0, 0, 0);
-    for i in 0..24u32 {
+    // Under load the child runs slower than the timed run above, so the kill times keep
+    // growing past the 24 planned ones until a kill lands after the commit (a child that
+    // finished before its kill counts too); the cap is 20× the timed run.
+    let mut i = 0u32;
+    while i < 24 || (new == 0 && i < 400) {
+        let k = i;
+        i += 1;
         // Start from the old output.
         std::fs::write(&out, &full[0].0).unwrap();
         std::fs::write(out.with_extension("onnx.data"), &full[0].1).unwrap();
@@ -656,7 +662,7 @@ fn a_killed_write_never_pairs_a_model_with_other_data() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(took * i / 20);
+        std::thread::sleep(took * k / 20);
         let _ = child.kill();
         let _ = child.wait();
         match pair(&out) {
@@ -666,7 +672,7 @@ fn a_killed_write_never_pairs_a_model_with_other_data() {
             Some((m, d)) => panic!(
                 "kill after {:?}: a model beside data it was not written with (model old {} new {}, \
                  data old {} new {}, {} data bytes)",
-                took * i / 20,
+                took * k / 20,
                 m == full[0].0,
                 m == full[1].0,
                 d == full[0].1,
