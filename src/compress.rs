@@ -47,6 +47,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 mod replan;
+pub mod streamed;
 pub use replan::{replan, LayerRecipe};
 use replan::{Form, MergeSpec};
 

@@ -128,6 +128,12 @@ impl Model {
         }
     }
 
+    /// Drops the pages of the model's mapped external data from the resident set (see
+    /// [`ExternalStore::release`]).
+    pub fn release_mapped(&self) {
+        self.external.release();
+    }
+
     /// The whole model as a proto (external tensors still reference their files).
     pub fn to_proto(&self) -> ModelProto {
         let mut p = self.proto.clone();

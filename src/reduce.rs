@@ -432,6 +432,23 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
         },
         execution.reason
     );
+    // The planner in bounded memory: sequential, segment by segment, a fixed family on float
+    // experts, no merge first. Its global plan needs of each layer only the spectra, computed
+    // as the layer's segment is calibrated; the layers are then built one at a time.
+    let streamed_family = opts
+        .compress
+        .as_ref()
+        .filter(|c| crate::compress::streamed::supports(c))
+        .map(|c| c.family)
+        .filter(|_| {
+            execution.segments
+                && execution.pipeline == crate::sequential::Pipeline::Sequential
+                && opts.budget.is_none()
+                && opts.layers.is_none()
+                && opts.stats.is_none()
+                && det.identified_blocks().iter().all(|b| b.quant().is_none())
+        });
+    let mut spectra: Option<Vec<crate::compress::streamed::LayerSpectrum>> = None;
     let mut seconds = StageSeconds::default();
     let t = std::time::Instant::now();
     // Statistics and the held-out split.
@@ -518,7 +535,33 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                 }
             };
             let stats = if execution.segments {
-                match calib::calibrate_segmented(model, det, c, &fit) {
+                let segmented = match streamed_family {
+                    Some(family) => {
+                        let mut got = Vec::new();
+                        let r = calib::calibrate_segmented_with(
+                            model,
+                            det,
+                            c,
+                            &fit,
+                            &mut |seg, one, layer| {
+                                let block = layer.block.clone();
+                                let mut s = calib::CalibStats::of_layer(layer);
+                                got.push(crate::compress::streamed::layer_spectrum(
+                                    &seg.graph, one, &s, &block, family,
+                                )?);
+                                let mut layer = s.layers.swap_remove(0);
+                                layer.drop_samples();
+                                Ok(layer)
+                            },
+                        );
+                        if r.is_ok() {
+                            spectra = Some(got);
+                        }
+                        r
+                    }
+                    None => calib::calibrate_segmented(model, det, c, &fit),
+                };
+                match segmented {
                     Ok(s) => s,
                     Err(e) if !execution.whole_fits => return Err(e),
                     Err(e) => {
@@ -641,14 +684,28 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             if c.family == crate::compress::Family::Auto && c.merge.is_none() {
                 c.layer_weights = sensitivities(model, det, &stats, &c, sel.as_ref(), opts)?;
             }
-            let alts = crate::compress::plan(&model.graph, det, &stats, &c)?;
-            let a = choose_alternative(model, det, alts, sel.as_ref(), opts)?;
             let ro = crate::sequential::RefitOptions {
                 emit: opts.emit,
                 family: c.family,
                 whole_fallback: execution.whole_fits,
             };
-            let a = choose_pipeline(model, det, a, &fit, sel.as_ref(), ro, opts)?;
+            let a = match (&spectra, &opts.calib) {
+                (Some(spectra), Some(calib)) if samples(&fit) > 0 => {
+                    let (recipes, summary) =
+                        crate::compress::streamed::allocate(spectra, c.family, c.target)?;
+                    let plan = crate::compress::Alternative {
+                        plans: vec![],
+                        recipes,
+                        summary,
+                    };
+                    crate::sequential::refit(model, det, &plan, calib, &fit, ro)?
+                }
+                _ => {
+                    let alts = crate::compress::plan(&model.graph, det, &stats, &c)?;
+                    let a = choose_alternative(model, det, alts, sel.as_ref(), opts)?;
+                    choose_pipeline(model, det, a, &fit, sel.as_ref(), ro, opts)?
+                }
+            };
             (a.plans, Some(a.summary))
         }
         (None, Some(m)) => (merge::plan(&model.graph, det, &stats, &m)?, None),

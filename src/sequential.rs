@@ -49,7 +49,8 @@ pub struct RefitOptions {
 
 /// Refits `alt` layer by layer on `model` (the original): for each of its layers in graph
 /// order, calibrate that layer on the model with the earlier layers rewritten, rebuild the
-/// layer's form from those statistics, and rewrite it. Returns the refitted plan; its summary
+/// layer's form from those statistics, and rewrite it. The first layer keeps its one-shot
+/// form (its inputs are the original's) unless `alt` has recipes only, no built plans. Returns the refitted plan; its summary
 /// keeps `alt`'s budget and family, with the new bytes, FLOPs and errors.
 pub fn refit(
     model: &Model,
@@ -60,7 +61,8 @@ pub fn refit(
     ro: RefitOptions,
 ) -> Result<Alternative> {
     let RefitOptions { emit, family, .. } = ro;
-    if alt.recipes.len() != alt.plans.len() {
+    // A plan of recipes only (the planner in bounded memory) builds its first layer too.
+    if !alt.plans.is_empty() && alt.recipes.len() != alt.plans.len() {
         return Err(Error::Graph {
             node: None,
             reason: "internal: the plan has no per-layer recipes to refit".into(),
@@ -100,7 +102,7 @@ pub fn refit(
         recipes.push(alt.recipes[i].clone());
     }
     // Layers of the first step keep the one-shot's accounting.
-    if summary.bytes_after > summary.budget_bytes + alt.plans.len() as u64 {
+    if summary.bytes_after > summary.budget_bytes + alt.recipes.len() as u64 {
         return Err(Error::Graph {
             node: None,
             reason: format!(
@@ -165,7 +167,7 @@ fn whole_model_layers(
             reason: "the block to refit is not among the detected blocks".into(),
         })?;
         // The first layer's inputs are the original's: its one-shot form stands.
-        let layer = if step == 0 {
+        let layer = if step == 0 && !alt.plans.is_empty() {
             one_shot_layer(alt, i)
         } else {
             let rest = det.without(&done);

@@ -11,7 +11,7 @@ mod segmented;
 mod session;
 pub mod stats;
 pub use paired::{calibrate_paired, Paired};
-pub use segmented::calibrate_segmented;
+pub use segmented::{calibrate_segmented, calibrate_segmented_with, OnLayer};
 pub(crate) use session::Resilient;
 
 use crate::error::{Error, Result};
@@ -106,6 +106,20 @@ pub struct CalibStats {
     pub seconds_run: f64,
     /// Per MoE block.
     pub layers: Vec<LayerStats>,
+}
+
+impl CalibStats {
+    /// Statistics holding one block's (what a one-layer planning step takes).
+    pub fn of_layer(layer: LayerStats) -> Self {
+        CalibStats {
+            runtime: String::new(),
+            source: String::new(),
+            samples: 0,
+            seconds_setup: 0.0,
+            seconds_run: 0.0,
+            layers: vec![layer],
+        }
+    }
 }
 
 /// Calibrates `model`'s detected blocks (those with every expert identified).

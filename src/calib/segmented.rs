@@ -3,7 +3,7 @@
 //! its own segment. No runtime ever holds more than one segment; the values between
 //! segments wait on disk. The statistics are those of [`super::calibrate_on`] (same tokens,
 //! same order, same reservoir draws), up to the runtimes' rounding.
-use super::stats::LayerAcc;
+use super::stats::{LayerAcc, LayerStats};
 use super::{describe_source, fold, CalibOptions, CalibStats, Resilient};
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -18,6 +18,24 @@ pub fn calibrate_segmented(
     det: &Detection,
     opts: &CalibOptions,
     data: &[(String, Value)],
+) -> Result<CalibStats> {
+    calibrate_segmented_with(model, det, opts, data, &mut |_, _, s| Ok(s))
+}
+
+/// What [`calibrate_segmented_with`] hands each block's statistics to, as soon as its segment
+/// ran: the segment (the block's weights are its own), the block's detection in it, and the
+/// block's statistics; it returns what is kept of them.
+pub type OnLayer<'a> = dyn FnMut(&Model, &Detection, LayerStats) -> Result<LayerStats> + 'a;
+
+/// [`calibrate_segmented`], each block's statistics passed through `on_layer` as soon as its
+/// segment ran (the planner in bounded memory reduces them to what it needs there, so that
+/// no more than one block's full statistics are ever held).
+pub fn calibrate_segmented_with(
+    model: &Model,
+    det: &Detection,
+    opts: &CalibOptions,
+    data: &[(String, Value)],
+    on_layer: &mut OnLayer,
 ) -> Result<CalibStats> {
     let blocks = det.identified_blocks();
     if blocks.is_empty() {
@@ -66,7 +84,9 @@ pub fn calibrate_segmented(
         if !runtimes.iter().any(|r| r == session.runtime()) {
             runtimes.push(session.runtime().to_string());
         }
-        layers.push((li, acc.finish()));
+        drop(session);
+        layers.push((li, on_layer(&seg.model, &one, acc.finish())?));
+        model.release_mapped();
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -514,3 +514,13 @@ pub struct LayerStats {
     #[serde(skip)]
     pub reference_samples: Vec<Vec<Vec<f32>>>,
 }
+
+impl LayerStats {
+    /// Drops the per-expert input moments and reservoirs (H×H and rows per expert): what is
+    /// left describes the routing (counts, frequencies, weights, similarities) for reports.
+    pub fn drop_samples(&mut self) {
+        self.input_moments = Vec::new();
+        self.samples = Vec::new();
+        self.reference_samples = Vec::new();
+    }
+}

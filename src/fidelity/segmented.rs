@@ -166,6 +166,8 @@ pub fn measure_segmented(
         b.advance(s)?;
         runs.saw(&sa, true);
         runs.saw(&sb, false);
+        drop((sa, sb));
+        original.release_mapped();
         if let (Some(port), Some(name)) = (block_out, seg.block.as_deref()) {
             if !at_cut.is_empty() {
                 blocks.push(BlockFidelity {

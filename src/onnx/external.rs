@@ -128,6 +128,29 @@ impl ExternalStore {
             .collect()
     }
 
+    /// Drops the pages of every mapped file from this process's resident memory (they stay
+    /// in the page cache; the next read faults them in again). What a pass over a model
+    /// larger than memory calls after each layer, so that the layers it read do not add up
+    /// in its resident set.
+    pub fn release(&self) {
+        for f in self.files.values() {
+            if f.data.is_empty() {
+                continue;
+            }
+            // SAFETY: `data` is a whole read-only shared file mapping (page-aligned, its own
+            // length). MADV_DONTNEED on such a mapping only unmaps pages: their contents are
+            // the file's and come back unchanged on the next access, so no live reference
+            // into the mapping sees different bytes. Failure only means the pages stay.
+            let _ = unsafe {
+                rustix::mm::madvise(
+                    f.data.as_ptr() as *mut std::ffi::c_void,
+                    f.data.len(),
+                    rustix::mm::Advice::LinuxDontNeed,
+                )
+            };
+        }
+    }
+
     /// Whether `path` is one of the files this store maps.
     pub fn maps(&self, path: &Path) -> bool {
         let Ok(c) = path.canonicalize() else {

@@ -53,7 +53,7 @@ pub(super) fn refit_layers(
         };
         let recipe: &LayerRecipe = &alt.recipes[i];
         let one = own_block(&seg.model, det, recipe.block())?;
-        let layer = if first {
+        let layer = if first && !alt.plans.is_empty() {
             // The first block's inputs are the original's: its one-shot form stands.
             if s < last {
                 reference.run(s, &seg.model, &one, opts)?;
@@ -76,6 +76,7 @@ pub(super) fn refit_layers(
             current.run(s, &rewritten, &none, opts)?;
         }
         layers[i] = Some(layer);
+        model.release_mapped();
     }
     log::info!(
         "activations between segments: at most {:.1} MiB on disk per flow",
