@@ -23,7 +23,7 @@ use ndarray::{ArrayD, Axis};
 mod distance;
 mod segmented;
 pub(crate) use distance::Distance;
-pub use segmented::{measure_segmented, measure_segmented_against, reference_segmented};
+pub use segmented::{measure_segmented, measure_segmented_against, reference_segmented, Measure};
 use serde::Serialize;
 
 /// The measured distance between two models.

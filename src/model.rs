@@ -15,6 +15,8 @@ pub struct Model {
     pub graph: Graph,
     pub(crate) path: Option<PathBuf>,
     pub(crate) external: ExternalStore,
+    /// Where rewritten weights were moved out of memory ([`Model::spill`]).
+    pub(crate) spill: crate::onnx::spill::Spill,
 }
 
 impl Model {
@@ -125,13 +127,23 @@ impl Model {
             graph,
             path: self.path.clone(),
             external: self.external.clone(),
+            spill: self.spill.clone(),
         }
     }
 
-    /// Drops the pages of the model's mapped external data from the resident set (see
-    /// [`ExternalStore::release`]).
+    /// Drops the pages of the model's mapped external data and spilled weights from the
+    /// resident set (see [`ExternalStore::release`]).
     pub fn release_mapped(&self) {
         self.external.release();
+        self.spill.release();
+    }
+
+    /// Moves the weights that passes wrote into this model (inline, on the heap) to a
+    /// temporary file, mapped: what a layer-by-layer rewrite of a model larger than memory
+    /// calls after each layer. Returns the bytes moved.
+    pub fn spill(&mut self) -> crate::Result<u64> {
+        let s = self.spill.clone();
+        s.take(self)
     }
 
     /// The whole model as a proto (external tensors still reference their files).

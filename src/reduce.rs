@@ -327,14 +327,14 @@ fn choose_pipeline(
     let sel = match sel {
         Some(sel) => sel,
         None if opts.pipeline == Pipeline::Sequential => {
-            return crate::sequential::refit(model, det, &a, calib, fit, ro)
+            return crate::sequential::refit(model, det, &a, calib, fit, ro, None)
         }
         None => {
             log::info!("--pipeline auto: no selection samples to compare on; one-shot");
             return Ok(a);
         }
     };
-    let mut s = match crate::sequential::refit(model, det, &a, calib, fit, ro) {
+    let mut s = match crate::sequential::refit(model, det, &a, calib, fit, ro, None) {
         Ok(s) => s,
         // `auto` only: the sequential fit is the optional one; it must not cost the run.
         Err(e) if opts.pipeline == Pipeline::Auto => {
@@ -629,6 +629,9 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
     });
     seconds.calibrate = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
+    // The layers already written into `model` by the planner in bounded memory, with the
+    // held-out fidelity measured as they were.
+    let mut written: Option<(Vec<crate::emit::BlockRewrite>, Option<Fidelity>)> = None;
     let (plans, compression) = match (&opts.compress, mopts) {
         (Some(c), m) => {
             let mut c = c.clone();
@@ -689,7 +692,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                 family: c.family,
                 whole_fallback: execution.whole_fits,
             };
-            let a = match (&spectra, &opts.calib) {
+            let streamed = match (&spectra, &opts.calib) {
                 (Some(spectra), Some(calib)) if samples(&fit) > 0 => {
                     let (recipes, summary) =
                         crate::compress::streamed::allocate(spectra, c.family, c.target)?;
@@ -698,10 +701,58 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                         recipes,
                         summary,
                     };
-                    crate::sequential::refit(model, det, &plan, calib, &fit, ro)?
+                    let mut sink = crate::sequential::Sink {
+                        model: &mut *model,
+                        heldout: heldout.clone(),
+                        written: false,
+                        fidelity: None,
+                        rewrites: vec![],
+                    };
+                    match crate::sequential::refit(
+                        &original,
+                        det,
+                        &plan,
+                        calib,
+                        &fit,
+                        ro,
+                        Some(&mut sink),
+                    ) {
+                        Ok(a) => {
+                            if sink.written {
+                                written = Some((
+                                    std::mem::take(&mut sink.rewrites),
+                                    sink.fidelity.take(),
+                                ));
+                            }
+                            Some(a)
+                        }
+                        Err(e) if !execution.whole_fits => return Err(e),
+                        Err(e) => {
+                            log::warn!(
+                                "the layer-by-layer plan failed ({e}); planning every layer at \
+                                 once on the whole model"
+                            );
+                            *model = original.clone();
+                            None
+                        }
+                    }
                 }
-                _ => {
-                    let alts = crate::compress::plan(&model.graph, det, &stats, &c)?;
+                _ => None,
+            };
+            let a = match streamed {
+                Some(a) => a,
+                None => {
+                    // The statistics the layer-by-layer planner kept hold no samples: after
+                    // its failure the whole model is calibrated again.
+                    let full;
+                    let stats = match (&spectra, &opts.calib) {
+                        (Some(_), Some(cal)) => {
+                            full = calib::calibrate_on(&original, det, cal, &fit)?;
+                            &full
+                        }
+                        _ => &stats,
+                    };
+                    let alts = crate::compress::plan(&model.graph, det, stats, &c)?;
                     let a = choose_alternative(model, det, alts, sel.as_ref(), opts)?;
                     choose_pipeline(model, det, a, &fit, sel.as_ref(), ro, opts)?
                 }
@@ -717,11 +768,19 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
     };
     seconds.plan = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
-    let rewrites = crate::emit::merged::rewrite(model, det, &plans, opts.emit)?;
+    let (rewrites, written) = match written {
+        Some((r, f)) => (r, Some(f)),
+        None => (
+            crate::emit::merged::rewrite(model, det, &plans, opts.emit)?,
+            None,
+        ),
+    };
     model.graph.verify()?;
     seconds.emit = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
-    let segmented = if execution.segments && samples(&heldout) > 0 {
+    let segmented = if let Some(f) = written {
+        f
+    } else if execution.segments && samples(&heldout) > 0 {
         match fidelity::measure_segmented(
             &original,
             det,

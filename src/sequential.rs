@@ -47,6 +47,25 @@ pub struct RefitOptions {
     pub whole_fallback: bool,
 }
 
+/// Where the sequential refit of a plan built in bounded memory writes as it goes (segment
+/// by segment only): each refitted layer is written into `model` (the output, a copy of the
+/// original) and its weights moved out of memory ([`Model::spill`]); the held-out data is
+/// measured segment by segment alongside. Nothing of a layer but its report outlives its
+/// segment.
+pub struct Sink<'a> {
+    /// The output model.
+    pub model: &'a mut Model,
+    /// Held-out data (none: no measurement).
+    pub heldout: Vec<(String, Value)>,
+    /// Whether every layer was written into `model` (false: the refit ran on the whole
+    /// model, and the caller writes the plans).
+    pub written: bool,
+    /// The held-out fidelity, when measured.
+    pub fidelity: Option<crate::fidelity::Fidelity>,
+    /// What was written, block by block.
+    pub rewrites: Vec<crate::emit::BlockRewrite>,
+}
+
 /// Refits `alt` layer by layer on `model` (the original): for each of its layers in graph
 /// order, calibrate that layer on the model with the earlier layers rewritten, rebuild the
 /// layer's form from those statistics, and rewrite it. The first layer keeps its one-shot
@@ -59,6 +78,7 @@ pub fn refit(
     calib: &CalibOptions,
     fit: &[(String, Value)],
     ro: RefitOptions,
+    sink: Option<&mut Sink>,
 ) -> Result<Alternative> {
     let RefitOptions { emit, family, .. } = ro;
     // A plan of recipes only (the planner in bounded memory) builds its first layer too.
@@ -70,14 +90,16 @@ pub fn refit(
     }
     // A test knob: the whole-model refit that the segment-by-segment one must agree with.
     let whole = std::env::var_os("SMOE_SEQUENTIAL_WHOLE_MODEL").is_some();
+    let sink_given = sink.is_some();
     let segmented = if whole {
         Err(Error::Usage("SMOE_SEQUENTIAL_WHOLE_MODEL is set".into()))
     } else {
-        segmented::refit_layers(model, det, alt, calib, fit, emit, family)
+        segmented::refit_layers(model, det, alt, calib, fit, emit, family, sink)
     };
     let (layers, how) = match segmented {
         Ok(l) => (l, "segment by segment"),
-        Err(e) if !ro.whole_fallback && !whole => return Err(e),
+        // A sink may hold some layers already: no fallback writes over them.
+        Err(e) if (!ro.whole_fallback || sink_given) && !whole => return Err(e),
         Err(e) => {
             log::warn!("the segment-by-segment refit failed ({e}); refitting on the whole model");
             (

@@ -118,39 +118,85 @@ pub fn measure_segmented(
     opts: &CalibOptions,
 ) -> Result<Fidelity> {
     let cut = crate::segment::cut(original, det)?;
-    let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
-    let outputs = model_outputs(original);
-    let mut a = Flow::new(&cut, data, opts.batch, 2)?;
-    let mut b = Flow::new(&cut, data, opts.batch, 2)?;
-    let mut total = Distance::new(is_lm(data));
-    let mut blocks = Vec::new();
-    let mut runs = Runs::default();
-    let none = Detection::default();
+    let mut m = Measure::new(original, &cut, data, opts)?;
     for (s, seg) in cut.segments.iter().enumerate() {
         let p = pair(seg, det, plans, emit)?;
-        let mut sa = Resilient::open(&p.original, &p.reemit, vec![], opts)?;
-        let mut sb = match &p.rewritten {
+        m.step(s, seg, det, &p.reemit, p.rewritten.as_ref())?;
+        original.release_mapped();
+    }
+    m.finish()
+}
+
+/// The held-out measurement walked one segment at a time by its caller: the original and the
+/// rewritten flows advance together (the sequential pipeline measures each segment as soon
+/// as it is rewritten, so that no rewritten layer has to be kept for a later pass).
+pub struct Measure {
+    a: Flow,
+    b: Flow,
+    outputs: HashSet<String>,
+    samples: usize,
+    total: Distance,
+    blocks: Vec<BlockFidelity>,
+    runs: Runs,
+    opts: CalibOptions,
+}
+
+impl Measure {
+    /// A measurement of `data` over the segments of `cut` (of `original`).
+    pub fn new(
+        original: &Model,
+        cut: &Segmentation,
+        data: &[(String, Value)],
+        opts: &CalibOptions,
+    ) -> Result<Self> {
+        Ok(Measure {
+            a: Flow::new(cut, data, opts.batch, 2)?,
+            b: Flow::new(cut, data, opts.batch, 2)?,
+            outputs: model_outputs(original),
+            samples: data.first().map_or(0, |(_, v)| v.shape()[0]),
+            total: Distance::new(is_lm(data)),
+            blocks: Vec::new(),
+            runs: Runs::default(),
+            opts: opts.clone(),
+        })
+    }
+
+    /// Runs segment `s` (`seg`) on the original flow and `rewritten` (None: the segment as it
+    /// is) on the rewritten flow. `reemit` is the segment's block detection, for the exact
+    /// re-emission should the original segment not run.
+    pub fn step(
+        &mut self,
+        s: usize,
+        seg: &Segment,
+        det: &Detection,
+        reemit: &Detection,
+        rewritten: Option<&Model>,
+    ) -> Result<()> {
+        let none = Detection::default();
+        let opts = &self.opts;
+        let mut sa = Resilient::open(&seg.model, reemit, vec![], opts)?;
+        let mut sb = match rewritten {
             Some(m) => Resilient::open(m, &none, vec![], opts)?,
-            None => Resilient::open(&p.original, &p.reemit, vec![], opts)?,
+            None => Resilient::open(&seg.model, reemit, vec![], opts)?,
         };
         // The block output at the cut (as it crosses: float16 activations cross as float32).
         let block_out = seg
             .block
             .as_deref()
-            .filter(|_| p.rewritten.is_some())
+            .filter(|_| rewritten.is_some())
             .and_then(|name| det.blocks.iter().find(|x| x.name == name))
             .and_then(|x| seg.outputs.iter().find(|o| o.name == x.output));
         let mut at_cut = Distance::new(false);
-        for k in 0..a.batches() {
-            let (fa, fb) = (a.feed(k)?, b.feed(k)?);
+        for k in 0..self.a.batches() {
+            let (fa, fb) = (self.a.feed(k)?, self.b.feed(k)?);
             let what = format!("batch {k}");
             let (oa, ob) = (sa.run(&fa, &what)?, sb.run(&fb, &what)?);
             let m = mask(&fa);
             let (ya, yb): (Vec<_>, Vec<_>) = (
-                outputs_named(&oa, &outputs).cloned().collect(),
-                outputs_named(&ob, &outputs).cloned().collect(),
+                outputs_named(&oa, &self.outputs).cloned().collect(),
+                outputs_named(&ob, &self.outputs).cloned().collect(),
             );
-            total.add(m.as_ref(), &ya, &yb)?;
+            self.total.add(m.as_ref(), &ya, &yb)?;
             if let Some(port) = block_out {
                 let only: HashSet<String> = [port.wire.clone()].into();
                 let (xa, xb): (Vec<_>, Vec<_>) = (
@@ -159,18 +205,16 @@ pub fn measure_segmented(
                 );
                 at_cut.add(m.as_ref(), &xa, &xb)?;
             }
-            a.store(s, k, &oa)?;
-            b.store(s, k, &ob)?;
+            self.a.store(s, k, &oa)?;
+            self.b.store(s, k, &ob)?;
         }
-        a.advance(s)?;
-        b.advance(s)?;
-        runs.saw(&sa, true);
-        runs.saw(&sb, false);
-        drop((sa, sb));
-        original.release_mapped();
+        self.a.advance(s)?;
+        self.b.advance(s)?;
+        self.runs.saw(&sa, true);
+        self.runs.saw(&sb, false);
         if let (Some(port), Some(name)) = (block_out, seg.block.as_deref()) {
             if !at_cut.is_empty() {
-                blocks.push(BlockFidelity {
+                self.blocks.push(BlockFidelity {
                     block: name.to_string(),
                     output: port.name.clone(),
                     rel_l2: at_cut.rel_l2(),
@@ -178,10 +222,19 @@ pub fn measure_segmented(
                 });
             }
         }
+        Ok(())
     }
-    let mut f = total.finish(runs.runtimes.join(", "), runs.label(), samples)?;
-    f.blocks = blocks;
-    Ok(f)
+
+    /// The metrics, once every segment ran.
+    pub fn finish(self) -> Result<Fidelity> {
+        let mut f = self.total.finish(
+            self.runs.runtimes.join(", "),
+            self.runs.label(),
+            self.samples,
+        )?;
+        f.blocks = self.blocks;
+        Ok(f)
+    }
 }
 
 /// The original's outputs on `data`, run segment by segment (cut as `cut`) (what

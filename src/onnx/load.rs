@@ -95,6 +95,7 @@ impl Model {
             graph,
             path: path.map(Path::to_path_buf),
             external: store,
+            spill: Default::default(),
         })
     }
 }

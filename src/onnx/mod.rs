@@ -6,6 +6,7 @@ pub mod dtype;
 pub mod external;
 mod load;
 mod save;
+pub mod spill;
 pub mod tensor;
 pub mod walk;
 

@@ -53,6 +53,9 @@ impl SaveSummary {
     }
 }
 
+/// Bytes copied between two releases of the mapped pages read.
+const RELEASE_EVERY: u64 = 256 << 20;
+
 impl Model {
     /// Writes the model to `out`. Refuses to overwrite the model's own file or any
     /// external data file it reads from.
@@ -147,6 +150,7 @@ impl Model {
         let data_err = |e: std::io::Error| Error::io(&data_path, e);
         let mut w = BufWriter::with_capacity(8 << 20, data.file().try_clone().map_err(data_err)?);
         let mut offset = 0u64;
+        let mut since_release = 0u64;
         let mut write_tensor = |t: &mut TensorProto| -> Result<()> {
             let bytes: Bytes = if is_external(t) {
                 store.resolve(&src_path, t)?
@@ -170,6 +174,13 @@ impl Model {
             offset += pad;
             w.write_all(&bytes).map_err(data_err)?;
             bar.inc(len);
+            // Mapped weights read for the copy leave the resident set now and then (a model
+            // larger than memory is copied without holding it).
+            since_release += len;
+            if since_release >= RELEASE_EVERY {
+                since_release = 0;
+                self.release_mapped();
+            }
             let kv = |k: &str, v: String| StringStringEntryProto {
                 key: Some(k.to_string()),
                 value: Some(v),

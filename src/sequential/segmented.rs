@@ -26,8 +26,15 @@ pub(super) fn refit_layers(
     fit: &[(String, Value)],
     emit: EmitForm,
     family: Family,
+    mut sink: Option<&mut super::Sink>,
 ) -> Result<Vec<Alternative>> {
     let cut = crate::segment::cut(model, det)?;
+    let mut measure = match sink.as_deref() {
+        Some(k) if k.heldout.first().is_some_and(|(_, v)| v.shape()[0] > 0) => Some(
+            crate::fidelity::Measure::new(model, &cut, &k.heldout, opts)?,
+        ),
+        _ => None,
+    };
     let mut reference = Flow::new(&cut, fit, opts.batch, 2)?;
     let mut current = Flow::new(&cut, fit, opts.batch, 2)?;
     let count = reference.batches();
@@ -49,6 +56,14 @@ pub(super) fn refit_layers(
                 reference.run(s, &seg.model, &none, opts)?;
                 current.run(s, &seg.model, &none, opts)?;
             }
+            if let Some(m) = measure.as_mut() {
+                let reemit = match seg.block.as_deref() {
+                    Some(b) => own_block(&seg.model, det, b).unwrap_or_default(),
+                    None => Detection::default(),
+                };
+                m.step(s, seg, det, &reemit, None)?;
+            }
+            model.release_mapped();
             continue;
         };
         let recipe: &LayerRecipe = &alt.recipes[i];
@@ -70,13 +85,40 @@ pub(super) fn refit_layers(
             crate::compress::replan(&seg.model.graph, &one, &stats, recipe, family)?
         };
         first = false;
-        if s < last {
+        let mut layer = layer;
+        if s < last || sink.is_some() {
             let mut rewritten = seg.model.clone();
             crate::emit::merged::rewrite(&mut rewritten, &one, &layer.plans, emit)?;
-            current.run(s, &rewritten, &none, opts)?;
+            if s < last {
+                current.run(s, &rewritten, &none, opts)?;
+            }
+            if let Some(m) = measure.as_mut() {
+                m.step(s, seg, det, &one, Some(&rewritten))?;
+            }
+        }
+        if let Some(k) = sink.as_deref_mut() {
+            // Written into the output and moved out of memory: only the layer's report is
+            // kept.
+            let full = det.only(recipe.block()).ok_or_else(|| Error::Graph {
+                node: Some(recipe.block().to_string()),
+                reason: "the block to write is not among the detected blocks".into(),
+            })?;
+            let r = crate::emit::merged::rewrite(k.model, &full, &layer.plans, emit)?;
+            k.rewrites.extend(r);
+            k.model.spill()?;
+            for p in &mut layer.plans {
+                p.experts.clear();
+                p.bases.clear();
+            }
         }
         layers[i] = Some(layer);
         model.release_mapped();
+    }
+    if let Some(k) = sink {
+        k.written = true;
+        if let Some(m) = measure {
+            k.fidelity = Some(m.finish()?);
+        }
     }
     log::info!(
         "activations between segments: at most {:.1} MiB on disk per flow",
