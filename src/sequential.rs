@@ -94,7 +94,7 @@ pub fn refit(
     let segmented = if whole {
         Err(Error::Usage("SMOE_SEQUENTIAL_WHOLE_MODEL is set".into()))
     } else {
-        segmented::refit_layers(model, det, alt, calib, fit, emit, family, sink)
+        segmented::refit_layers(model, det, alt, calib, fit, ro, sink)
     };
     let (layers, how) = match segmented {
         Ok(l) => (l, "segment by segment"),

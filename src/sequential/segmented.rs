@@ -8,8 +8,7 @@
 //! Activations between segments are kept on disk (`cache.rs`), one batch in memory at a
 //! time, and deleted once no later segment reads them.
 use crate::calib::{self, CalibOptions};
-use crate::compress::{Alternative, Family, LayerRecipe};
-use crate::emit::EmitForm;
+use crate::compress::{Alternative, LayerRecipe};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::moe::Detection;
@@ -24,10 +23,10 @@ pub(super) fn refit_layers(
     alt: &Alternative,
     opts: &CalibOptions,
     fit: &[(String, Value)],
-    emit: EmitForm,
-    family: Family,
+    ro: super::RefitOptions,
     mut sink: Option<&mut super::Sink>,
 ) -> Result<Vec<Alternative>> {
+    let super::RefitOptions { emit, family, .. } = ro;
     let cut = crate::segment::cut(model, det)?;
     let mut measure = match sink.as_deref() {
         Some(k) if k.heldout.first().is_some_and(|(_, v)| v.shape()[0] > 0) => Some(
