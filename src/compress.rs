@@ -620,7 +620,7 @@ fn mats(p: &ExpertParams) -> Vec<(&'static str, &Array2<f32>)> {
 fn spectra(
     d: &LayerData,
     ids: &[usize],
-    ws: &[(&'static str, Array2<f32>)],
+    ws: &[(&'static str, &Array2<f32>)],
     hidden_of: &ExpertParams,
 ) -> TargetSpectra {
     let g_in = d.target_gram(ids);
@@ -632,7 +632,8 @@ fn spectra(
         .iter()
         .map(|(name, m)| {
             let g = if *name == "down" { &g_h } else { &g_in };
-            (*name, WhitenedSvd::new(m.view(), g.as_ref(), WHITEN_RIDGE))
+            let svd = WhitenedSvd::new(m.view(), g.as_ref(), WHITEN_RIDGE).to_break_even();
+            (*name, svd)
         })
         .collect();
     TargetSpectra { svds }
@@ -651,7 +652,7 @@ fn type_totals(all: &[&TargetSpectra]) -> std::collections::BTreeMap<&'static st
 
 fn energies(
     s: &TargetSpectra,
-    ws: &[(&'static str, Array2<f32>)],
+    ws: &[(&'static str, &Array2<f32>)],
     totals: &std::collections::BTreeMap<&'static str, f64>,
 ) -> Vec<MatrixEnergies> {
     s.svds
@@ -858,11 +859,7 @@ fn refit_factored_down(
 
 /// Spectra of all targets of a layer (in parallel over targets).
 fn target_spectra(d: &LayerData, t: &Targets) -> (Vec<TargetSpectra>, Vec<Vec<MatrixEnergies>>) {
-    let ws: Vec<Vec<(&'static str, Array2<f32>)>> = t
-        .params
-        .iter()
-        .map(|p| mats(p).into_iter().map(|(n, m)| (n, m.clone())).collect())
-        .collect();
+    let ws: Vec<Vec<(&'static str, &Array2<f32>)>> = t.params.iter().map(mats).collect();
     spectra_of(d, t, &ws)
 }
 
@@ -871,7 +868,7 @@ fn target_spectra(d: &LayerData, t: &Targets) -> (Vec<TargetSpectra>, Vec<Vec<Ma
 fn spectra_of(
     d: &LayerData,
     t: &Targets,
-    ws: &[Vec<(&'static str, Array2<f32>)>],
+    ws: &[Vec<(&'static str, &Array2<f32>)>],
 ) -> (Vec<TargetSpectra>, Vec<Vec<MatrixEnergies>>) {
     let spectra: Vec<TargetSpectra> = t
         .plan
@@ -947,7 +944,11 @@ fn base_delta_parts(d: &LayerData, t: &Targets, labels: Option<&[usize]>) -> Bas
             v
         })
         .collect();
-    let (spectra, en) = spectra_of(d, t, &deltas);
+    let refs: Vec<Vec<(&'static str, &Array2<f32>)>> = deltas
+        .iter()
+        .map(|v| v.iter().map(|(n, m)| (*n, m)).collect())
+        .collect();
+    let (spectra, en) = spectra_of(d, t, &refs);
     BaseDeltaParts {
         bases,
         group,
@@ -2023,10 +2024,11 @@ fn finish(
     let mut plans = Vec::new();
     let (mut bytes_before, mut bytes_after, mut flops_before, mut flops_after) =
         (0u64, 0u64, 0.0, 0.0);
-    for ((d, t), b) in data.iter().zip(targets).zip(builts) {
+    for ((d, t), mut b) in data.iter().zip(targets).zip(builts) {
         let elements = stored_elements(d, &b);
-        let base = b.merged.unwrap_or_else(|| t.plan.clone());
-        let fb = flops(d, &Targets::new(d.identity()).plan.experts);
+        let merged = b.merged.take();
+        let base = merged.as_ref().unwrap_or(&t.plan);
+        let fb = dense_flops(d);
         let fa = flops(d, &b.experts);
         let comp = LayerCompression {
             family: b.family.clone(),
@@ -2085,6 +2087,16 @@ fn finish(
             chosen_by: None,
         },
     })
+}
+
+/// [`flops`] of the layer's own dense experts (one expert copied at a time).
+fn dense_flops(d: &LayerData) -> f64 {
+    let k = d.block.router.top_k as f64;
+    d.experts
+        .iter()
+        .enumerate()
+        .map(|(e, p)| k * d.stats.frequency[e] * ProjFfn::dense(p.clone(), d.act).flops() as f64)
+        .sum()
 }
 
 /// Routed multiply-adds per token: `k · Σ_e f_e · flops(target of e)`.

@@ -159,10 +159,26 @@ impl WhitenedSvd {
         }
     }
 
+    /// Drops the factors past the break-even rank (`in·out/(in+out)`, where a factored
+    /// matrix stores no less than the dense one: no plan writes them); the spectrum stays
+    /// whole. A quarter less memory for a square-ish matrix, held while ranks are allocated.
+    pub fn to_break_even(self) -> Self {
+        let (out, inp) = (self.right.nrows(), self.left.nrows());
+        let p = self.left.ncols().min(out * inp / (out + inp).max(1) + 1);
+        if p == self.left.ncols() {
+            return self;
+        }
+        WhitenedSvd {
+            sigma: self.sigma,
+            left: self.left.slice(ndarray::s![.., ..p]).to_owned(),
+            right: self.right.slice(ndarray::s![.., ..p]).to_owned(),
+        }
+    }
+
     /// The rank-`r` factors in canonical orientation: `u` (`[out, r]`), `v` (`[r, in]`), with
     /// `W ≈ u·v`.
     pub fn factors(&self, r: usize) -> (Array2<f32>, Array2<f32>) {
-        let r = r.min(self.sigma.len());
+        let r = r.min(self.left.ncols());
         let u = self.right.slice(ndarray::s![.., ..r]).to_owned();
         let v = self.left.slice(ndarray::s![.., ..r]).t().to_owned();
         (u, v)
@@ -215,6 +231,21 @@ mod tests {
         for (a, b) in back.iter().zip(w.iter()) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn break_even_keeps_every_rank_a_plan_can_write() {
+        // 12×8: break-even rank 12·8/20 = 4 (rank 5 would store 100 elements > 96).
+        let w = rnd(21, 12, 8);
+        let x = rnd(22, 60, 8);
+        let g = gram(x.view(), None);
+        let full = WhitenedSvd::new(w.view(), g.as_ref(), 1e-9);
+        let cut = WhitenedSvd::new(w.view(), g.as_ref(), 1e-9).to_break_even();
+        assert_eq!(cut.sigma, full.sigma);
+        for r in 0..=4 {
+            assert_eq!(full.factors(r), cut.factors(r), "rank {r}");
+        }
+        assert_eq!(cut.factors(8).0.ncols(), 5);
     }
 
     #[test]

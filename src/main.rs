@@ -360,7 +360,20 @@ enum Command {
     },
 }
 
+/// glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in its arenas,
+/// one per thread: a layer-by-layer pass over a large model, which frees each layer's
+/// matrices before the next, would keep every thread's high-water mark resident. Blocks of
+/// 1 MiB and more are mapped and unmapped instead, so freed layers leave the process.
+fn return_large_blocks() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    return_large_blocks();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -8,7 +8,7 @@
 //! is the one [`super::plan`] makes over all layers at once (same energies, same greedy), so
 //! only the memory differs.
 use super::{
-    base_delta_parts, bases_elements, dense_cost, flops, prepare, target_spectra, CompressOptions,
+    base_delta_parts, bases_elements, dense_cost, dense_flops, prepare, target_spectra, CompressOptions,
     CompressionSummary, Family, Form, LayerRecipe, TargetSize, Targets,
 };
 use crate::calib::CalibStats;
@@ -84,7 +84,7 @@ pub fn layer_spectrum(
         elements: dense_cost(d, &t),
         fixed,
         energies,
-        flops: flops(d, &t.plan.experts),
+        flops: dense_flops(d),
     })
 }
 

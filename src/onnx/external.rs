@@ -141,6 +141,7 @@ impl ExternalStore {
             // length). MADV_DONTNEED on such a mapping only unmaps pages: their contents are
             // the file's and come back unchanged on the next access, so no live reference
             // into the mapping sees different bytes. Failure only means the pages stay.
+            #[cfg(unix)]
             let _ = unsafe {
                 rustix::mm::madvise(
                     f.data.as_ptr() as *mut std::ffi::c_void,

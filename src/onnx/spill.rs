@@ -102,6 +102,7 @@ impl Spill {
         for m in guard.iter().flat_map(|i| &i.maps) {
             // SAFETY: `m` is a whole read-only shared mapping of a file region this process
             // never writes again: unmapped pages come back with the same bytes.
+            #[cfg(unix)]
             let _ = unsafe {
                 rustix::mm::madvise(
                     m.as_ptr() as *mut std::ffi::c_void,

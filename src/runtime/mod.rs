@@ -66,7 +66,10 @@ pub fn model_source(model: &crate::Model) -> Result<ModelSource> {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(crate::onnx::PROTOBUF_LIMIT);
     if model.inline_len() <= limit {
-        return Ok(ModelSource::Bytes(model.to_inline_bytes()?));
+        let bytes = model.to_inline_bytes()?;
+        // The weights just copied were read through the mapping: out of the resident set.
+        model.release_mapped();
+        return Ok(ModelSource::Bytes(bytes));
     }
     let dir = tempfile::Builder::new()
         .prefix("smoe-opt-runtime")
