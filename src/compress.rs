@@ -456,11 +456,17 @@ impl<'a> LayerData<'a> {
             qcost: None,
             merges: Default::default(),
         };
-        let ident = d.identity();
-        d.y = match &d.eval.x_ref {
-            Some((x, routes)) => d.output_on(&ident.experts, &[], x, routes),
-            None => d.output(&ident.experts, &[]),
+        // The original experts one at a time (not a second copy of the layer).
+        let ids: Vec<Vec<usize>> = (0..d.experts.len()).map(|e| vec![e]).collect();
+        let dense = |e: usize, xs: ndarray::ArrayView2<f32>| {
+            ProjFfn::dense(d.experts[e].clone(), d.act).forward(xs, &[])
         };
+        let (x, routes) = match &d.eval.x_ref {
+            Some((x, routes)) => (x, routes),
+            None => (&d.eval.x, &d.eval.routes),
+        };
+        let y = d.routed(&ids, &dense, x, routes);
+        d.y = y;
         d.energy =
             d.y.rows()
                 .into_iter()
@@ -522,17 +528,30 @@ impl<'a> LayerData<'a> {
         x: &Array2<f32>,
         routes: &[Route],
     ) -> Array2<f32> {
+        let ids: Vec<Vec<usize>> = experts.iter().map(|t| t.ids.clone()).collect();
+        let forward = |i: usize, xs: ndarray::ArrayView2<f32>| experts[i].ffn.forward(xs, bases);
+        self.routed(&ids, &forward, x, routes)
+    }
+
+    /// The routed output of targets (`ids`: each target's experts; `forward(i, rows)`: target
+    /// `i` on rows) on rows `x` routed by `routes`.
+    fn routed(
+        &self,
+        ids: &[Vec<usize>],
+        forward: &(dyn Fn(usize, ndarray::ArrayView2<f32>) -> Array2<f32> + Sync),
+        x: &Array2<f32>,
+        routes: &[Route],
+    ) -> Array2<f32> {
         let n = self.experts.len();
         let mut lut = vec![usize::MAX; n];
-        for (i, t) in experts.iter().enumerate() {
-            for &e in &t.ids {
+        for (i, t) in ids.iter().enumerate() {
+            for &e in t {
                 lut[e] = i;
             }
         }
-        let parts: Vec<(Vec<usize>, Array2<f32>)> = experts
-            .par_iter()
-            .enumerate()
-            .map(|(i, t)| {
+        let parts: Vec<(Vec<usize>, Array2<f32>)> = (0..ids.len())
+            .into_par_iter()
+            .map(|i| {
                 let mut rows = Vec::new();
                 let mut w = Vec::new();
                 for (tk, r) in routes.iter().enumerate() {
@@ -549,7 +568,7 @@ impl<'a> LayerData<'a> {
                     }
                 }
                 let xs = x.select(Axis(0), &rows);
-                let mut o = t.ffn.forward(xs.view(), bases);
+                let mut o = forward(i, xs.view());
                 for (mut row, s) in o.rows_mut().into_iter().zip(&w) {
                     row *= *s;
                 }

@@ -432,17 +432,17 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
         },
         execution.reason
     );
-    // The planner in bounded memory: sequential, segment by segment, a fixed family on float
-    // experts, no merge first. Its global plan needs of each layer only the spectra, computed
-    // as the layer's segment is calibrated; the layers are then built one at a time.
+    // The planner in bounded memory: sequential, a fixed family on float experts, no merge
+    // first. Its global plan needs of each layer only the spectra, computed as the layer's
+    // segment is calibrated (from the whole model's statistics when models run whole); the
+    // layers are then built one at a time, and written as they are when segment by segment.
     let streamed_family = opts
         .compress
         .as_ref()
         .filter(|c| crate::compress::streamed::supports(c))
         .map(|c| c.family)
         .filter(|_| {
-            execution.segments
-                && execution.pipeline == crate::sequential::Pipeline::Sequential
+            execution.pipeline == crate::sequential::Pipeline::Sequential
                 && opts.budget.is_none()
                 && opts.layers.is_none()
                 && opts.stats.is_none()
@@ -575,6 +575,22 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             } else {
                 calib::calibrate_on(model, det, c, &fit)?
             };
+            if let (Some(family), None) = (streamed_family, &spectra) {
+                spectra = Some(
+                    det.identified_blocks()
+                        .iter()
+                        .map(|b| {
+                            crate::compress::streamed::layer_spectrum(
+                                &model.graph,
+                                det,
+                                &stats,
+                                &b.name,
+                                family,
+                            )
+                        })
+                        .collect::<Result<_>>()?,
+                );
+            }
             let rep = CalibrationReport {
                 runtime: stats.runtime.clone(),
                 source: stats.source.clone(),
@@ -701,6 +717,8 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                         recipes,
                         summary,
                     };
+                    // Written as they are built when segment by segment (whole models:
+                    // the model fits, and is written below).
                     let mut sink = crate::sequential::Sink {
                         model: &mut *model,
                         heldout: heldout.clone(),
@@ -715,7 +733,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                         calib,
                         &fit,
                         ro,
-                        Some(&mut sink),
+                        execution.segments.then_some(&mut sink),
                     ) {
                         Ok(a) => {
                             if sink.written {

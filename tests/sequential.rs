@@ -160,7 +160,10 @@ fn bounded_plan_writes_what_it_measured() {
                 );
                 if pipeline == "sequential" {
                     let plan = c["plan"].as_str().unwrap();
-                    assert!(plan.contains("planned one layer at a time"), "{name}: {plan}");
+                    assert!(
+                        plan.contains("planned one layer at a time"),
+                        "{name}: {plan}"
+                    );
                     let mine = r.report["fidelity"]["rel_l2"].as_f64().unwrap();
                     let ort = rel_l2(&py, &d, &out);
                     // Both measure the same weights on the same samples; tract and
@@ -190,6 +193,91 @@ fn bounded_plan_writes_what_it_measured() {
                 forms(first(&reports[0])),
                 forms(first(&reports[1])),
                 "{name} {family}: the first layer's allocation"
+            );
+        }
+    }
+}
+
+#[test]
+fn bounded_plan_segment_by_segment_equals_the_whole_model() {
+    // The plan made one layer at a time writes its layers as it goes when segment by segment
+    // (weights spilled to a temporary file, fidelity measured alongside), and writes the
+    // plans at the end when the models run whole: the same bytes and the same fidelity.
+    if python().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["mixtral_v4_ts", "gptoss_v5_dynamo", "ortgenai_gptoss_fp32"] {
+        let d = dir(name);
+        let io = d.join("io.npz");
+        let args = [
+            "--calib",
+            io.to_str().unwrap(),
+            "--target-size",
+            "0.5",
+            "--compress",
+            "low-rank",
+            "--pipeline",
+            "sequential",
+            "--external-data",
+        ];
+        let mut runs = Vec::new();
+        for whole in [false, true] {
+            // The same file name (the model names its data file), in two folders.
+            let sub = tmp.path().join(format!("{name}.{whole}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            let out = sub.join("out.onnx");
+            let rep = sub.join("report.json");
+            let mut cmd = bin();
+            if whole {
+                cmd.env("SMOE_SEQUENTIAL_WHOLE_MODEL", "1");
+            }
+            let o = cmd
+                .arg(d.join("model.onnx"))
+                .arg("-o")
+                .arg(&out)
+                .arg("--report")
+                .arg(&rep)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+            assert_eq!(r["execution"]["segments"], !whole, "{name}");
+            let plan = r["compression"]["plan"].as_str().unwrap().to_string();
+            assert!(
+                plan.contains("planned one layer at a time"),
+                "{name}: {plan}"
+            );
+            let bytes = (
+                std::fs::read(&out).unwrap(),
+                std::fs::read(out.with_extension("onnx.data")).unwrap(),
+            );
+            runs.push((bytes, r));
+        }
+        let ((ms, ds), rs) = &runs[0];
+        let ((mw, dw), rw) = &runs[1];
+        assert!(
+            ds == dw,
+            "{name}: other weights segment by segment than whole"
+        );
+        assert!(
+            ms == mw,
+            "{name}: other model segment by segment than whole"
+        );
+        for key in ["rel_l2", "cosine"] {
+            let (a, b) = (
+                rs["fidelity"][key].as_f64().unwrap(),
+                rw["fidelity"][key].as_f64().unwrap(),
+            );
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1e-6),
+                "{name}: fidelity {key} {a} segment by segment, {b} whole"
             );
         }
     }

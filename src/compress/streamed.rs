@@ -8,8 +8,8 @@
 //! is the one [`super::plan`] makes over all layers at once (same energies, same greedy), so
 //! only the memory differs.
 use super::{
-    base_delta_parts, bases_elements, dense_cost, dense_flops, prepare, target_spectra, CompressOptions,
-    CompressionSummary, Family, Form, LayerRecipe, TargetSize, Targets,
+    base_delta_parts, bases_elements, dense_cost, dense_flops, prepare, target_spectra,
+    CompressOptions, CompressionSummary, Family, Form, LayerRecipe, TargetSize, Targets,
 };
 use crate::calib::CalibStats;
 use crate::error::{Error, Result};

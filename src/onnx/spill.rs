@@ -95,6 +95,33 @@ impl Spill {
         Ok(len as u64)
     }
 
+    /// Makes `into`'s heap tensors that `from` holds spilled, under the same name and with
+    /// the same bytes, views of `from`'s spilled copies (a rewritten segment and the output
+    /// the same layer was written into). Returns the bytes freed.
+    pub fn share(from: &Model, into: &mut Model) -> u64 {
+        let guard = from.spill.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(inner) = guard.as_ref() else {
+            return 0;
+        };
+        let mut freed = 0;
+        for i in into.graph.inits.values_mut() {
+            let Some(r) = i.proto.raw_data.as_ref().filter(|r| r.len() >= MIN_BYTES) else {
+                continue;
+            };
+            let name = i.proto.name.as_deref().unwrap_or("");
+            let spilled = from
+                .graph
+                .initializer(name)
+                .and_then(|o| o.proto.raw_data.as_ref())
+                .filter(|o| inner.holds(o) && o.len() == r.len() && *o == r);
+            if let Some(o) = spilled {
+                freed += r.len() as u64;
+                i.proto.raw_data = Some(o.clone());
+            }
+        }
+        freed
+    }
+
     /// Drops the pages of the spilled tensors from the resident set (see
     /// [`super::ExternalStore::release`]).
     pub fn release(&self) {
@@ -122,5 +149,63 @@ impl Inner {
             let s = m.as_ptr() as usize;
             p >= s && p < s + m.len()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ir::Initializer;
+    use crate::model::Model;
+
+    #[test]
+    fn spilled_tensors_keep_their_bytes_and_are_written_out() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let path = format!("{root}/testdata/models/mixtral_v4_ts/model.onnx");
+        let mut m = Model::load(&path).unwrap();
+        let data: Vec<f32> = (0..40_000).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let t = crate::ir::builder::tensor_f32("big", &[200, 200], &data);
+        let want = t.raw_data.clone().unwrap();
+        m.graph.inits.insert(
+            "big".into(),
+            Initializer {
+                proto: t,
+                external: None,
+            },
+        );
+        let moved = m.spill().unwrap();
+        assert!(moved >= want.len() as u64, "{moved}");
+        let got = m
+            .graph
+            .initializer("big")
+            .unwrap()
+            .proto
+            .raw_data
+            .clone()
+            .unwrap();
+        assert_eq!(got, want);
+        assert_ne!(got.as_ptr(), want.as_ptr(), "still on the heap");
+        // What was moved is not moved again; released pages read back the same.
+        assert_eq!(m.spill().unwrap(), 0);
+        m.release_mapped();
+        assert_eq!(got, want);
+        // A clone shares the spill; both write the same model.
+        let copy = m.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.onnx");
+        let opts = crate::onnx::SaveOptions {
+            external_data: true,
+            ..Default::default()
+        };
+        copy.save(&out, &opts).unwrap();
+        let back = Model::load(&out).unwrap();
+        let b = back.graph.initializer("big").unwrap();
+        assert_eq!(b.external.as_ref().unwrap(), &want);
+        let original = Model::load(&path).unwrap();
+        for i in original.graph.initializers() {
+            let name = i.proto.name.as_deref().unwrap();
+            let a = back.graph.initializer(name).unwrap();
+            let bytes = |x: &Initializer| x.external.clone().or(x.proto.raw_data.clone());
+            assert_eq!(bytes(i), bytes(a), "{name}");
+        }
     }
 }

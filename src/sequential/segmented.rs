@@ -88,26 +88,28 @@ pub(super) fn refit_layers(
         if s < last || sink.is_some() {
             let mut rewritten = seg.model.clone();
             crate::emit::merged::rewrite(&mut rewritten, &one, &layer.plans, emit)?;
+            if let Some(k) = sink.as_deref_mut() {
+                // Written into the output and moved out of memory; the rewritten segment
+                // reads the moved weights too, and only the layer's report is kept.
+                let full = det.only(recipe.block()).ok_or_else(|| Error::Graph {
+                    node: Some(recipe.block().to_string()),
+                    reason: "the block to write is not among the detected blocks".into(),
+                })?;
+                let r = crate::emit::merged::rewrite(k.model, &full, &layer.plans, emit)?;
+                k.rewrites.extend(r);
+                k.model.spill()?;
+                crate::onnx::spill::Spill::share(k.model, &mut rewritten);
+                for p in &mut layer.plans {
+                    p.experts.clear();
+                    p.bases.clear();
+                }
+                model.release_mapped();
+            }
             if s < last {
                 current.run(s, &rewritten, &none, opts)?;
             }
             if let Some(m) = measure.as_mut() {
                 m.step(s, seg, det, &one, Some(&rewritten))?;
-            }
-        }
-        if let Some(k) = sink.as_deref_mut() {
-            // Written into the output and moved out of memory: only the layer's report is
-            // kept.
-            let full = det.only(recipe.block()).ok_or_else(|| Error::Graph {
-                node: Some(recipe.block().to_string()),
-                reason: "the block to write is not among the detected blocks".into(),
-            })?;
-            let r = crate::emit::merged::rewrite(k.model, &full, &layer.plans, emit)?;
-            k.rewrites.extend(r);
-            k.model.spill()?;
-            for p in &mut layer.plans {
-                p.experts.clear();
-                p.bases.clear();
             }
         }
         layers[i] = Some(layer);
