@@ -2130,6 +2130,20 @@ fn flops(d: &LayerData, experts: &[NewExpert]) -> f64 {
         .sum()
 }
 
+/// The error for a budget of `budget` elements below what `family` (low rank or base +
+/// delta) stores whatever the ranks.
+fn below_factored(family: Family, budget: usize) -> Error {
+    Error::Usage(format!(
+        "a budget of {} bytes is below what {} can store",
+        4 * budget,
+        if family == Family::LowRank {
+            "low rank (biases)"
+        } else {
+            "base + delta (biases and one base per layer)"
+        }
+    ))
+}
+
 /// Low-rank or base + delta with one rank allocation over every layer's matrices
 /// (energies normalised per layer and matrix type).
 fn global_factored(
@@ -2145,17 +2159,7 @@ fn global_factored(
             .collect());
     }
     let fixed: usize = targets.iter().map(Targets::bias_elements).sum();
-    let over = || {
-        Error::Usage(format!(
-            "a budget of {} bytes is below what {} can store",
-            4 * budget,
-            if family == Family::LowRank {
-                "low rank (biases)"
-            } else {
-                "base + delta (biases and one base per layer)"
-            }
-        ))
-    };
+    let over = || below_factored(family, budget);
     let mut avail = budget.checked_sub(fixed).ok_or_else(over)?;
     if family == Family::LowRank {
         let parts: Vec<(Vec<TargetSpectra>, Vec<Vec<MatrixEnergies>>)> = data

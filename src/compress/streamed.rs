@@ -125,17 +125,9 @@ pub fn allocate(
         )
     } else {
         let fixed: usize = layers.iter().map(|l| l.fixed).sum();
-        let avail = budget.checked_sub(fixed).ok_or_else(|| {
-            Error::Usage(format!(
-                "a budget of {} bytes is below what {} can store",
-                4 * budget,
-                if family == Family::LowRank {
-                    "low rank (biases)"
-                } else {
-                    "base + delta (biases and one base per layer)"
-                }
-            ))
-        })?;
+        let avail = budget
+            .checked_sub(fixed)
+            .ok_or_else(|| super::below_factored(family, budget))?;
         let flat: Vec<MatrixEnergies> = layers
             .iter()
             .flat_map(|l| l.energies.iter().cloned())
