@@ -1621,6 +1621,26 @@ fn prepare<'a>(
     Ok((data, bpe))
 }
 
+/// [`prepare`] for the one identified block named `block` (`what`: what is done with it, for
+/// the error).
+fn prepare_one<'a>(
+    g: &Graph,
+    det: &'a Detection,
+    stats: &'a CalibStats,
+    block: &str,
+    what: &str,
+) -> Result<(Vec<LayerData<'a>>, f64)> {
+    let index = det
+        .identified_blocks()
+        .iter()
+        .position(|b| b.name == block)
+        .ok_or_else(|| Error::Graph {
+            node: Some(block.to_string()),
+            reason: format!("the block to {what} is not among the detected blocks"),
+        })?;
+    prepare(g, det, stats, Some(&[index]))
+}
+
 /// Plans the compression of every chosen layer: one plan for a fixed family; for `auto`,
 /// several complete alternatives (the per-layer choice by calibrated error, and each family
 /// on its own), which the caller measures end to end and picks from.

@@ -3,8 +3,8 @@
 //! activations of the model whose earlier layers are already rewritten (the same form and
 //! byte budget, new Grams, refits and errors).
 use super::{
-    apply_base_delta, apply_family, base_delta_parts, base_groups, dense_built, finish, prepare,
-    refit_merged, stored_elements, Alternative, Family, Targets,
+    apply_base_delta, apply_family, base_delta_parts, base_groups, dense_built, finish,
+    prepare_one, refit_merged, stored_elements, Alternative, Family, Targets,
 };
 use crate::calib::CalibStats;
 use crate::error::{Error, Result};
@@ -65,15 +65,7 @@ pub fn replan(
     recipe: &LayerRecipe,
     family: Family,
 ) -> Result<Alternative> {
-    let index = det
-        .identified_blocks()
-        .iter()
-        .position(|b| b.name == recipe.block)
-        .ok_or_else(|| Error::Graph {
-            node: Some(recipe.block.clone()),
-            reason: "the block to refit is not among the detected blocks".into(),
-        })?;
-    let (data, bpe) = prepare(g, det, stats, Some(&[index]))?;
+    let (data, bpe) = prepare_one(g, det, stats, &recipe.block, "refit")?;
     let d = &data[0];
     let targets = match &recipe.merge {
         None => Targets::new(d.identity()),

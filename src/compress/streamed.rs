@@ -8,7 +8,7 @@
 //! is the one [`super::plan`] makes over all layers at once (same energies, same greedy), so
 //! only the memory differs.
 use super::{
-    base_delta_parts, bases_elements, dense_cost, dense_flops, prepare, target_spectra,
+    base_delta_parts, bases_elements, dense_cost, dense_flops, prepare_one, target_spectra,
     CompressOptions, CompressionSummary, Family, Form, LayerRecipe, TargetSize, Targets,
 };
 use crate::calib::CalibStats;
@@ -48,15 +48,7 @@ pub fn layer_spectrum(
     block: &str,
     family: Family,
 ) -> Result<LayerSpectrum> {
-    let index = det
-        .identified_blocks()
-        .iter()
-        .position(|b| b.name == block)
-        .ok_or_else(|| Error::Graph {
-            node: Some(block.to_string()),
-            reason: "the block to plan is not among the detected blocks".into(),
-        })?;
-    let (data, _) = prepare(g, det, stats, Some(&[index]))?;
+    let (data, _) = prepare_one(g, det, stats, block, "plan")?;
     let d = &data[0];
     if d.qcost.is_some() {
         return Err(Error::Usage(format!(
