@@ -29,7 +29,7 @@ pub fn refit_down(
     let ata = mul(af.transpose(), af.as_ref());
     let att = mul(af.transpose(), to_faer(t).as_ref());
     let p = to_faer(prior.t());
-    let w = ridge_solve(ata.as_ref(), att.as_ref(), p.as_ref(), rel); // [I', H]
+    let w = ridge_solve(ata, att.as_ref(), p.as_ref(), rel); // [I', H]
     Array2::from_shape_fn((prior.nrows(), prior.ncols()), |(i, j)| w[(j, i)] as f32)
 }
 

@@ -705,11 +705,14 @@ struct Targets {
 }
 
 impl Targets {
-    fn new(plan: LayerPlan) -> Self {
+    /// The targets of `plan`, whose dense weights move into `params` (the plan keeps its
+    /// experts' ids, biases and report; [`dense_built`] puts the weights back): one copy of
+    /// the layer's weights rather than two.
+    fn new(mut plan: LayerPlan) -> Self {
         let params = plan
             .experts
-            .iter()
-            .map(|e| e.ffn.as_dense().expect("dense before compression"))
+            .iter_mut()
+            .map(|e| e.ffn.take_dense().expect("dense before compression"))
             .collect();
         Targets {
             plan,
@@ -1376,9 +1379,17 @@ fn base_groups(d: &LayerData, m: usize) -> Vec<usize> {
 }
 
 fn dense_built(t: &Targets, family: String) -> Built {
-    let matrices = t
+    let experts: Vec<NewExpert> = t
         .plan
         .experts
+        .iter()
+        .zip(&t.params)
+        .map(|(e, p)| NewExpert {
+            ids: e.ids.clone(),
+            ffn: e.ffn.with_dense(p),
+        })
+        .collect();
+    let matrices = experts
         .iter()
         .flat_map(|e| {
             e.ffn.projs().into_iter().map(|(name, p)| MatrixReport {
@@ -1393,7 +1404,7 @@ fn dense_built(t: &Targets, family: String) -> Built {
         })
         .collect();
     Built {
-        experts: t.plan.experts.clone(),
+        experts,
         bases: vec![],
         matrices,
         merged: None,

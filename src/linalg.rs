@@ -188,16 +188,32 @@ impl WhitenedSvd {
 /// Ridge least squares toward a prior: `argmin_W ‖A·W − T‖² + λ‖W − P‖²` with `A` [n, p],
 /// `T`, `P` [n|p, q] given as `AᵀA` (`[p, p]`), `AᵀT` (`[p, q]`) and `P`.
 /// `λ = rel · tr(AᵀA)/p`. Returns `W` (`[p, q]`).
-pub fn ridge_solve(ata: MatRef<f64>, att: MatRef<f64>, prior: MatRef<f64>, rel: f64) -> Mat<f64> {
-    let lambda = ridge(ata, rel);
-    let mut a = ata.to_owned();
+pub fn ridge_solve(ata: Mat<f64>, att: MatRef<f64>, prior: MatRef<f64>, rel: f64) -> Mat<f64> {
+    // Factored in place of `ata` (taken by value): at I' = 16384 each [I', I'] float64 copy
+    // is 2 GiB, and a layer-by-layer run bounds its memory by a few of them.
+    let lambda = ridge(ata.as_ref(), rel);
+    let mut a = ata;
     for i in 0..a.nrows() {
         a[(i, i)] += lambda;
     }
+    // As `cholesky(a, 0.0)`: a tiny extra ridge, grown until the factorisation succeeds.
+    let mut extra = ridge(a.as_ref(), 0.0);
+    let mut added = 0.0;
+    let llt = loop {
+        for i in 0..a.nrows() {
+            a[(i, i)] += extra - added;
+        }
+        added = extra;
+        if let Ok(llt) = a.llt(Side::Lower) {
+            break llt;
+        }
+        extra *= 10.0;
+    };
+    drop(a);
     let mut rhs = Mat::from_fn(att.nrows(), att.ncols(), |i, j| {
         att[(i, j)] + lambda * prior[(i, j)]
     });
-    let l = cholesky(a.as_ref(), 0.0);
+    let l = llt.L();
     l.solve_lower_triangular_in_place(rhs.as_mut());
     l.transpose().solve_upper_triangular_in_place(rhs.as_mut());
     rhs
@@ -292,7 +308,7 @@ mod tests {
         let af = to_faer(a.view());
         let ata = mul(af.transpose(), af.as_ref());
         let att = mul(af.transpose(), to_faer(t.view()).as_ref());
-        let w = ridge_solve(ata.as_ref(), att.as_ref(), Mat::zeros(4, 3).as_ref(), 1e-10);
+        let w = ridge_solve(ata, att.as_ref(), Mat::zeros(4, 3).as_ref(), 1e-10);
         for i in 0..4 {
             for j in 0..3 {
                 assert!((w[(i, j)] - f64::from(wt[[i, j]])).abs() < 1e-4);

@@ -77,6 +77,44 @@ impl Model {
         self.external.files()
     }
 
+    /// The model encoded as one protobuf in which the tensors stored in this model's own
+    /// external data files stay references to them (each validated and mapped as
+    /// [`ExternalStore::resolve`] does), every other tensor inline; with the folder those
+    /// references are relative to. A runtime that reads external data itself (onnxruntime
+    /// maps it) then loads a model of any size without a copy of its weights. The folder is
+    /// `None` when nothing stays a reference. Fails when what stays inline exceeds the
+    /// 2 GiB protobuf limit.
+    pub fn to_bytes_referencing(&self) -> crate::Result<(Vec<u8>, Option<PathBuf>)> {
+        use prost::Message;
+        let Some(path) = self.path.clone() else {
+            return Ok((self.to_inline_bytes()?, None));
+        };
+        let mut p = self.to_proto();
+        let mut store = self.external.clone();
+        let mut referenced = false;
+        let mut check = |t: &mut crate::onnx::proto::TensorProto| -> crate::Result<()> {
+            if crate::onnx::tensor::is_external(t) {
+                store.resolve(&path, t)?;
+                referenced = true;
+            }
+            Ok(())
+        };
+        crate::onnx::walk::model_tensors_mut(&mut p, &mut check)?;
+        if p.encoded_len() as u64 > crate::onnx::PROTOBUF_LIMIT {
+            return Err(crate::Error::Usage(
+                "the model's inline tensors exceed 2 GiB and cannot be passed in memory".into(),
+            ));
+        }
+        let folder = referenced.then(|| self.external.dir().to_path_buf());
+        Ok((p.encode_to_vec(), folder))
+    }
+
+    /// Size of what [`Model::to_bytes_referencing`] would produce, without materialising it.
+    pub fn referencing_len(&self) -> u64 {
+        use prost::Message;
+        self.to_proto().encoded_len() as u64
+    }
+
     /// The whole model encoded as one protobuf with all tensor data inline (for runtimes
     /// loading from memory). Fails above the 2 GiB protobuf limit.
     pub fn to_inline_bytes(&self) -> crate::Result<Vec<u8>> {

@@ -43,7 +43,9 @@ pub fn calibrate_paired(
 pub struct Paired<'a> {
     block: &'a crate::moe::MoeBlock,
     cur: Resilient<'a>,
-    refs: Resilient<'a>,
+    /// The reference model's session; `None` when the reference is the current model itself
+    /// (a segment paired with its own original form): one session then runs both feeds.
+    refs: Option<Resilient<'a>>,
     acc: LayerAcc,
     samples: usize,
     batches: usize,
@@ -64,20 +66,50 @@ impl<'a> Paired<'a> {
         det: &'a Detection,
         opts: &'a CalibOptions,
     ) -> Result<Self> {
-        let blocks = det.identified_blocks();
-        let [b] = blocks.as_slice() else {
-            return Err(Error::Usage(
-                "internal: paired calibration takes one block".into(),
-            ));
-        };
+        let b = Self::one_block(det)?;
         let t_setup = std::time::Instant::now();
-        let cur = Resilient::open(current, current_reemit, vec![*b], opts)?;
-        let refs = Resilient::open(reference, reference_reemit, vec![*b], opts)?;
+        let cur = Resilient::open(current, current_reemit, vec![b], opts)?;
+        let refs = Some(Resilient::open(reference, reference_reemit, vec![b], opts)?);
+        Self::with(b, cur, refs, &current.graph, opts, t_setup)
+    }
+
+    /// Like [`Paired::open`] with one model as both the current and the reference one (an
+    /// original segment fed its inputs in the rewritten and in the original model): one
+    /// session, so the segment's weights are held once.
+    pub fn open_shared(
+        model: &'a Model,
+        reemit: &'a Detection,
+        det: &'a Detection,
+        opts: &'a CalibOptions,
+    ) -> Result<Self> {
+        let b = Self::one_block(det)?;
+        let t_setup = std::time::Instant::now();
+        let cur = Resilient::open(model, reemit, vec![b], opts)?;
+        Self::with(b, cur, None, &model.graph, opts, t_setup)
+    }
+
+    fn one_block(det: &'a Detection) -> Result<&'a crate::moe::MoeBlock> {
+        match det.identified_blocks().as_slice() {
+            [b] => Ok(b),
+            _ => Err(Error::Usage(
+                "internal: paired calibration takes one block".into(),
+            )),
+        }
+    }
+
+    fn with(
+        b: &'a crate::moe::MoeBlock,
+        cur: Resilient<'a>,
+        refs: Option<Resilient<'a>>,
+        graph: &crate::ir::Graph,
+        opts: &CalibOptions,
+        t_setup: std::time::Instant,
+    ) -> Result<Self> {
         Ok(Paired {
             block: b,
             cur,
             refs,
-            acc: LayerAcc::new(&current.graph, b, opts.stats.clone(), 0)?,
+            acc: LayerAcc::new(graph, b, opts.stats.clone(), 0)?,
             samples: 0,
             batches: 0,
             seconds_setup: t_setup.elapsed().as_secs_f64(),
@@ -95,7 +127,10 @@ impl<'a> Paired<'a> {
         let what = format!("batch {}", self.batches);
         self.batches += 1;
         let out = self.cur.run(feed, &what)?;
-        let out_ref = self.refs.run(feed_ref, &what)?;
+        let out_ref = match self.refs.as_mut() {
+            Some(r) => r.run(feed_ref, &what)?,
+            None => self.cur.run(feed_ref, &what)?,
+        };
         let logits = self.cur.logits()[0].clone();
         pair(
             &mut self.acc,

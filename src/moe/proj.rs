@@ -143,6 +143,37 @@ impl ProjFfn {
         }
     }
 
+    /// Moves the dense weights out (as [`ProjFfn::as_dense`] would copy them), leaving empty
+    /// matrices in their place and the biases, activation and kept neurons as they are; `None`
+    /// (and nothing moved) when a projection is not dense. [`ProjFfn::with_dense`] puts
+    /// weights back.
+    pub fn take_dense(&mut self) -> Option<ExpertParams> {
+        let dense = |p: &Proj| matches!(p, Proj::Dense(_));
+        if !(dense(&self.up) && dense(&self.down) && self.gate.as_ref().is_none_or(dense)) {
+            return None;
+        }
+        let take = |p: &mut Proj| match p {
+            Proj::Dense(w) => std::mem::take(w),
+            _ => unreachable!("checked dense above"),
+        };
+        Some(ExpertParams {
+            gate: self.gate.as_mut().map(take),
+            up: take(&mut self.up),
+            down: take(&mut self.down),
+            gate_bias: self.gate_bias.clone(),
+            up_bias: self.up_bias.clone(),
+            down_bias: self.down_bias.clone(),
+        })
+    }
+
+    /// This FFN with `p`'s dense weights (and biases) in place of its projections.
+    pub fn with_dense(&self, p: &ExpertParams) -> ProjFfn {
+        ProjFfn {
+            neurons: self.neurons.clone(),
+            ..ProjFfn::dense(p.clone(), self.act)
+        }
+    }
+
     /// The dense parameters when every projection is dense (what the fused op can hold).
     pub fn as_dense(&self) -> Option<ExpertParams> {
         let d = |p: &Proj| match p {

@@ -110,6 +110,11 @@ impl ExternalStore {
         }
     }
 
+    /// The folder locations are relative to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Refuses references to `model` (the file being loaded) as external data.
     pub fn forbid(mut self, model: &std::path::Path) -> Self {
         self.model = model.canonicalize().ok();

@@ -50,6 +50,14 @@ impl Value {
 pub enum ModelSource {
     /// The encoded model.
     Bytes(Vec<u8>),
+    /// The encoded model whose tensors in the original model's external data files stay
+    /// references to them, relative to `folder` (see [`crate::Model::to_bytes_referencing`]).
+    Referencing {
+        /// The encoded model.
+        bytes: Vec<u8>,
+        /// The folder the references are relative to.
+        folder: std::path::PathBuf,
+    },
     /// A model file (and its data file) in a temporary folder, removed on drop.
     File {
         /// The folder.
@@ -59,12 +67,21 @@ pub enum ModelSource {
     },
 }
 
-/// The form in which `model` should be handed to a runtime.
-pub fn model_source(model: &crate::Model) -> Result<ModelSource> {
+/// The form in which `model` should be handed to a runtime; `references`: whether the
+/// runtime reads external data files itself (then the original's weights stay where they
+/// are: [`ModelSource::Referencing`]).
+pub fn model_source(model: &crate::Model, references: bool) -> Result<ModelSource> {
     let limit = std::env::var("SMOE_RUNTIME_INLINE_LIMIT")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(crate::onnx::PROTOBUF_LIMIT);
+    if references && model.referencing_len() <= limit {
+        let (bytes, folder) = model.to_bytes_referencing()?;
+        return Ok(match folder {
+            Some(folder) => ModelSource::Referencing { bytes, folder },
+            None => ModelSource::Bytes(bytes),
+        });
+    }
     if model.inline_len() <= limit {
         let bytes = model.to_inline_bytes()?;
         // The weights just copied were read through the mapping: out of the resident set.

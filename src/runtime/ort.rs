@@ -103,9 +103,28 @@ pub struct OrtSession {
 }
 
 impl OrtSession {
-    /// Loads an in-memory model on the given execution provider.
+    /// Loads an in-memory model on the given execution provider. The weights that are still
+    /// those of the model's external data files are read by onnxruntime from those files
+    /// (it maps them: no copy in this process); should that fail (an onnxruntime without
+    /// the session option that names their folder), every weight is passed inline.
     pub fn from_model(model: &Model, ep: Ep) -> Result<Self> {
-        let source = super::model_source(model)?;
+        let source = super::model_source(model, true)?;
+        if !matches!(source, super::ModelSource::Referencing { .. }) {
+            return Self::load(model, ep, source);
+        }
+        match Self::load(model, ep, source) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                log::info!(
+                    "onnxruntime did not read the external data in place ({e}); \
+                     passing the weights in memory"
+                );
+                Self::load(model, ep, super::model_source(model, false)?)
+            }
+        }
+    }
+
+    fn load(model: &Model, ep: Ep, source: super::ModelSource) -> Result<Self> {
         let env = environment()?;
         let mut b = ort::session::Session::builder(env).map_err(|e| err("session options", e))?;
         if ep == Ep::Cuda {
@@ -118,8 +137,18 @@ impl OrtSession {
                     )
                 })?;
         }
+        if let super::ModelSource::Referencing { folder, .. } = &source {
+            b = b
+                .with_config_entry(
+                    "session.model_external_initializers_file_folder_path",
+                    folder.to_string_lossy(),
+                )
+                .map_err(|e| err("session options", e))?;
+        }
         let session = match &source {
-            super::ModelSource::Bytes(bytes) => b.commit_from_memory(bytes),
+            super::ModelSource::Bytes(bytes) | super::ModelSource::Referencing { bytes, .. } => {
+                b.commit_from_memory(bytes)
+            }
             super::ModelSource::File { path, .. } => b.commit_from_file(path),
         }
         .map_err(|e| err("loading the model", e))?;
@@ -142,7 +171,7 @@ impl OrtSession {
             session,
             _files: match source {
                 super::ModelSource::File { dir, .. } => Some(dir),
-                super::ModelSource::Bytes(_) => None,
+                super::ModelSource::Bytes(_) | super::ModelSource::Referencing { .. } => None,
             },
             inputs,
             f16_inputs,

@@ -113,8 +113,10 @@ impl TractSession {
     }
 
     fn from_source(model: &Model) -> Result<Self> {
-        match super::model_source(model)? {
-            super::ModelSource::Bytes(bytes) => Self::from_bytes(&bytes),
+        match super::model_source(model, false)? {
+            super::ModelSource::Bytes(bytes) | super::ModelSource::Referencing { bytes, .. } => {
+                Self::from_bytes(&bytes)
+            }
             super::ModelSource::File { dir, path } => {
                 let m = onnx()
                     .model_for_path(&path)

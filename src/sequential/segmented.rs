@@ -74,7 +74,7 @@ pub(super) fn refit_layers(
             }
             super::one_shot_layer(alt, i)
         } else {
-            let mut paired = calib::Paired::open(&seg.model, &one, &seg.model, &one, &one, opts)?;
+            let mut paired = calib::Paired::open_shared(&seg.model, &one, &one, opts)?;
             for k in 0..count {
                 let out = paired.add(&current.feed(k)?, &reference.feed(k)?)?;
                 reference.store(s, k, &out)?;
