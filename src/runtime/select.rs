@@ -59,6 +59,18 @@ pub fn ort_available() -> bool {
     }
 }
 
+/// The first operator of `model` that tract has no implementation of and onnxruntime has
+/// (onnxruntime's fused MoE operators, as `domain.op`).
+fn tract_lacks(model: &Model) -> Option<String> {
+    model
+        .graph
+        .nodes()
+        .find_map(|(_, n)| match (n.domain.as_deref(), n.op_type.as_deref()) {
+            (Some(d @ "com.microsoft"), Some(op @ ("MoE" | "QMoE"))) => Some(format!("{d}.{op}")),
+            _ => None,
+        })
+}
+
 /// Opens `model` in exactly runtime `rt` (`auto` means tract here).
 pub fn open_in(
     model: &Model,
@@ -98,7 +110,15 @@ pub fn open(
     #[cfg(feature = "ort")] ep: super::ort::Ep,
 ) -> Result<Box<dyn Session>> {
     let mut errors = Vec::new();
-    for r in candidates(rt) {
+    let mut runtimes = candidates(rt);
+    if runtimes.len() > 1 {
+        if let Some(op) = tract_lacks(model) {
+            // tract opens such a model and fails on its first run: straight to onnxruntime.
+            log::info!("{op} runs in onnxruntime only");
+            runtimes.retain(|&r| r != Runtime::Tract);
+        }
+    }
+    for r in runtimes {
         match open_in(
             model,
             r,
