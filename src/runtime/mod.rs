@@ -43,7 +43,8 @@ impl Value {
     }
 }
 
-/// How a runtime receives a model: in memory below the 2 GiB protobuf limit, else as a
+/// How a runtime receives a model: in memory below the 2 GiB protobuf limit (for
+/// onnxruntime, with the input's external weights left as references it maps), else as a
 /// model file with one external data file in a temporary folder (`TMPDIR`; it takes the
 /// model's size on disk while the runtime loads it). `SMOE_RUNTIME_INLINE_LIMIT` (bytes)
 /// lowers the threshold (a test knob).
