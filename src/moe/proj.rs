@@ -286,6 +286,26 @@ mod tests {
     }
 
     #[test]
+    fn dense_weights_move_out_and_back() {
+        let mut f = ProjFfn::dense(expert(1.5), Act::Silu);
+        f.neurons = Some(vec![0, 2, 4]);
+        let orig = f.clone();
+        let p = f.take_dense().unwrap();
+        assert_eq!(p, orig.as_dense().unwrap());
+        assert_eq!(f.up, Proj::Dense(Array2::zeros((0, 0))));
+        assert_eq!(f.with_dense(&p), orig);
+        // Not dense: nothing moves.
+        let mut g = orig.clone();
+        g.down = Proj::LowRank {
+            u: Array2::zeros((2, 1)),
+            v: Array2::zeros((1, 3)),
+        };
+        let before = g.clone();
+        assert!(g.take_dense().is_none());
+        assert_eq!(g, before);
+    }
+
+    #[test]
     fn rank_zero_deltas_are_the_plain_merge() {
         let (a, b) = (expert(1.0), expert(-2.0));
         let (base, _) = base_delta(&[&a, &b], &[0.7, 0.3]);

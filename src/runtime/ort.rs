@@ -100,6 +100,8 @@ pub struct OrtSession {
     outputs: Vec<String>,
     /// Index inputs and the tables they index (checked before each run).
     bounds: super::IndexBounds,
+    /// Whether onnxruntime read the input's external weights from their files itself.
+    in_place: bool,
 }
 
 impl OrtSession {
@@ -124,7 +126,14 @@ impl OrtSession {
         }
     }
 
+    /// Whether onnxruntime read the weights still in the input's external data files from
+    /// those files itself (mapped) rather than from a copy passed in memory.
+    pub fn weights_in_place(&self) -> bool {
+        self.in_place
+    }
+
     fn load(model: &Model, ep: Ep, source: super::ModelSource) -> Result<Self> {
+        let in_place = matches!(source, super::ModelSource::Referencing { .. });
         let env = environment()?;
         let mut b = ort::session::Session::builder(env).map_err(|e| err("session options", e))?;
         if ep == Ep::Cuda {
@@ -177,6 +186,7 @@ impl OrtSession {
             f16_inputs,
             outputs,
             bounds: super::IndexBounds::of(&model.graph),
+            in_place,
         })
     }
 }
