@@ -102,14 +102,22 @@ pub fn ridge(g: MatRef<f64>, rel: f64) -> f64 {
 /// The lower Cholesky factor L of `g + λI` (`g = L·Lᵀ`), retrying with a larger ridge if
 /// rounding makes the matrix indefinite.
 pub fn cholesky(g: MatRef<f64>, rel: f64) -> Mat<f64> {
-    let mut lambda = ridge(g, rel);
+    let mut a = g.to_owned();
+    llt_ridged(&mut a, ridge(g, rel)).L().to_owned()
+}
+
+/// The Cholesky factorisation of `a + λI`, adding `λ` to `a`'s diagonal in place (no copy of
+/// `a`) and growing it tenfold until the factorisation succeeds.
+fn llt_ridged(a: &mut Mat<f64>, lambda: f64) -> faer::linalg::solvers::Llt<f64> {
+    let mut added = 0.0;
+    let mut lambda = lambda;
     loop {
-        let mut a = g.to_owned();
         for i in 0..a.nrows() {
-            a[(i, i)] += lambda;
+            a[(i, i)] += lambda - added;
         }
+        added = lambda;
         if let Ok(llt) = a.llt(Side::Lower) {
-            return llt.L().to_owned();
+            return llt;
         }
         lambda *= 10.0;
     }
@@ -197,18 +205,8 @@ pub fn ridge_solve(ata: Mat<f64>, att: MatRef<f64>, prior: MatRef<f64>, rel: f64
         a[(i, i)] += lambda;
     }
     // As `cholesky(a, 0.0)`: a tiny extra ridge, grown until the factorisation succeeds.
-    let mut extra = ridge(a.as_ref(), 0.0);
-    let mut added = 0.0;
-    let llt = loop {
-        for i in 0..a.nrows() {
-            a[(i, i)] += extra - added;
-        }
-        added = extra;
-        if let Ok(llt) = a.llt(Side::Lower) {
-            break llt;
-        }
-        extra *= 10.0;
-    };
+    let extra = ridge(a.as_ref(), 0.0);
+    let llt = llt_ridged(&mut a, extra);
     drop(a);
     let mut rhs = Mat::from_fn(att.nrows(), att.ncols(), |i, j| {
         att[(i, j)] + lambda * prior[(i, j)]

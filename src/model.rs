@@ -85,28 +85,8 @@ impl Model {
     /// `None` when nothing stays a reference. Fails when what stays inline exceeds the
     /// 2 GiB protobuf limit.
     pub fn to_bytes_referencing(&self) -> crate::Result<(Vec<u8>, Option<PathBuf>)> {
-        use prost::Message;
-        let Some(path) = self.path.clone() else {
-            return Ok((self.to_inline_bytes()?, None));
-        };
-        let mut p = self.to_proto();
-        let mut store = self.external.clone();
-        let mut referenced = false;
-        let mut check = |t: &mut crate::onnx::proto::TensorProto| -> crate::Result<()> {
-            if crate::onnx::tensor::is_external(t) {
-                store.resolve(&path, t)?;
-                referenced = true;
-            }
-            Ok(())
-        };
-        crate::onnx::walk::model_tensors_mut(&mut p, &mut check)?;
-        if p.encoded_len() as u64 > crate::onnx::PROTOBUF_LIMIT {
-            return Err(crate::Error::Usage(
-                "the model's inline tensors exceed 2 GiB and cannot be passed in memory".into(),
-            ));
-        }
-        let folder = referenced.then(|| self.external.dir().to_path_buf());
-        Ok((p.encode_to_vec(), folder))
+        let (bytes, referenced) = self.encode(self.path.is_some())?;
+        Ok((bytes, referenced.then(|| self.external.dir().to_path_buf())))
     }
 
     /// Size of what [`Model::to_bytes_referencing`] would produce, without materialising it.
@@ -118,25 +98,39 @@ impl Model {
     /// The whole model encoded as one protobuf with all tensor data inline (for runtimes
     /// loading from memory). Fails above the 2 GiB protobuf limit.
     pub fn to_inline_bytes(&self) -> crate::Result<Vec<u8>> {
+        Ok(self.encode(false)?.0)
+    }
+
+    /// The model as one protobuf: each external tensor validated and mapped, then left a
+    /// reference (`references`) or copied inline; with whether any stayed a reference.
+    fn encode(&self, references: bool) -> crate::Result<(Vec<u8>, bool)> {
         use prost::Message;
         let mut p = self.to_proto();
         let path = self.path.clone().unwrap_or_default();
         let mut store = self.external.clone();
-        let mut inline = |t: &mut crate::onnx::proto::TensorProto| -> crate::Result<()> {
+        let mut referenced = false;
+        let mut each = |t: &mut crate::onnx::proto::TensorProto| -> crate::Result<()> {
             if crate::onnx::tensor::is_external(t) {
-                t.raw_data = Some(store.resolve(&path, t)?);
-                t.data_location = None;
-                t.external_data.clear();
+                let data = store.resolve(&path, t)?;
+                if references {
+                    referenced = true;
+                } else {
+                    t.raw_data = Some(data);
+                    t.data_location = None;
+                    t.external_data.clear();
+                }
             }
             Ok(())
         };
-        crate::onnx::walk::model_tensors_mut(&mut p, &mut inline)?;
+        crate::onnx::walk::model_tensors_mut(&mut p, &mut each)?;
         if p.encoded_len() as u64 > crate::onnx::PROTOBUF_LIMIT {
-            return Err(crate::Error::Usage(
-                "the model exceeds 2 GiB and cannot be passed inline".into(),
-            ));
+            return Err(crate::Error::Usage(if references {
+                "the model's inline tensors exceed 2 GiB and cannot be passed in memory".into()
+            } else {
+                "the model exceeds 2 GiB and cannot be passed inline".into()
+            }));
         }
-        Ok(p.encode_to_vec())
+        Ok((p.encode_to_vec(), referenced))
     }
 
     /// Size of the model as one protobuf with all tensor data inline (what

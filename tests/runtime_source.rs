@@ -1,6 +1,7 @@
-//! How onnxruntime receives a model whose weights are in external data files: the weights
-//! stay references to the input's data file (onnxruntime maps it) instead of being copied
-//! into the encoded model, and the model computes exactly what it computes inline.
+//! Which runtime receives a model, and how. Weights in external data files stay references
+//! to the input's data file (onnxruntime maps it) instead of being copied into the encoded
+//! model, and the model computes exactly what it computes inline. Models with onnxruntime's
+//! fused MoE operators go to onnxruntime without a failed try in tract.
 #![cfg(feature = "ort")]
 mod common;
 use common::*;
@@ -80,4 +81,40 @@ fn onnxruntime_reads_external_weights_in_place() {
         worst <= 1e-4 * scale.max(1.0),
         "max |Δ| {worst}, scale {scale}"
     );
+}
+
+#[test]
+fn fused_moe_models_go_straight_to_onnxruntime() {
+    if !smoe_opt::runtime::ort_available() {
+        eprintln!("skipped: onnxruntime's library not found");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, op) in [
+        ("ortgenai_gptoss_fp32", "com.microsoft.MoE"),
+        ("ortgenai_lfm2moe_int4", "com.microsoft.QMoE"),
+    ] {
+        let d = root().join("testdata/models").join(name);
+        let o = bin()
+            .arg("calibrate")
+            .arg(d.join("model.onnx"))
+            .arg("--calib")
+            .arg(d.join("io.npz"))
+            .arg("-v")
+            .arg("-o")
+            .arg(tmp.path().join(format!("{name}.json")))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{name}: {err}");
+        assert!(
+            err.contains(&format!("{op} runs in onnxruntime only")),
+            "{name}: {err}"
+        );
+        assert!(
+            err.contains("calibrating with onnxruntime"),
+            "{name}: {err}"
+        );
+        assert!(!err.contains("tract failed"), "{name}: {err}");
+    }
 }

@@ -227,27 +227,14 @@ fn bounded_plan_segment_by_segment_equals_the_whole_model() {
             let sub = tmp.path().join(format!("{name}.{whole}"));
             std::fs::create_dir_all(&sub).unwrap();
             let out = sub.join("out.onnx");
-            let rep = sub.join("report.json");
-            let mut cmd = bin();
-            if whole {
-                cmd.env("SMOE_SEQUENTIAL_WHOLE_MODEL", "1");
-            }
-            let o = cmd
-                .arg(d.join("model.onnx"))
-                .arg("-o")
-                .arg(&out)
-                .arg("--report")
-                .arg(&rep)
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success(),
-                "{name}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            let r: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+            let env: &[(&str, &str)] = if whole {
+                &[("SMOE_SEQUENTIAL_WHOLE_MODEL", "1")]
+            } else {
+                &[]
+            };
+            let run = reduce_env(&d.join("model.onnx"), &out, &args, env);
+            assert!(run.ok, "{name}: {}", run.stderr);
+            let r = run.report;
             assert_eq!(r["execution"]["segments"], !whole, "{name}");
             let plan = r["compression"]["plan"].as_str().unwrap().to_string();
             assert!(
@@ -449,23 +436,14 @@ fn segment_by_segment_refit_equals_the_whole_model_refit() {
             .to_string();
         assert!(plan.contains("segment by segment"), "{name}: {plan}");
         let whole = tmp.path().join(format!("{name}.whole.onnx"));
-        let rep = tmp.path().join(format!("{name}.whole.json"));
-        let out = bin()
-            .env("SMOE_SEQUENTIAL_WHOLE_MODEL", "1")
-            .arg(d.join("model.onnx"))
-            .arg("-o")
-            .arg(&whole)
-            .arg("--report")
-            .arg(&rep)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let run = reduce_env(
+            &d.join("model.onnx"),
+            &whole,
+            &args,
+            &[("SMOE_SEQUENTIAL_WHOLE_MODEL", "1")],
         );
-        let w: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+        assert!(run.ok, "{name}: {}", run.stderr);
+        let w = run.report;
         let (es, ew) = (&r.report["execution"], &w["execution"]);
         assert_eq!(es["segments"], true, "{name}: {es}");
         assert_eq!(ew["segments"], false, "{name}: {ew}");

@@ -66,11 +66,13 @@ impl<'a> Paired<'a> {
         det: &'a Detection,
         opts: &'a CalibOptions,
     ) -> Result<Self> {
-        let b = Self::one_block(det)?;
-        let t_setup = std::time::Instant::now();
-        let cur = Resilient::open(current, current_reemit, vec![b], opts)?;
-        let refs = Some(Resilient::open(reference, reference_reemit, vec![b], opts)?);
-        Self::with(b, cur, refs, &current.graph, opts, t_setup)
+        Self::open_with(
+            current,
+            current_reemit,
+            Some((reference, reference_reemit)),
+            det,
+            opts,
+        )
     }
 
     /// Like [`Paired::open`] with one model as both the current and the reference one (an
@@ -82,34 +84,33 @@ impl<'a> Paired<'a> {
         det: &'a Detection,
         opts: &'a CalibOptions,
     ) -> Result<Self> {
-        let b = Self::one_block(det)?;
-        let t_setup = std::time::Instant::now();
-        let cur = Resilient::open(model, reemit, vec![b], opts)?;
-        Self::with(b, cur, None, &model.graph, opts, t_setup)
+        Self::open_with(model, reemit, None, det, opts)
     }
 
-    fn one_block(det: &'a Detection) -> Result<&'a crate::moe::MoeBlock> {
-        match det.identified_blocks().as_slice() {
-            [b] => Ok(b),
-            _ => Err(Error::Usage(
-                "internal: paired calibration takes one block".into(),
-            )),
-        }
-    }
-
-    fn with(
-        b: &'a crate::moe::MoeBlock,
-        cur: Resilient<'a>,
-        refs: Option<Resilient<'a>>,
-        graph: &crate::ir::Graph,
-        opts: &CalibOptions,
-        t_setup: std::time::Instant,
+    /// `reference`: the reference model and its re-emission, `None` for `current` itself.
+    fn open_with(
+        current: &'a Model,
+        current_reemit: &'a Detection,
+        reference: Option<(&'a Model, &'a Detection)>,
+        det: &'a Detection,
+        opts: &'a CalibOptions,
     ) -> Result<Self> {
+        let blocks = det.identified_blocks();
+        let [b] = blocks.as_slice() else {
+            return Err(Error::Usage(
+                "internal: paired calibration takes one block".into(),
+            ));
+        };
+        let t_setup = std::time::Instant::now();
+        let cur = Resilient::open(current, current_reemit, vec![b], opts)?;
+        let refs = reference
+            .map(|(m, r)| Resilient::open(m, r, vec![b], opts))
+            .transpose()?;
         Ok(Paired {
             block: b,
             cur,
             refs,
-            acc: LayerAcc::new(graph, b, opts.stats.clone(), 0)?,
+            acc: LayerAcc::new(&current.graph, b, opts.stats.clone(), 0)?,
             samples: 0,
             batches: 0,
             seconds_setup: t_setup.elapsed().as_secs_f64(),

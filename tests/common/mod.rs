@@ -140,8 +140,14 @@ pub struct Run {
 
 /// Runs `smoe-opt MODEL -o OUT --report OUT.report.json ARGS…`.
 pub fn reduce(model: &Path, out: &Path, args: &[&str]) -> Run {
+    reduce_env(model, out, args, &[])
+}
+
+/// [`reduce`] with environment variables `env` set for the run.
+pub fn reduce_env(model: &Path, out: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
     let rep = out.with_extension("report.json");
     let o = bin()
+        .envs(env.iter().copied())
         .arg(model)
         .arg("-o")
         .arg(out)
