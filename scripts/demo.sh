@@ -12,9 +12,9 @@ mkdir -p demo-out
 $bin inspect "$lm/model.onnx"
 $bin "$lm/model.onnx" -o demo-out/model.onnx --target-size 0.5 \
     --calib-text "$lm/calib.txt" --tokenizer "$lm/tokenizer.json" --seq-len 128 --runtime tract \
-    --eval-data "$lm/eval.npz" --report demo-out/report.json
+    --eval-data "$lm/eval.npz" --report demo-out/report.json --report-html demo-out/report.html
 $bin eval "$lm/model.onnx" --data "$lm/eval.npz" --runtime tract
 $bin eval demo-out/model.onnx --data "$lm/eval.npz" --runtime tract
 $bin calibrate "$lm/model.onnx" --calib-text "$lm/calib.txt" --tokenizer "$lm/tokenizer.json" \
     --seq-len 128 --runtime tract -o demo-out/stats.json
-echo "wrote demo-out/model.onnx, demo-out/report.json, demo-out/stats.json (+ stats.npz)"
+echo "wrote demo-out/model.onnx, demo-out/report.json, demo-out/report.html (open it in a browser), demo-out/stats.json (+ stats.npz)"

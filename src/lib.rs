@@ -14,6 +14,7 @@ pub mod error;
 pub mod eval;
 pub mod fidelity;
 pub mod fsutil;
+pub mod html_report;
 pub mod inputs;
 pub mod inspect;
 pub mod ir;

@@ -21,6 +21,7 @@ Examples:
   smoe-opt eval model.onnx --data heldout.npz  held-out perplexity and top-1 accuracy
   smoe-opt inspect model.onnx                  summarise a model
   smoe-opt inspect model.onnx --json           the same, as JSON for tools
+  smoe-opt report r.json --html r.html         a saved report as an HTML page with figures
 
 Exit codes: 0 success, 1 failure, 2 usage error.";
 
@@ -121,6 +122,9 @@ struct RunArgs {
     /// Write the report as JSON here.
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
+    /// Write the report as one self-contained HTML page (inline SVG figures) here.
+    #[arg(long, value_name = "FILE.html")]
+    report_html: Option<PathBuf>,
     #[command(flatten)]
     calib: CalibArgs,
 }
@@ -347,6 +351,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = smoe_opt::runtime::Ep::Cpu)]
         ort_ep: smoe_opt::runtime::Ep,
     },
+    /// Render a saved `--report` JSON file as one self-contained HTML page with figures.
+    Report {
+        /// The report (JSON written by --report).
+        input: PathBuf,
+        /// Where to write the HTML page.
+        #[arg(long, value_name = "FILE.html")]
+        html: PathBuf,
+    },
     /// Summarise a model: opsets, inputs/outputs, op counts, initializers, external data.
     Inspect {
         /// The ONNX model.
@@ -445,6 +457,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if explain {
                     print!("{}", info.explain_text());
                 }
+            }
+            Ok(())
+        }
+        Some(Command::Report { input, html }) => {
+            smoe_opt::fsutil::check_distinct(&[("--html", &html)], &[("report", &input)])?;
+            let page = smoe_opt::html_report::render_file(&input)?;
+            smoe_opt::fsutil::write_atomic(&html, page.as_bytes())?;
+            if !cli.quiet {
+                eprintln!("smoe-opt: wrote {}", html.display());
             }
             Ok(())
         }
@@ -659,6 +680,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(r) = &a.report {
                 outs.push(("--report", r));
             }
+            if let Some(r) = &a.report_html {
+                outs.push(("--report-html", r));
+            }
             let mut ins: Vec<(&str, &std::path::Path)> = vec![("input model", &input)];
             ins.extend(a.calib.input_files());
             let stats_side = a.stats.as_ref().map(|s| s.with_extension("npz"));
@@ -680,17 +704,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .as_deref()
                 .map(smoe_opt::fsutil::AtomicFile::create)
                 .transpose()?;
+            let html_file = a
+                .report_html
+                .as_deref()
+                .map(smoe_opt::fsutil::AtomicFile::create)
+                .transpose()?;
             let report = pipeline::run(&input, &output, &opts)?;
-            if let Some(mut f) = report_file {
+            let mut files = vec![];
+            if let Some(f) = report_file {
                 let json = serde_json::to_vec_pretty(&report).context("serialising the report")?;
-                let written = std::io::Write::write_all(f.file(), &json)
-                    .map_err(|e| smoe_opt::Error::io(f.target(), e))
-                    .and_then(|()| f.commit());
-                if let Err(e) = written {
-                    let _ = std::fs::remove_file(&output);
-                    let _ = std::fs::remove_file(&data_out);
-                    return Err(e.into());
+                files.push((f, json));
+            }
+            if let Some(f) = html_file {
+                let page = smoe_opt::html_report::render_report(&report);
+                match page {
+                    Ok(page) => files.push((f, page.into_bytes())),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&output);
+                        let _ = std::fs::remove_file(&data_out);
+                        return Err(e.into());
+                    }
                 }
+            }
+            // Both report files are written in full before either is committed; a failure
+            // removes the model and any report already committed: never a model without its
+            // reports.
+            let mut failed = None;
+            for (f, bytes) in &mut files {
+                if let Err(e) = std::io::Write::write_all(f.file(), bytes) {
+                    failed = Some(smoe_opt::Error::io(f.target(), e));
+                    break;
+                }
+            }
+            let mut committed: Vec<PathBuf> = vec![];
+            if failed.is_none() {
+                for (f, _) in files {
+                    let target = f.target().to_path_buf();
+                    match f.commit() {
+                        Ok(()) => committed.push(target),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                let _ = std::fs::remove_file(&output);
+                let _ = std::fs::remove_file(&data_out);
+                for p in committed {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e.into());
             }
             if !cli.quiet && report.reduce.is_some() {
                 eprint!("{}", report.to_text());

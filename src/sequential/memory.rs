@@ -86,8 +86,8 @@ pub fn choose(pipeline: Pipeline, bytes: u64, available: Option<u64>) -> Executi
             pipeline: Pipeline::Sequential,
             segments: true,
             reason: format!(
-                "auto: run whole, the model needs about {} (a runtime's copy and the written \
-                 model), over {:.0}% of the {} available",
+                "auto: sequential, segment by segment: run whole, the model would need about {} \
+                 (a runtime's copy and the written model), over {:.0}% of the {} available",
                 gib(whole),
                 100.0 * HEADROOM,
                 gib(a as f64)
