@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod calib;
+pub mod cli;
 pub mod compress;
 pub mod dry_run;
 pub mod emit;

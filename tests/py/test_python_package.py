@@ -1,0 +1,148 @@
+"""The Python package `smoe_opt`, installed with `pip install .` into a fresh venv, against
+the `smoe-opt` binary on the bundled LM: the three functions give what the CLI gives
+(reports equal but for paths and timings, the same model bytes), numpy arrays calibrate like
+the .npz they came from, failures raise the typed exceptions with the CLI's message, and log
+records reach Python's logging.
+
+usage: test_python_package.py SMOE_OPT_BINARY LM_DIR TMP_DIR
+"""
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import smoe_opt
+
+BIN, LM, TMP = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+MODEL = LM / "model.onnx"
+TEXT = ["--calib-text", str(LM / "calib.txt"), "--tokenizer", str(LM / "tokenizer.json"),
+        "--seq-len", "64"]
+
+
+def cli(*args, ok=True):
+    r = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True)
+    assert (r.returncode == 0) == ok, (args, r.returncode, r.stderr)
+    return r
+
+
+def comparable(report):
+    """A report without what differs between two runs of the same job: paths, times, and
+    the available memory quoted in the execution's reason."""
+    r = dict(report)
+    for k in ("input", "output", "saved", "seconds"):
+        r.pop(k, None)
+    for k, drop in (("execution", "reason"), ("calibration", "source")):
+        if k in r:
+            r[k] = {kk: v for kk, v in r[k].items() if kk != drop}
+    return r
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_inspect():
+    got = smoe_opt.inspect(MODEL)
+    want = json.loads(cli("inspect", MODEL, "--json").stdout)
+    assert got == want
+    assert len(got["moe_blocks"]) == 2, got.keys()
+
+
+def test_calibrate_and_logging():
+    handler = Records()
+    log = logging.getLogger("smoe_opt")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        stats = smoe_opt.calibrate(MODEL, text=LM / "calib.txt", tokenizer=LM / "tokenizer.json",
+                                   seq_len=64)
+    finally:
+        log.removeHandler(handler)
+    assert any(r.name.startswith("smoe_opt.") and "tokens" in r.getMessage()
+               for r in handler.records), [r.getMessage() for r in handler.records]
+    cli("calibrate", MODEL, *TEXT, "-o", TMP / "cli_stats.json")
+    want = json.loads((TMP / "cli_stats.json").read_text())
+    assert stats.layers == want["layers"]
+    freqs = stats.frequencies()
+    assert len(freqs) == 2 and all(abs(sum(f) - 1) < 1e-9 for f in freqs), freqs
+    saved = stats.save(TMP / "kept_stats.json")
+    assert saved.with_suffix(".npz").exists()
+
+    # numpy arrays calibrate exactly like the .npz file they were read from.
+    npz = LM / "eval.npz"
+    from_file = smoe_opt.calibrate(MODEL, npz)
+    arrays = dict(np.load(npz))
+    from_arrays = smoe_opt.calibrate(MODEL, arrays)
+    from_ids = smoe_opt.calibrate(MODEL, arrays["input_ids"]) if set(arrays) == {"input_ids"} \
+        else None
+    assert from_arrays.layers == from_file.layers
+    if from_ids is not None:
+        assert from_ids.layers == from_file.layers
+    return saved
+
+
+def test_optimize(stats_path):
+    flags = dict(target_size=0.5, compress="neurons", holdout=0.1)
+    out = TMP / "py.onnx"
+    report = smoe_opt.optimize(MODEL, out, text=LM / "calib.txt", tokenizer=LM / "tokenizer.json",
+                               seq_len=64, report_html=TMP / "py.html", **flags)
+    cli(MODEL, "-o", TMP / "cli.onnx", *TEXT, "--target-size", "0.5", "--compress", "neurons",
+        "--holdout", "0.1", "--report", TMP / "cli.json")
+    want = json.loads((TMP / "cli.json").read_text())
+    assert comparable(report) == comparable(want)
+    assert out.read_bytes() == (TMP / "cli.onnx").read_bytes()
+    assert report["compression"]["fraction"] <= 0.5
+    assert (TMP / "py.html").read_text().startswith("<!DOCTYPE html>")
+
+    # Merging from saved statistics, and from numpy calibration arrays.
+    merged = smoe_opt.optimize(MODEL, TMP / "stats.onnx", keep=0.5, stats=stats_path,
+                               eval_data=LM / "eval.npz")
+    assert all(l["experts_after"] < l["experts_before"] for l in merged["layers"])
+    arrays = dict(np.load(LM / "eval.npz"))
+    a = smoe_opt.optimize(MODEL, TMP / "a.onnx", keep=0.5, calib=arrays, holdout=0.25)
+    b = smoe_opt.optimize(MODEL, TMP / "b.onnx", keep=0.5, calib=LM / "eval.npz", holdout=0.25)
+    assert comparable(a) == comparable(b)
+
+
+def test_errors():
+    cases = [
+        (smoe_opt.InputError, lambda: smoe_opt.inspect(TMP / "missing.onnx"),
+         ["inspect", TMP / "missing.onnx"]),
+        (smoe_opt.UsageError, lambda: smoe_opt.optimize(MODEL, MODEL, keep=0.5, data_free=True),
+         [MODEL, "-o", MODEL, "--keep", "0.5", "--data-free"]),
+        (smoe_opt.InputError,
+         lambda: smoe_opt.optimize(MODEL, TMP / "e.onnx", keep=0.5, calib=TMP / "missing.npz"),
+         [MODEL, "-o", TMP / "e.onnx", "--keep", "0.5", "--calib", TMP / "missing.npz"]),
+    ]
+    for exc, call, args in cases:
+        try:
+            call()
+        except exc as e:
+            assert isinstance(e, smoe_opt.SmoeOptError)
+            r = cli(*args, ok=False)
+            assert r.stderr.strip() == f"error: {e}", (r.stderr, str(e))
+        else:
+            raise AssertionError(f"{args}: no {exc.__name__}")
+    assert not (TMP / "e.onnx").exists()
+    try:
+        smoe_opt.optimize(MODEL, TMP / "k.onnx", keep=2.0, data_free=True)
+    except smoe_opt.UsageError as e:
+        assert "--keep" in str(e)
+    else:
+        raise AssertionError("keep=2.0 accepted")
+
+
+if __name__ == "__main__":
+    test_inspect()
+    saved = test_calibrate_and_logging()
+    test_optimize(saved)
+    test_errors()
+    print("ok")
