@@ -90,3 +90,69 @@ fn reports_fit_the_committed_schema() {
         String::from_utf8_lossy(&r.stderr)
     );
 }
+
+/// Statistics files (`calibrate -o`) of a TorchScript Mixtral, the LM from text, and a
+/// DeepSeek-V3 export fit the committed schema.
+#[test]
+fn stats_files_fit_the_committed_schema() {
+    let schema = committed("stats.schema.json", &smoe_opt::calib::stats_schema());
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = vec![schema.to_str().unwrap().to_string()];
+    let lm = root().join("testdata/lm");
+    let runs: Vec<(std::path::PathBuf, Vec<String>)> = vec![
+        (
+            root().join("testdata/models/mixtral_v4_ts/model.onnx"),
+            vec![
+                "--calib".into(),
+                root()
+                    .join("testdata/models/mixtral_v4_ts/io.npz")
+                    .to_string_lossy()
+                    .into_owned(),
+            ],
+        ),
+        (
+            lm.join("model.onnx"),
+            [
+                "--calib-text",
+                lm.join("calib.txt").to_str().unwrap(),
+                "--tokenizer",
+                lm.join("tokenizer.json").to_str().unwrap(),
+                "--seq-len",
+                "32",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+        (
+            root().join("testdata/models/deepseekv3_v5_dynamo/model.onnx"),
+            vec![
+                "--calib-random".into(),
+                "4".into(),
+                "--seq-len".into(),
+                "8".into(),
+            ],
+        ),
+    ];
+    for (i, (model, extra)) in runs.iter().enumerate() {
+        let out = tmp.path().join(format!("stats{i}.json"));
+        let o = bin()
+            .arg("calibrate")
+            .arg(model)
+            .args(extra)
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        args.push(out.to_str().unwrap().to_string());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = run_py(&py, "validate_schema.py", &refs);
+    assert!(
+        r.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+}

@@ -92,7 +92,7 @@ impl CalibOptions {
 }
 
 /// Statistics of a whole model.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct CalibStats {
     /// The runtime used.
     pub runtime: String,
@@ -635,6 +635,24 @@ fn table_rows(g: &crate::ir::Graph, value: &str, depth: usize) -> Option<u64> {
         }
         _ => None,
     }
+}
+
+/// The statistics file as [`save`] writes it: the statistics and the name of their sidecar.
+#[derive(schemars::JsonSchema)]
+#[allow(dead_code)]
+struct StatsFile {
+    #[serde(flatten)]
+    stats: CalibStats,
+    /// The `.npz` sidecar's file name, in the JSON file's folder: per block
+    /// `<block>.mean_output` (N×H), `<block>.input_moments` (N×H×H, f64) and
+    /// `<block>.samples.<e>` (routed input rows × H, f32).
+    sidecar: String,
+}
+
+/// The JSON Schema of a statistics file (`smoe-opt calibrate -o FILE.json`), generated from
+/// the Rust types (committed as `schemas/stats.schema.json`).
+pub fn stats_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(StatsFile)).expect("a schema serialises")
 }
 
 /// Writes statistics as JSON plus an `.npz` sidecar (`<json stem>.npz`) with the big arrays.

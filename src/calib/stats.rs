@@ -472,7 +472,7 @@ impl LayerAcc {
 }
 
 /// Finished statistics of one block.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct LayerStats {
     /// Block name.
     pub block: String,
