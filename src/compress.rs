@@ -1914,7 +1914,16 @@ pub fn plan(
     bar.finish_and_clear();
     alternatives
         .into_iter()
-        .map(|(builts, name, recipes)| {
+        .map(|(mut builts, name, recipes)| {
+            // Layers merged by the fixed merge say so, as the sequential refit's do.
+            for (b, m) in builts.iter_mut().zip(&fixed_merge) {
+                if let Some(m) = m.as_ref().filter(|_| !b.family.starts_with("merge ")) {
+                    b.family = match b.family.as_str() {
+                        "dense" | "merged" => format!("merge {}", m.experts),
+                        f => format!("merge {} + {f}", m.experts),
+                    };
+                }
+            }
             let mut a = finish(&data, &targets, builts, name, opts.family, budget, bpe)?;
             a.recipes = recipes;
             Ok(a)

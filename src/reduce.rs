@@ -51,6 +51,37 @@ pub struct ReduceOptions {
     pub memory_limit: Option<u64>,
 }
 
+impl ReduceOptions {
+    /// A reduction by `method` with the command line's defaults and calibration `calib`:
+    /// no expert budget and no compression yet (set `budget` and/or `compress`), every
+    /// layer, 25% of the calibration samples held out for fidelity, `--runtime auto`, 8
+    /// samples per call, `--emit auto`, `--pipeline auto`. Merging reads routing statistics
+    /// only; with `compress` set, also collect input moments and expert outputs
+    /// (`calib.stats.moments`/`outputs`) as the command line does.
+    pub fn new(method: MergeMethod, calib: CalibOptions) -> Self {
+        ReduceOptions {
+            method,
+            align: None,
+            grouping: None,
+            budget: None,
+            compress: None,
+            layers: None,
+            stats: None,
+            runtime: calib.runtime,
+            #[cfg(feature = "ort")]
+            ep: calib.ep,
+            batch: calib.batch,
+            calib: Some(calib),
+            eval_data: None,
+            holdout: 0.25,
+            max_error: None,
+            emit: crate::emit::EmitForm::Auto,
+            pipeline: crate::sequential::Pipeline::Auto,
+            memory_limit: None,
+        }
+    }
+}
+
 /// Where the statistics came from.
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct CalibrationReport {

@@ -72,6 +72,21 @@ pub struct CalibOptions {
 }
 
 impl CalibOptions {
+    /// Calibration on `source` with the command line's defaults: `--runtime auto`, the CPU,
+    /// 8 samples per call, default statistics (1024 reservoir rows per expert, seed 0),
+    /// no progress bar.
+    pub fn new(source: Source) -> Self {
+        CalibOptions {
+            runtime: Runtime::Auto,
+            #[cfg(feature = "ort")]
+            ep: crate::runtime::ort::Ep::Cpu,
+            source,
+            batch: 8,
+            stats: Default::default(),
+            progress: false,
+        }
+    }
+
     /// Options for running models outside calibration (fidelity, plan comparisons,
     /// estimates): `runtime` (and `ep`), `batch` samples per call, no data source.
     pub fn for_runs(

@@ -281,7 +281,7 @@ fn quantized(
 /// with requantised weights in the block's own format when the block is quantised,
 /// `com.microsoft.MoE` otherwise. `router_rows`: router rows kept (pruning; the op then
 /// routes among them exactly). `groups`: merged experts — each group's logit is its
-/// members' log-sum-exp (exact for scattered routers, see [`op_logits`]; for plain softmax
+/// members' log-sum-exp (exact for scattered routers, see `op_logits`; for plain softmax
 /// routers the top-k is then taken over groups, not over the original experts, and the
 /// report names it).
 pub fn emit_with(
