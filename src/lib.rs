@@ -4,6 +4,29 @@
 //! The library reads ONNX models exactly ([`Model::load`]), exposes the main graph as an
 //! IR mutated only through patches ([`ir::Graph`], [`ir::Patch`]), and writes models
 //! back inline or with external data ([`Model::save`]).
+//!
+//! # Guide
+//!
+//! A run goes through five steps; `examples/library.rs` does each of them on the bundled
+//! language model and writes the same bytes as the command line.
+//!
+//! 1. **Load**: [`Model::load`] parses the protobuf and maps external data.
+//! 2. **Detect**: [`moe::detect`] finds every MoE block (router + experts) the exporters
+//!    write — per-expert chains, stacked 3-D experts, dense all-expert forms,
+//!    `com.microsoft.MoE`/`QMoE` — as [`moe::MoeBlock`]s with exact router semantics.
+//! 3. **Calibrate**: [`calib::calibrate`] runs data ([`calib::Source`]: .npz, text with a
+//!    tokenizer, random tokens) through a runtime ([`runtime`]: tract, onnxruntime) and
+//!    collects each layer's routing statistics ([`calib::CalibStats`]; [`calib::save`] and
+//!    [`calib::load`] keep them on disk).
+//! 4. **Reduce**: [`reduce::reduce`] merges experts ([`merge`], the passes in [`passes`])
+//!    and/or compresses them under a byte budget ([`compress`]), rewrites the blocks
+//!    ([`emit`]) and measures the written model against the original on held-out data
+//!    ([`fidelity`]). [`reduce::ReduceOptions::new`] starts from the command line's defaults.
+//! 5. **Save**: [`Model::save`] writes atomically, with external data when needed.
+//!
+//! [`pipeline::run`] does all five from file to file and returns the report that
+//! `--report` writes; [`html_report`] draws it as an HTML page; [`cli`] is the command
+//! line itself (the binary and the Python package both call it).
 #![warn(missing_docs)]
 
 pub mod calib;
