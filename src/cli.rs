@@ -370,6 +370,50 @@ enum Command {
     },
 }
 
+/// Writes the report files of a run whose model is already written: each in full, then all
+/// committed. On any failure the model (`model_files`: the model and its data) and every
+/// report already committed are removed: never a model without its reports.
+fn commit_reports(
+    files: Vec<(crate::fsutil::AtomicFile, crate::Result<Vec<u8>>)>,
+    model_files: [&std::path::Path; 2],
+) -> crate::Result<()> {
+    let mut ready = Vec::with_capacity(files.len());
+    let mut failed = None;
+    for (mut f, bytes) in files {
+        let written = bytes.and_then(|b| {
+            std::io::Write::write_all(f.file(), &b).map_err(|e| crate::Error::io(f.target(), e))
+        });
+        match written {
+            Ok(()) => ready.push(f),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let mut committed: Vec<PathBuf> = vec![];
+    if failed.is_none() {
+        for f in ready {
+            let target = f.target().to_path_buf();
+            match f.commit() {
+                Ok(()) => committed.push(target),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    let Some(e) = failed else { return Ok(()) };
+    for p in model_files
+        .into_iter()
+        .chain(committed.iter().map(PathBuf::as_path))
+    {
+        let _ = std::fs::remove_file(p);
+    }
+    Err(e)
+}
+
 /// Parses a command line (`args[0]` is the program name).
 pub fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
 where
@@ -694,51 +738,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let report = pipeline::run(&input, &output, &opts)?;
             let mut files = vec![];
             if let Some(f) = report_file {
-                let json = serde_json::to_vec_pretty(&report).context("serialising the report")?;
+                let json = serde_json::to_vec_pretty(&report)
+                    .map_err(|e| crate::Error::Usage(format!("serialising the report: {e}")));
                 files.push((f, json));
             }
             if let Some(f) = html_file {
-                let page = crate::html_report::render_report(&report);
-                match page {
-                    Ok(page) => files.push((f, page.into_bytes())),
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&output);
-                        let _ = std::fs::remove_file(&data_out);
-                        return Err(e.into());
-                    }
-                }
+                let page = crate::html_report::render_report(&report).map(String::into_bytes);
+                files.push((f, page));
             }
-            // Both report files are written in full before either is committed; a failure
-            // removes the model and any report already committed: never a model without its
-            // reports.
-            let mut failed = None;
-            for (f, bytes) in &mut files {
-                if let Err(e) = std::io::Write::write_all(f.file(), bytes) {
-                    failed = Some(crate::Error::io(f.target(), e));
-                    break;
-                }
-            }
-            let mut committed: Vec<PathBuf> = vec![];
-            if failed.is_none() {
-                for (f, _) in files {
-                    let target = f.target().to_path_buf();
-                    match f.commit() {
-                        Ok(()) => committed.push(target),
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    }
-                }
-            }
-            if let Some(e) = failed {
-                let _ = std::fs::remove_file(&output);
-                let _ = std::fs::remove_file(&data_out);
-                for p in committed {
-                    let _ = std::fs::remove_file(p);
-                }
-                return Err(e.into());
-            }
+            commit_reports(files, [&output, &data_out])?;
             if !cli.quiet && report.reduce.is_some() {
                 eprint!("{}", report.to_text());
             }

@@ -35,18 +35,9 @@ fn inspect_json_of_every_model_fits_the_committed_schema() {
         assert!(o.status.success(), "{name}");
         let p = tmp.path().join(format!("{name}.json"));
         std::fs::write(&p, &o.stdout).unwrap();
-        docs.push(p.to_str().unwrap().to_string());
+        docs.push(p);
     }
-    let mut args = vec![schema.to_str().unwrap().to_string()];
-    args.extend(docs);
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run_py(&py, "validate_schema.py", &refs);
-    assert!(
-        r.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&r.stdout),
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_fits_schema(&py, &schema, &docs);
 }
 
 /// The `--report` of a copy, a re-emission, a merge and a sequential compression (segment
@@ -72,23 +63,16 @@ fn reports_fit_the_committed_schema() {
             io,
         ],
     ];
-    let mut args = vec![schema.to_str().unwrap().to_string()];
+    let mut docs = vec![];
     for (i, extra) in runs.iter().enumerate() {
         let out = tmp.path().join(format!("{i}.onnx"));
         let r = reduce(&dir.join("model.onnx"), &out, extra);
         assert!(r.ok, "{extra:?}: {}", r.stderr);
         let rep = out.with_extension("report.json");
         assert!(rep.exists(), "{extra:?}: no report");
-        args.push(rep.to_str().unwrap().to_string());
+        docs.push(rep);
     }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run_py(&py, "validate_schema.py", &refs);
-    assert!(
-        r.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&r.stdout),
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_fits_schema(&py, &schema, &docs);
 }
 
 /// Statistics files (`calibrate -o`) of a TorchScript Mixtral, the LM from text, and a
@@ -98,7 +82,7 @@ fn stats_files_fit_the_committed_schema() {
     let schema = committed("stats.schema.json", &smoe_opt::calib::stats_schema());
     let Some(py) = python() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let mut args = vec![schema.to_str().unwrap().to_string()];
+    let mut docs = vec![];
     let lm = root().join("testdata/lm");
     let runs: Vec<(std::path::PathBuf, Vec<String>)> = vec![
         (
@@ -145,14 +129,7 @@ fn stats_files_fit_the_committed_schema() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        args.push(out.to_str().unwrap().to_string());
+        docs.push(out);
     }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run_py(&py, "validate_schema.py", &refs);
-    assert!(
-        r.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&r.stdout),
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_fits_schema(&py, &schema, &docs);
 }

@@ -67,7 +67,14 @@ fn to_py(e: anyhow::Error) -> PyErr {
 #[pyfunction]
 fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
     let args = std::iter::once("smoe-opt".to_string()).chain(argv);
-    let cli = smoe_opt::cli::parse(args).map_err(|e| UsageError::new_err(e.to_string()))?;
+    // clap's text starts "error: " and ends with a pointer to --help; the exception carries
+    // the message itself, as the other errors do.
+    let cli = smoe_opt::cli::parse(args).map_err(|e| {
+        let text = e.to_string();
+        let msg = text.trim_start_matches("error: ");
+        let msg = msg.split("\n\nFor more information").next().unwrap_or(msg);
+        UsageError::new_err(msg.trim_end().to_string())
+    })?;
     py.detach(|| smoe_opt::cli::run(cli)).map_err(to_py)
 }
 

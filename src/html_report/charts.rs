@@ -292,7 +292,7 @@ pub fn bars(b: &Bars) -> R<String> {
                 (_, 1) => AFTER,
                 _ => GROUP_COLORS[si % GROUP_COLORS.len()],
             };
-            let highlight = b.highlight.clone();
+            let highlight = &b.highlight;
             let series =
                 vals.iter()
                     .enumerate()
@@ -337,17 +337,17 @@ pub fn bars(b: &Bars) -> R<String> {
                 .map_err(err)?;
         }
         // Category names under their groups (the x axis has no numeric labels).
-        let label = TextStyle::from((FONT, 11).into_font())
-            .transform(FontTransform::Rotate270)
-            .pos(Pos::new(HPos::Right, VPos::Center));
+        // Many or long names are written upwards, ending under their group.
+        let style = if n > 6 || longest > 12 {
+            TextStyle::from((FONT, 11).into_font())
+                .transform(FontTransform::Rotate270)
+                .pos(Pos::new(HPos::Right, VPos::Center))
+        } else {
+            TextStyle::from((FONT, 11).into_font()).pos(Pos::new(HPos::Center, VPos::Top))
+        };
         for (i, c) in b.categories.iter().enumerate() {
             let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
-            let style = if n > 6 || longest > 12 {
-                label.clone()
-            } else {
-                TextStyle::from((FONT, 11).into_font()).pos(Pos::new(HPos::Center, VPos::Top))
-            };
-            root.draw(&Text::new(c.clone(), (px, py + 6), style))
+            root.draw(&Text::new(c.clone(), (px, py + 6), style.clone()))
                 .map_err(err)?;
         }
         root.present().map_err(err)?;

@@ -105,17 +105,38 @@ fn page(v: &View) -> std::result::Result<String, charts::ChartError> {
         esc(&v.output)
     );
     summary(&mut h, v);
-    let sections: [(&str, Vec<Figure>); 5] = [
-        ("Expert usage and groups", usage_figures(v)?),
-        ("Calibrated error", error_figures(v)?),
-        ("Bytes, ranks and FLOPs", size_figures(v)?),
-        ("Plans compared", plan_figures(v)?),
-        ("Held-out fidelity", fidelity_figures(v)?),
+    // Each section: its title, what it says when there is nothing to draw, its figures.
+    let sections: [(&str, &str, Vec<Figure>); 5] = [
+        (
+            "Expert usage and groups",
+            "No layer was reduced: the report has no routing statistics.",
+            usage_figures(v)?,
+        ),
+        (
+            "Calibrated error",
+            "No compression or held-out measurement in this report.",
+            error_figures(v)?,
+        ),
+        (
+            "Bytes, ranks and FLOPs",
+            "No layer was reduced.",
+            size_figures(v)?,
+        ),
+        (
+            "Plans compared",
+            "Only one plan was built (no end-to-end comparison).",
+            plan_figures(v)?,
+        ),
+        (
+            "Held-out fidelity",
+            "The written model was not measured against the original (no held-out samples).",
+            fidelity_figures(v)?,
+        ),
     ];
-    for (title, figs) in sections {
+    for (title, empty, figs) in sections {
         let _ = writeln!(h, "<h2>{}</h2>", esc(title));
         if figs.is_empty() {
-            let _ = writeln!(h, "<p class=\"note\">{}</p>", esc(empty_note(title)));
+            let _ = writeln!(h, "<p class=\"note\">{}</p>", esc(empty));
         }
         for f in figs {
             let _ = writeln!(
@@ -131,16 +152,6 @@ fn page(v: &View) -> std::result::Result<String, charts::ChartError> {
     matrix_table(&mut h, v);
     h.push_str("</body></html>\n");
     Ok(h)
-}
-
-fn empty_note(section: &str) -> &'static str {
-    match section {
-        "Expert usage and groups" => "No layer was reduced: the report has no routing statistics.",
-        "Calibrated error" => "No compression or held-out measurement in this report.",
-        "Bytes, ranks and FLOPs" => "No layer was reduced.",
-        "Plans compared" => "Only one plan was built (no end-to-end comparison).",
-        _ => "The written model was not measured against the original (no held-out samples).",
-    }
 }
 
 fn summary(h: &mut String, v: &View) {

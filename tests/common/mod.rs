@@ -63,6 +63,20 @@ pub fn run_py(py: &Path, script: &str, args: &[&str]) -> Output {
         .expect("run python")
 }
 
+/// Asserts that every JSON document in `docs` fits the JSON Schema `schema` (Python's
+/// `jsonschema`, through tests/py/validate_schema.py).
+pub fn assert_fits_schema(py: &Path, schema: &Path, docs: &[PathBuf]) {
+    let mut args = vec![schema.to_str().unwrap()];
+    args.extend(docs.iter().map(|d| d.to_str().unwrap()));
+    let r = run_py(py, "validate_schema.py", &args);
+    assert!(
+        r.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
 /// The smoe-opt binary.
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_smoe-opt"))
