@@ -20,3 +20,17 @@ if [ -z "${SMOE_CHROMIUM:-}" ] && ! [ -x /usr/bin/chromium ]; then
   fi
 fi
 cargo test --all-targets "$@"
+# The Olive pass (tests/olive_pass.rs, ignored by plain `cargo test`): olive-ai requires
+# torch, whose Linux wheels on PyPI bring ~6 GB of CUDA libraries (it runs on CPU), so its
+# venv lives outside the repository and is made once. Run on a plain `scripts/test.sh`;
+# SMOE_SKIP_OLIVE=1 skips it, SMOE_OLIVE_VENV names another venv.
+if [ $# -eq 0 ] && [ "${SMOE_SKIP_OLIVE:-0}" != 1 ]; then
+  olive_venv=${SMOE_OLIVE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/smoe-opt/olive-venv}
+  if [ ! -x "$olive_venv/bin/python" ]; then
+    mkdir -p "$(dirname "$olive_venv")"
+    "$py" -m venv "$olive_venv"
+  fi
+  "$olive_venv/bin/pip" install -q --disable-pip-version-check --no-cache-dir \
+    -r tests/requirements-olive.txt
+  SMOE_OLIVE_PYTHON="$olive_venv/bin/python" cargo test --test olive_pass -- --ignored
+fi
