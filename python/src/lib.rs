@@ -66,6 +66,7 @@ fn to_py(e: anyhow::Error) -> PyErr {
 /// Runs `smoe-opt ARGV…` (without the program name) as the command line would.
 #[pyfunction]
 fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
+    reread_log_levels();
     let args = std::iter::once("smoe-opt".to_string()).chain(argv);
     // clap's text starts "error: " and ends with a pointer to --help; the exception carries
     // the message itself, as the other errors do.
@@ -78,9 +79,20 @@ fn run(py: Python<'_>, argv: Vec<String>) -> PyResult<()> {
     py.detach(|| smoe_opt::cli::run(cli)).map_err(to_py)
 }
 
+/// pyo3-log caches each logger's level; a call reads them afresh, so `logging` settings made
+/// since the previous call (e.g. `smoe_opt.progress` set to INFO) apply.
+static LOG_LEVELS: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
+
+fn reread_log_levels() {
+    if let Some(handle) = LOG_LEVELS.get() {
+        handle.reset();
+    }
+}
+
 /// `smoe-opt inspect PATH --json`, as a JSON string.
 #[pyfunction]
 fn inspect_json(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+    reread_log_levels();
     py.detach(|| -> anyhow::Result<String> {
         let model = smoe_opt::Model::load(&path)?;
         Ok(serde_json::to_string(&smoe_opt::inspect::inspect(&model))?)
@@ -96,7 +108,7 @@ fn version() -> &'static str {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    pyo3_log::init();
+    let _ = LOG_LEVELS.set(pyo3_log::init());
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_json, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;

@@ -8,6 +8,8 @@ usage: test_python_package.py SMOE_OPT_BINARY LM_DIR TMP_DIR
 """
 import json
 import logging
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,14 +62,27 @@ def test_calibrate_and_logging():
     handler = Records()
     log = logging.getLogger("smoe_opt")
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    # Progress lines become records of `smoe_opt.progress`; every drawn frame here (by
+    # default one per 5 s, so a short step would log none).
+    os.environ["SMOE_PROGRESS_LOG_SECS"] = "0"
+    npz = LM / "eval.npz"
     try:
+        # Levels are read at each call: WARNING gives no stage or progress records, then
+        # INFO (set between two calls) gives both.
+        log.setLevel(logging.WARNING)
+        smoe_opt.calibrate(MODEL, npz)
+        quiet = list(handler.records)
+        log.setLevel(logging.INFO)
         stats = smoe_opt.calibrate(MODEL, text=LM / "calib.txt", tokenizer=LM / "tokenizer.json",
                                    seq_len=64)
     finally:
         log.removeHandler(handler)
-    assert any(r.name.startswith("smoe_opt.") and "tokens" in r.getMessage()
-               for r in handler.records), [r.getMessage() for r in handler.records]
+        del os.environ["SMOE_PROGRESS_LOG_SECS"]
+    messages = [(r.name, r.getMessage()) for r in handler.records]
+    assert not quiet, [(r.name, r.getMessage()) for r in quiet]
+    assert any(n.startswith("smoe_opt.") and "tokens" in m for n, m in messages), messages
+    progress = [m for n, m in messages if n == "smoe_opt.progress"]
+    assert any(re.search(r"\d+/\d+ samples", m) for m in progress), messages
     cli("calibrate", MODEL, *TEXT, "-o", TMP / "cli_stats.json")
     want = json.loads((TMP / "cli_stats.json").read_text())
     assert stats.layers == want["layers"]
@@ -77,7 +92,6 @@ def test_calibrate_and_logging():
     assert saved.with_suffix(".npz").exists()
 
     # numpy arrays calibrate exactly like the .npz file they were read from.
-    npz = LM / "eval.npz"
     from_file = smoe_opt.calibrate(MODEL, npz)
     arrays = dict(np.load(npz))
     from_arrays = smoe_opt.calibrate(MODEL, arrays)
