@@ -79,8 +79,8 @@ fn batch_size_does_not_change_statistics() {
     let (a, b) = (tmp.path().join("b1.json"), tmp.path().join("b16.json"));
     calibrate(&dir, &a, 1);
     calibrate(&dir, &b, 16);
-    let ja: Value = serde_json::from_str(&std::fs::read_to_string(&a).unwrap()).unwrap();
-    let jb: Value = serde_json::from_str(&std::fs::read_to_string(&b).unwrap()).unwrap();
+    let ja: Value = fitting_file(Schema::Stats, &a);
+    let jb: Value = fitting_file(Schema::Stats, &b);
     for (la, lb) in ja["layers"]
         .as_array()
         .unwrap()
@@ -112,7 +112,7 @@ fn padding_is_excluded() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("s.json");
     calibrate(&root().join("testdata/models/mixtral_v4_ts"), &out, 2);
-    let j: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let j: Value = fitting_file(Schema::Stats, &out);
     for l in j["layers"].as_array().unwrap() {
         assert_eq!(l["tokens"], 29);
         let total: u64 = l["counts"]
@@ -214,7 +214,7 @@ fn data_free_statistics_are_uniform_and_say_so() {
         .unwrap();
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("data-free"));
-    let j: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let j: Value = fitting_file(Schema::Stats, &out);
     assert_eq!(j["runtime"], "none");
     for l in j["layers"].as_array().unwrap() {
         for f in l["frequency"].as_array().unwrap() {
@@ -312,7 +312,7 @@ fn past_key_value_inputs_are_fed_as_empty_caches() {
                 "{name}: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
-            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+            fitting_file(Schema::Stats, &out)
         };
         // (Not `{name}.ids.json`: its sidecar would be the `.ids.npz` input itself.)
         let a = stats(&npz, &format!("{name}.stats-from-ids.json"));
@@ -340,8 +340,7 @@ fn past_key_value_inputs_are_fed_as_empty_caches() {
             "{name}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        let r: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let r: serde_json::Value = fitting_file(Schema::Stats, &out);
         for l in r["layers"].as_array().unwrap() {
             let routed: u64 = l["counts"]
                 .as_array()

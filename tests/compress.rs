@@ -348,7 +348,7 @@ fn qmoe_compresses_by_merging_and_neurons_and_stays_qmoe() {
     let inspect = |p: &Path| -> Value {
         let o = bin().arg("inspect").arg(p).arg("--json").output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap()
+        fitting(Schema::Inspect, &o.stdout)
     };
     let mut done = 0;
     for (name, dir) in models() {

@@ -22,7 +22,7 @@ fn detection_matches_generator_truth() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{name}");
-        let got: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let got: Value = fitting(Schema::Inspect, &o.stdout);
         let blocks = got["moe_blocks"].as_array().unwrap();
         let layers = t["layers"].as_array().unwrap();
         assert_eq!(blocks.len(), layers.len(), "{name}: block count");

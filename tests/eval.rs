@@ -75,7 +75,7 @@ fn reduced_lm_report_matches_an_independent_recomputation() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+    let r: Value = fitting_file(Schema::Report, &rep);
     let f = &r["fidelity"];
     let c = run_py(
         &py,

@@ -126,7 +126,7 @@ fn every_model_reduces_to_a_quarter_and_runs_everywhere() {
                 .arg("--json")
                 .output()
                 .unwrap();
-            let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+            let info: Value = fitting(Schema::Inspect, &info.stdout);
             let predicted: f64 = info["moe_blocks"]
                 .as_array()
                 .unwrap()
@@ -149,7 +149,7 @@ fn every_model_reduces_to_a_quarter_and_runs_everywhere() {
                 .arg("--json")
                 .output()
                 .unwrap();
-            let written: Value = serde_json::from_slice(&written.stdout).unwrap();
+            let written: Value = fitting(Schema::Inspect, &written.stdout);
             assert_eq!(
                 written["ops"]["com.microsoft::QMoE"].as_u64(),
                 Some(rep["layers"].as_array().unwrap().len() as u64),
@@ -660,7 +660,7 @@ fn models_too_large_for_memory_reach_the_runtimes_as_files() {
                 "{rt} {limit:?}: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
-            let r: Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+            let r: Value = fitting_file(Schema::Report, &rep);
             outs.push((
                 std::fs::read(&out).unwrap(),
                 r["fidelity"].clone(),

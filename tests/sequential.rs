@@ -826,8 +826,7 @@ fn short_disk_for_the_activations_is_a_clear_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("refitting on the whole model"), "{err}");
-    let r: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tmp.path().join("r.json")).unwrap()).unwrap();
+    let r: serde_json::Value = fitting_file(Schema::Report, &tmp.path().join("r.json"));
     let plan = r["compression"]["plan"].as_str().unwrap();
     assert!(plan.ends_with("(on the whole model)"), "{plan}");
     drop(mounted);

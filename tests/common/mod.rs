@@ -77,6 +77,52 @@ pub fn assert_fits_schema(py: &Path, schema: &Path, docs: &[PathBuf]) {
     );
 }
 
+/// A committed JSON Schema (`schemas/`) that a JSON output of smoe-opt must fit.
+#[derive(Clone, Copy, Debug)]
+pub enum Schema {
+    /// `inspect --json`.
+    Inspect,
+    /// `--report`.
+    Report,
+    /// `calibrate -o` (the statistics file).
+    Stats,
+}
+
+/// Parses JSON that smoe-opt wrote and asserts that it fits its committed schema: every
+/// JSON document the tests read goes through here (or through `assert_fits_schema`), not
+/// only the samples of tests/schemas.rs. Without the test venv only the parse is checked
+/// (as `python()` says, CI=true makes that a failure).
+pub fn fitting(schema: Schema, bytes: &[u8]) -> serde_json::Value {
+    static PY: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let v: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_else(|e| {
+        panic!(
+            "smoe-opt wrote invalid JSON ({e}): {}",
+            String::from_utf8_lossy(bytes)
+        )
+    });
+    if let Some(py) = PY.get_or_init(python) {
+        let file = tempfile::Builder::new().suffix(".json").tempfile().unwrap();
+        std::fs::write(file.path(), bytes).unwrap();
+        let name = match schema {
+            Schema::Inspect => "inspect.schema.json",
+            Schema::Report => "report.schema.json",
+            Schema::Stats => "stats.schema.json",
+        };
+        assert_fits_schema(
+            py,
+            &root().join("schemas").join(name),
+            &[file.path().to_path_buf()],
+        );
+    }
+    v
+}
+
+/// [`fitting`] of a file smoe-opt wrote.
+pub fn fitting_file(schema: Schema, path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    fitting(schema, &bytes)
+}
+
 /// The smoe-opt binary.
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_smoe-opt"))
