@@ -59,6 +59,26 @@ def lfm2moe_wide():
     return lfm2moe(hidden=64, inter=48)
 
 
+def qwen35moe():
+    """Qwen3.5-MoE (the text decoder of Qwen3_5MoeForConditionalGeneration): linear-attention and
+    full-attention layers; softmax top-k router with renormalisation, and a shared expert scaled
+    by a sigmoid gate, both in every MoE layer. The builder's graph feeds RotaryEmbedding 3-row
+    (MRoPE) position_ids, which onnxruntime 1.32 refuses, so this fails at the reference run and
+    no fixture is committed (docs/forms.md)."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+    text = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                linear_num_value_heads=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                num_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
+                layer_types=["linear_attention", "full_attention"], bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32)
+    cfg = Qwen3_5MoeConfig(text_config=text, vision_config=vision)
+    layer = dict(experts=8, top_k=2, hidden=32, intermediate=32, activation="swiglu", renormalize=True,
+                 router_scoring="softmax", router_bias=False, expert_biases=False, shared_experts=1,
+                 experts_present=list(range(8)))
+    return Qwen3_5MoeForConditionalGeneration(cfg), [dict(layer, layer=i) for i in range(2)]
+
+
 # Precision variants: the builder's precision, its extra options, and the QMoE format they give
 # ([fc1 bits, fc2 bits], inputs per scale block; 0 = one scale per row).
 PRECISIONS = {
@@ -79,7 +99,7 @@ def randomize_buffers(model):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
-ARCHS = {"gptoss": gptoss, "lfm2moe": lfm2moe, "lfm2moe_wide": lfm2moe_wide}
+ARCHS = {"gptoss": gptoss, "lfm2moe": lfm2moe, "lfm2moe_wide": lfm2moe_wide, "qwen35moe": qwen35moe}
 
 
 def build(name, precision, ep, out):
@@ -113,7 +133,8 @@ def build(name, precision, ep, out):
     path = os.path.join(dst, "model.onnx")
     m = onnx.load(path)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    text_cfg = getattr(model.config, "text_config", model.config)  # multimodal: the text decoder's
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
     feed = feeds(m, sess, batch=2, seq=7, seed=3, head_dim=head_dim)
     outs = sess.run(None, feed)
     names = [o.name for o in sess.get_outputs()]
@@ -155,9 +176,12 @@ def feeds(m, sess, batch, seq, seed, head_dim):
         elif i.name == "attention_mask":
             f[i.name] = np.ones((batch, seq), dt)
         elif i.name == "position_ids":
-            f[i.name] = np.tile(np.arange(seq, dtype=dt), (batch, 1))
-        elif i.name.startswith("past.") and i.name.endswith(".conv"):
-            # LFM2's convolution state [batch, channels, kernel - 1]: zeros before the first token.
+            # [batch, seq], or Qwen3.5's multimodal rotary positions [3, batch, seq] (text: 3 equal rows).
+            lead = [d for d in i.shape[:-2] if isinstance(d, int)]
+            f[i.name] = np.tile(np.arange(seq, dtype=dt), tuple(lead) + (batch, 1))
+        elif i.name.startswith("past.") and i.name.endswith((".conv", ".recurrent")):
+            # Convolution states [batch, channels, kernel - 1] (LFM2, Qwen3.5) and linear-attention
+            # recurrent states [batch, heads, key, value] (Qwen3.5): zeros before the first token.
             f[i.name] = np.zeros([batch] + list(i.shape[1:]), dt)
         elif i.name.startswith("past_key_values"):
             a = attn[i.name]
