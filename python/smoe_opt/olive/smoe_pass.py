@@ -69,8 +69,8 @@ class SmoeOpt(Pass):
                 float, "Compress the routed experts to this fraction of their bytes (--target-size)."
             ),
             "target_bytes": _param(int, "Compress the routed experts to this many bytes (--target-bytes)."),
-            "method": _param(str, "Merging method (--method): m-smoe, average, frequency, ... ."),
-            "compress": _param(str, "Compression (--compress): auto, low-rank, base-delta, neurons, none."),
+            "method": _param(str, "Merging method (--method): m-smoe (default), hc-smoe, prune-frequency, prune-reap, average, none."),
+            "compress": _param(str, "Compression under target_size (--compress): auto (default), low-rank, base-delta, neurons, none."),
             "pipeline": _param(str, "Execution (--pipeline): auto, one-shot, sequential."),
             "calib": _param(str, "Calibration inputs: an .npz of the model's inputs (--calib).", data),
             "calib_text": _param(str, "Calibration text, cut into --seq-len windows (--calib-text).", data),
