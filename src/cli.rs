@@ -465,6 +465,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let progress = !cli.quiet && std::io::stderr().is_terminal();
+    crate::progress::set_terminal_bars(progress);
     match cli.command {
         Some(Command::Inspect {
             input,

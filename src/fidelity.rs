@@ -78,6 +78,8 @@ fn run_all(
     batch: usize,
 ) -> Result<Vec<Vec<(String, Value)>>> {
     let n = data.first().map_or(0, |(_, v)| v.shape()[0]);
+    let bar = crate::progress::count_bar(crate::progress::terminal_bars(), n as u64, "samples");
+    bar.set_message(format!("measuring ({})", s.runtime()));
     let mut out = Vec::new();
     for start in (0..n).step_by(batch.max(1)) {
         let end = (start + batch.max(1)).min(n);
@@ -86,7 +88,9 @@ fn run_all(
             .map(|(k, v)| (k.clone(), slice(v, start, end)))
             .collect();
         out.push(s.run(&feed)?);
+        bar.set_position(end as u64);
     }
+    bar.finish_and_clear();
     Ok(out)
 }
 
