@@ -465,7 +465,6 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let progress = !cli.quiet && std::io::stderr().is_terminal();
-    crate::progress::set_terminal_bars(progress);
     match cli.command {
         Some(Command::Inspect {
             input,
@@ -739,8 +738,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let report = pipeline::run(&input, &output, &opts)?;
             let mut files = vec![];
             if let Some(f) = report_file {
-                let json = serde_json::to_vec_pretty(&report)
-                    .map_err(|e| crate::Error::Usage(format!("serialising the report: {e}")));
+                let json = serde_json::to_vec_pretty(&report).map_err(|e| crate::Error::Write {
+                    path: f.target().to_path_buf(),
+                    reason: format!("serialising the report: {e}"),
+                });
                 files.push((f, json));
             }
             if let Some(f) = html_file {

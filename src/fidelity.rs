@@ -12,7 +12,7 @@
 //! The models run whole here, one at a time in the runtime, or segment by segment
 //! ([`measure_segmented`]: never a whole model in a runtime, and each rewritten block's output
 //! compared at its cut too).
-use crate::calib::slice;
+use crate::calib::{slice, CalibOptions};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::moe::Detection;
@@ -75,10 +75,11 @@ pub struct BlockFidelity {
 fn run_all(
     s: &mut dyn Session,
     data: &[(String, Value)],
-    batch: usize,
+    run: &CalibOptions,
 ) -> Result<Vec<Vec<(String, Value)>>> {
+    let batch = run.batch;
     let n = data.first().map_or(0, |(_, v)| v.shape()[0]);
-    let bar = crate::progress::count_bar(crate::progress::terminal_bars(), n as u64, "samples");
+    let bar = crate::progress::count_bar(run.progress, n as u64, "samples");
     bar.set_message(format!("measuring ({})", s.runtime()));
     let mut out = Vec::new();
     for start in (0..n).step_by(batch.max(1)) {
@@ -103,27 +104,25 @@ pub struct Reference {
 }
 
 /// Runs `original` on `data` — as exported, else its exact re-emission — in the first
-/// runtime of `rt` that can.
+/// runtime of `run.runtime` that can (`run`: runtime, batch, progress; no data source).
 pub fn reference(
     original: &Model,
     det: &Detection,
     data: &[(String, Value)],
-    rt: Runtime,
-    #[cfg(feature = "ort")] ep: crate::runtime::ort::Ep,
-    batch: usize,
+    run: &CalibOptions,
 ) -> Result<Reference> {
-    let run = |m: &Model, r: Runtime| {
+    let outputs_of = |m: &Model, r: Runtime| {
         open_in(
             m,
             r,
             #[cfg(feature = "ort")]
-            ep,
+            run.ep,
         )
-        .and_then(|mut s| run_all(s.as_mut(), data, batch))
+        .and_then(|mut s| run_all(s.as_mut(), data, run))
     };
     let mut last_err = None;
-    for r in candidates(rt) {
-        match run(original, r) {
+    for r in candidates(run.runtime) {
+        match outputs_of(original, r) {
             Ok(outputs) => {
                 return Ok(Reference {
                     rt: r,
@@ -134,7 +133,7 @@ pub fn reference(
             Err(e) => {
                 let mut re = original.clone();
                 crate::emit::reemit(&mut re, det, crate::emit::EmitForm::Portable)?;
-                match run(&re, r) {
+                match outputs_of(&re, r) {
                     Ok(outputs) => {
                         return Ok(Reference {
                             rt: r,
@@ -149,7 +148,7 @@ pub fn reference(
             }
         }
     }
-    Err(crate::runtime::last_error(rt, last_err))
+    Err(crate::runtime::last_error(run.runtime, last_err))
 }
 
 /// Runs `written` on the reference's samples, in its runtime, and measures the distance.
@@ -157,17 +156,16 @@ pub fn measure_against(
     reference: &Reference,
     written: &Model,
     data: &[(String, Value)],
-    #[cfg(feature = "ort")] ep: crate::runtime::ort::Ep,
-    batch: usize,
+    run: &CalibOptions,
 ) -> Result<Fidelity> {
     let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
     let mut s = open_in(
         written,
         reference.rt,
         #[cfg(feature = "ort")]
-        ep,
+        run.ep,
     )?;
-    let out = run_all(s.as_mut(), data, batch)?;
+    let out = run_all(s.as_mut(), data, run)?;
     let runtime = s.runtime().to_string();
     compare(
         data,
@@ -185,9 +183,7 @@ pub fn measure(
     det: &Detection,
     written: &Model,
     data: &[(String, Value)],
-    rt: Runtime,
-    #[cfg(feature = "ort")] ep: crate::runtime::ort::Ep,
-    batch: usize,
+    run: &CalibOptions,
 ) -> Result<Fidelity> {
     let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
     if samples == 0 {
@@ -200,11 +196,11 @@ pub fn measure(
             m,
             r,
             #[cfg(feature = "ort")]
-            ep,
+            run.ep,
         )
     };
     let mut last_err = None;
-    for r in candidates(rt) {
+    for r in candidates(run.runtime) {
         let mut new = match open(written, r) {
             Ok(s) => s,
             Err(e) => {
@@ -212,7 +208,7 @@ pub fn measure(
                 continue;
             }
         };
-        let new_out = match run_all(new.as_mut(), data, batch) {
+        let new_out = match run_all(new.as_mut(), data, run) {
             Ok(o) => o,
             Err(e) => {
                 last_err = Some(e);
@@ -225,13 +221,13 @@ pub fn measure(
         drop(new);
         // The original as exported, else its exact re-emission (e.g. tract cannot run Switch's
         // boolean-mask reshapes; shape-specialised exports fail on other batch shapes).
-        let direct = open(original, r).and_then(|mut s| run_all(s.as_mut(), data, batch));
+        let direct = open(original, r).and_then(|mut s| run_all(s.as_mut(), data, run));
         let (ref_out, reference) = match direct {
             Ok(o) => (o, "original".to_string()),
             Err(e) => {
                 let mut re = original.clone();
                 crate::emit::reemit(&mut re, det, crate::emit::EmitForm::Portable)?;
-                match open(&re, r).and_then(|mut s| run_all(s.as_mut(), data, batch)) {
+                match open(&re, r).and_then(|mut s| run_all(s.as_mut(), data, run)) {
                     Ok(o) => (
                         o,
                         format!(
@@ -247,7 +243,7 @@ pub fn measure(
         };
         return compare(data, &ref_out, &new_out, runtime, reference, samples);
     }
-    Err(crate::runtime::last_error(rt, last_err))
+    Err(crate::runtime::last_error(run.runtime, last_err))
 }
 
 fn compare(

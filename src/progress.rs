@@ -10,19 +10,6 @@ use std::time::{Duration, Instant};
 /// The log target of progress records (Python: the `smoe_opt.progress` logger).
 pub const TARGET: &str = "smoe_opt::progress";
 
-static TERMINAL_BARS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether the command line asked for terminal bars (not `-q`, stderr a terminal), for the
-/// stages that are not handed a `progress` flag (fidelity's model runs). Set by `cli::run`.
-pub fn set_terminal_bars(enabled: bool) {
-    TERMINAL_BARS.store(enabled, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// See [`set_terminal_bars`].
-pub fn terminal_bars() -> bool {
-    TERMINAL_BARS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// A byte-count progress bar, hidden unless `enabled` and stderr is a terminal.
 pub fn bytes_bar(enabled: bool, total: u64, msg: &'static str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), draw_target(enabled));

@@ -215,13 +215,23 @@ struct Selection {
 }
 
 /// The options of a model run outside calibration (fidelity, end-to-end comparisons).
+/// Whether the run shows progress bars (its calibration options say so).
+fn shows_progress(opts: &ReduceOptions) -> bool {
+    opts.calib.as_ref().is_some_and(|c| c.progress)
+}
+
+/// How the reduction runs models outside calibration: its runtime and batch, with progress
+/// bars when the run shows them.
 fn run_options(opts: &ReduceOptions) -> CalibOptions {
-    CalibOptions::for_runs(
-        opts.runtime,
-        #[cfg(feature = "ort")]
-        opts.ep,
-        opts.batch,
-    )
+    CalibOptions {
+        progress: shows_progress(opts),
+        ..CalibOptions::for_runs(
+            opts.runtime,
+            #[cfg(feature = "ort")]
+            opts.ep,
+            opts.batch,
+        )
+    }
 }
 
 /// Writes `plans` into a copy of `model` and scores it against the original's outputs on
@@ -251,14 +261,7 @@ fn score_plans(
     }
     let mut m = model.clone();
     crate::emit::merged::rewrite(&mut m, det, plans, opts.emit)?;
-    let f = fidelity::measure_against(
-        &sel.reference,
-        &m,
-        &sel.data,
-        #[cfg(feature = "ort")]
-        opts.ep,
-        opts.batch,
-    )?;
+    let f = fidelity::measure_against(&sel.reference, &m, &sel.data, &run_options(opts))?;
     Ok(match f.kl {
         Some(kl) => (kl, "kl"),
         None => (f.rel_l2, "rel_l2"),
@@ -672,7 +675,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
         grouping: opts.grouping,
         budget,
         layers: opts.layers.clone(),
-        progress: opts.calib.as_ref().is_some_and(|c| c.progress),
+        progress: shows_progress(opts),
     });
     seconds.calibrate = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
@@ -707,15 +710,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
                             .into(),
                     ))
                 } else {
-                    fidelity::reference(
-                        model,
-                        det,
-                        &selection,
-                        opts.runtime,
-                        #[cfg(feature = "ort")]
-                        opts.ep,
-                        opts.batch,
-                    )
+                    fidelity::reference(model, det, &selection, &run_options(opts))
                 };
                 match reference {
                     Ok(reference) => Some(Selection {
@@ -858,10 +853,7 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             det,
             model,
             &heldout,
-            opts.runtime,
-            #[cfg(feature = "ort")]
-            opts.ep,
-            opts.batch,
+            &run_options(opts),
         )?)
     };
     seconds.fidelity = t.elapsed().as_secs_f64();

@@ -18,46 +18,22 @@ fn olive_example_workflows_run_the_pass_end_to_end() {
         "SMOE_OLIVE_PYTHON must name a Python with tests/requirements-olive.txt installed \
          (scripts/test.sh makes one)",
     );
-    // The test build's profile, as in tests/python_package.rs; no dependency resolution:
-    // the venv's pinned numpy serves.
-    let o = std::process::Command::new(&py)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--force-reinstall",
-        ])
-        .arg(root())
-        .env("MATURIN_PEP517_ARGS", "--profile dev")
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "pip install . into the Olive venv failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let py = std::path::PathBuf::from(py);
+    // No dependency resolution: the venv's pinned numpy serves.
+    pip_install_this_repo(&py, &["--no-deps", "--force-reinstall"]);
     let tmp = tempfile::tempdir().unwrap();
-    let o = std::process::Command::new(&py)
-        .arg(root().join("tests/py/test_olive_pass.py"))
-        .arg(env!("CARGO_BIN_EXE_smoe-opt"))
-        .arg(root())
-        .arg(tmp.path())
-        // Outside the repository: `smoe_opt` must come from the installed package.
-        .current_dir(tmp.path())
+    let out = run_package_script(
+        &py,
+        "test_olive_pass.py",
+        &[
+            std::path::Path::new(env!("CARGO_BIN_EXE_smoe-opt")),
+            &root(),
+            tmp.path(),
+        ],
+        tmp.path(),
         // Olive sends usage telemetry unless told not to; tests make no outside requests.
-        .env("OLIVE_DISABLE_TELEMETRY", "1")
-        .output()
-        .unwrap();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+        &[("OLIVE_DISABLE_TELEMETRY", "1")],
     );
-    assert!(o.status.success() && out.contains("ok"), "{out}");
     // The measured numbers, for the log of the run.
     for line in out.lines().filter(|l| l.starts_with("example:")) {
         eprintln!("{line}");

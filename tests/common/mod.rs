@@ -123,6 +123,51 @@ pub fn fitting_file(schema: Schema, path: &Path) -> serde_json::Value {
     fitting(schema, &bytes)
 }
 
+/// `pip install ARGS… <this repository>` with `py`, in the test build's profile (maturin
+/// reuses the dependencies `cargo test` compiled; a user's `pip install .` builds release).
+pub fn pip_install_this_repo(py: &Path, args: &[&str]) {
+    let o = Command::new(py)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(args)
+        .arg(root())
+        .env("MATURIN_PEP517_ARGS", "--profile dev")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "pip install . with {} failed:\n{}{}",
+        py.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Runs tests/py/SCRIPT with `py` from `cwd` (outside the repository, so that `smoe_opt` is
+/// the installed package), with `args` after the script and `env` set; asserts it exits 0
+/// and prints "ok", and returns what it printed.
+pub fn run_package_script(
+    py: &Path,
+    script: &str,
+    args: &[&Path],
+    cwd: &Path,
+    env: &[(&str, &str)],
+) -> String {
+    let o = Command::new(py)
+        .arg(root().join("tests/py").join(script))
+        .args(args)
+        .current_dir(cwd)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success() && out.contains("ok"), "{out}");
+    out
+}
+
 /// The smoe-opt binary.
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_smoe-opt"))
@@ -216,10 +261,12 @@ pub fn reduce_env(model: &Path, out: &Path, args: &[&str], env: &[(&str, &str)])
         .args(args)
         .output()
         .unwrap();
-    let report = std::fs::read(&rep)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null);
+    // A written report is checked against the committed schema (as every JSON read here).
+    let report = if rep.exists() {
+        fitting_file(Schema::Report, &rep)
+    } else {
+        serde_json::Value::Null
+    };
     Run {
         ok: o.status.success(),
         code: o.status.code(),

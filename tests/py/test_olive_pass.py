@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from reports import comparable
 
 BIN, ROOT, WORK = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 PY = sys.executable
@@ -76,16 +77,6 @@ def as_flags(options):
         else:
             flags += ["--" + k.replace("_", "-"), str(v)]
     return flags
-
-
-def comparable(report):
-    r = dict(report)
-    for k in ("input", "output", "saved", "seconds"):
-        r.pop(k, None)
-    for k, drop in (("execution", "reason"), ("calibration", "source")):
-        if k in r:
-            r[k] = {kk: v for kk, v in r[k].items() if kk != drop}
-    return r
 
 
 def smoe_attributes(out_dir):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import smoe_opt
+from reports import comparable
 
 BIN, LM, TMP = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 MODEL = LM / "model.onnx"
@@ -27,18 +28,6 @@ TEXT = ["--calib-text", str(LM / "calib.txt"), "--tokenizer", str(LM / "tokenize
 def cli(*args, ok=True):
     r = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True)
     assert (r.returncode == 0) == ok, (args, r.returncode, r.stderr)
-    return r
-
-
-def comparable(report):
-    """A report without what differs between two runs of the same job: paths, times, and
-    the available memory quoted in the execution's reason."""
-    r = dict(report)
-    for k in ("input", "output", "saved", "seconds"):
-        r.pop(k, None)
-    for k, drop in (("execution", "reason"), ("calibration", "source")):
-        if k in r:
-            r[k] = {kk: v for kk, v in r[k].items() if kk != drop}
     return r
 
 

@@ -1,10 +1,12 @@
 """The ``SmoeOpt`` Olive pass: runs smoe-opt's main job on the pass's input model."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from olive.data.config import DataConfig
 from olive.hardware.accelerator import AcceleratorSpec
@@ -125,7 +127,7 @@ class SmoeOpt(Pass):
             args.append("--data-free")
         if config.save_as_external_data:
             args.append("--external-data")
-        with _calibration_arrays(config.data_config, out.parent) as npz:
+        with _calibration_arrays(config.data_config) as npz:
             if npz is not None:
                 args += ["--calib", npz]
             args += [str(a) for a in config.extra_args]
@@ -152,44 +154,43 @@ class SmoeOpt(Pass):
         )
 
 
-class _calibration_arrays:
-    """Context manager: an Olive data config's batches saved as one .npz (or None)."""
+@contextlib.contextmanager
+def _calibration_arrays(data_config: Any) -> Iterator[Optional[str]]:
+    """An Olive data config's batches, concatenated and saved as one temporary .npz (None
+    without a data config)."""
+    if data_config is None:
+        yield None
+        return
+    import numpy as np
 
-    def __init__(self, data_config: Any, folder: Path):
-        self.data_config = data_config
-        self.path = folder / "smoe_opt_calib.npz"
+    from olive.common.config_utils import validate_config
 
-    def __enter__(self) -> Optional[str]:
-        if self.data_config is None:
-            return None
-        import numpy as np
-
-        from olive.common.config_utils import validate_config
-
-        container = validate_config(self.data_config, DataConfig).to_data_container()
-        columns: dict[str, list] = {}
-        for batch in container.create_dataloader():
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if not isinstance(inputs, dict):
-                inputs = {"input_ids": inputs}
-            for name, value in inputs.items():
-                columns.setdefault(name, []).append(_to_numpy(value))
-        if not columns:
-            raise ValueError("SmoeOpt: the data config's dataloader yielded no batches")
-        arrays = {}
-        for name, parts in columns.items():
-            shapes = {p.shape[1:] for p in parts}
-            if len(shapes) > 1:
-                raise ValueError(
-                    f"SmoeOpt: input {name!r} has batches of different shapes {sorted(shapes)}; "
-                    "pad the data config's batches to one sequence length"
-                )
-            arrays[name] = np.concatenate(parts, axis=0)
-        np.savez(self.path, **arrays)
-        return str(self.path)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.path.unlink(missing_ok=True)
+    container = validate_config(data_config, DataConfig).to_data_container()
+    columns: dict[str, list] = {}
+    for batch in container.create_dataloader():
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(inputs, dict):
+            inputs = {"input_ids": inputs}
+        for name, value in inputs.items():
+            columns.setdefault(name, []).append(_to_numpy(value))
+    if not columns:
+        raise ValueError("SmoeOpt: the data config's dataloader yielded no batches")
+    arrays = {}
+    for name, parts in columns.items():
+        shapes = {p.shape[1:] for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"SmoeOpt: input {name!r} has batches of different shapes {sorted(shapes)}; "
+                "pad the data config's batches to one sequence length"
+            )
+        arrays[name] = np.concatenate(parts, axis=0)
+    with tempfile.TemporaryDirectory(prefix="smoe-opt-olive-") as tmp:
+        # The package's own writer: the same checks as numpy data given to optimize().
+        try:
+            path = smoe_opt._save_arrays(arrays, Path(tmp))
+        except smoe_opt.UsageError as e:
+            raise ValueError(f"SmoeOpt: {e}") from e
+        yield path
 
 
 def _to_numpy(value: Any):
