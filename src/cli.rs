@@ -12,7 +12,7 @@ Examples:
   smoe-opt model.onnx -o out.onnx --method none
                                                re-emit every MoE block in canonical form
   smoe-opt model.onnx -o out.onnx --external-data
-                                               write weights to out.onnx.data
+                                               write weights to out.onnx.<hash>.data
   smoe-opt model.onnx -o small.onnx --target-size 0.5 --calib-text corpus.txt --tokenizer tokenizer.json
                                                compress the experts to half their bytes (auto plan)
   smoe-opt model.onnx -o small.onnx --keep 0.5 --calib-text corpus.txt --tokenizer tokenizer.json --report r.json
@@ -52,7 +52,7 @@ struct RunArgs {
     /// Where to write the optimised model (never the input).
     #[arg(short, long, required = true)]
     output: Option<PathBuf>,
-    /// Write tensor data to `<output>.data` even below the 2 GiB protobuf limit.
+    /// Write tensor data to `<output>.<hash>.data` even below the 2 GiB protobuf limit.
     #[arg(long)]
     external_data: bool,
     /// Print what the run would do, with memory and disk estimates, and stop (nothing is
@@ -375,7 +375,7 @@ enum Command {
 /// report already committed are removed: never a model without its reports.
 fn commit_reports(
     files: Vec<(crate::fsutil::AtomicFile, crate::Result<Vec<u8>>)>,
-    model_files: [&std::path::Path; 2],
+    model_files: &[&std::path::Path],
 ) -> crate::Result<()> {
     let mut ready = Vec::with_capacity(files.len());
     let mut failed = None;
@@ -406,7 +406,8 @@ fn commit_reports(
     }
     let Some(e) = failed else { return Ok(()) };
     for p in model_files
-        .into_iter()
+        .iter()
+        .copied()
         .chain(committed.iter().map(PathBuf::as_path))
     {
         let _ = std::fs::remove_file(p);
@@ -453,13 +454,10 @@ pub fn library_error(e: &anyhow::Error) -> Option<&crate::Error> {
     e.downcast_ref::<crate::Error>()
 }
 
-/// The exit code of a failed run: 2 for a usage error, 1 otherwise.
+/// The exit code of a failed run: 2 for a usage error (flags, data or statistics that do
+/// not fit the model; see [`crate::Error::exit_code`]), 1 otherwise.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    if library_error(e).is_some_and(|e| matches!(e, crate::Error::Usage(_))) {
-        2
-    } else {
-        1
-    }
+    library_error(e).map_or(1, crate::Error::exit_code)
 }
 
 /// Runs the parsed command.
@@ -700,9 +698,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 reduce,
             };
             // Nothing the run writes may be something it reads, or each other.
-            let data_out = std::path::PathBuf::from(format!("{}.data", output.display()));
-            let mut outs: Vec<(&str, &std::path::Path)> =
-                vec![("-o", &output), ("the output's external data", &data_out)];
+            let mut outs: Vec<(&str, &std::path::Path)> = vec![("-o", &output)];
             if let Some(r) = &a.report {
                 outs.push(("--report", r));
             }
@@ -748,7 +744,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let page = crate::html_report::render_report(&report).map(String::into_bytes);
                 files.push((f, page));
             }
-            commit_reports(files, [&output, &data_out])?;
+            let written: Vec<&std::path::Path> = std::iter::once(output.as_path())
+                .chain(report.saved.data_path.as_deref())
+                .collect();
+            commit_reports(files, &written)?;
             if !cli.quiet && report.reduce.is_some() {
                 eprint!("{}", report.to_text());
             }

@@ -339,7 +339,7 @@ impl<'a> LayerData<'a> {
             }
         }
         if stats.samples.iter().all(Vec::is_empty) {
-            return Err(Error::Usage(format!(
+            return Err(Error::Stats(format!(
                 "{}: compression needs routed calibration samples (the statistics have none: \
                  --data-free or --reservoir 0); calibrate on data",
                 block.name
@@ -347,7 +347,7 @@ impl<'a> LayerData<'a> {
         }
         for res in &stats.samples {
             if let Some(r) = res.iter().find(|r| r.len() != h) {
-                return Err(Error::Usage(format!(
+                return Err(Error::Stats(format!(
                     "{}: calibration samples have {} features, the block's hidden size is {h} \
                      (statistics of another model?)",
                     block.name,

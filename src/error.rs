@@ -1,4 +1,9 @@
 //! Typed errors of the library. Every variant names the file, node or tensor at fault.
+//!
+//! Exit codes of the command line ([`Error::exit_code`]): 2 for what the caller can fix by
+//! asking differently ([`Error::Usage`], [`Error::Data`], [`Error::Stats`]), 1 for every
+//! other failure (unreadable or malformed files, graphs, runtimes, writes, the quality
+//! gate).
 use std::path::PathBuf;
 
 /// Result alias used throughout the library.
@@ -88,12 +93,31 @@ pub enum Error {
     /// The rewritten model moved further from the original than allowed (`--max-error`).
     #[error("{0}")]
     Quality(String),
-    /// The caller asked for something invalid (flags, paths).
+    /// Calibration or evaluation data does not fit the model: a missing or misshapen input
+    /// array, token ids outside the vocabulary, too few samples, a batch too large for
+    /// memory. Exit code 2: run again with other data or flags.
+    #[error("{0}")]
+    Data(String),
+    /// Routing statistics (`--stats`, or those calibration produced) do not fit the model or
+    /// lack what the method needs: another model's statistics, missing layers or samples.
+    /// Exit code 2: calibrate this model.
+    #[error("{0}")]
+    Stats(String),
+    /// The caller asked for something invalid (flags, paths). Exit code 2.
     #[error("{0}")]
     Usage(String),
 }
 
 impl Error {
+    /// The command line's exit code for this error: 2 for usage, data and statistics that
+    /// do not fit, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) | Error::Data(_) | Error::Stats(_) => 2,
+            _ => 1,
+        }
+    }
+
     /// Wraps an I/O error with the file it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -39,7 +39,7 @@ pub fn evaluate(
     let ids = match data.iter().find(|(n, _)| n == "input_ids") {
         Some((_, Value::I64(a))) if a.ndim() == 2 => a.clone(),
         _ => {
-            return Err(Error::Usage(
+            return Err(Error::Data(
                 "eval needs an int64 'input_ids' array [samples, seq]".into(),
             ))
         }
@@ -88,7 +88,7 @@ pub fn evaluate(
                     _ => None,
                 })
                 .ok_or_else(|| {
-                    Error::Usage("the model has no [batch, seq, vocab] logits output".into())
+                    Error::Data("the model has no [batch, seq, vocab] logits output".into())
                 })?;
             let vocab = logits.shape()[2];
             for b in 0..end - start {
@@ -99,7 +99,7 @@ pub fn evaluate(
                     }
                     let target = ids[[start + b, t + 1]];
                     if target < 0 || target as usize >= vocab {
-                        return Err(Error::Usage(format!(
+                        return Err(Error::Data(format!(
                             "token id {target} is outside the vocabulary of {vocab}"
                         )));
                     }
@@ -122,7 +122,7 @@ pub fn evaluate(
             continue;
         }
         if count == 0 {
-            return Err(Error::Usage("no next-token predictions to score".into()));
+            return Err(Error::Data("no next-token predictions to score".into()));
         }
         let mean = nll / count as f64;
         return Ok(LmEval {

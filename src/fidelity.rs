@@ -187,7 +187,7 @@ pub fn measure(
 ) -> Result<Fidelity> {
     let samples = data.first().map_or(0, |(_, v)| v.shape()[0]);
     if samples == 0 {
-        return Err(Error::Usage(
+        return Err(Error::Data(
             "no held-out samples to measure fidelity on".into(),
         ));
     }

@@ -77,9 +77,23 @@ impl AtomicFile {
         &self.target
     }
 
+    /// The temporary file's path.
+    pub fn path(&self) -> &Path {
+        self.tmp
+            .as_ref()
+            .expect("an AtomicFile holds its file until commit")
+            .path()
+    }
+
     /// Flushes, syncs and renames the file to its target.
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
         let target = self.target.clone();
+        self.commit_as(&target)
+    }
+
+    /// Flushes, syncs and renames the file to `target`, a path in the same folder as the one
+    /// it was created for (a name known only once the content is written).
+    pub fn commit_as(mut self, target: &Path) -> Result<()> {
         let mut tmp = self
             .tmp
             .take()
@@ -88,12 +102,10 @@ impl AtomicFile {
         pending().retain(|q| *q != path);
         tmp.as_file_mut()
             .flush()
-            .map_err(|e| Error::io(&target, e))?;
-        tmp.as_file()
-            .sync_all()
-            .map_err(|e| Error::io(&target, e))?;
-        tmp.persist(&target)
-            .map_err(|e| Error::io(&target, e.error))?;
+            .map_err(|e| Error::io(target, e))?;
+        tmp.as_file().sync_all().map_err(|e| Error::io(target, e))?;
+        tmp.persist(target)
+            .map_err(|e| Error::io(target, e.error))?;
         Ok(())
     }
 }

@@ -291,13 +291,13 @@ pub(crate) fn select_layers<'a>(
             .iter()
             .find(|s| s.block == b.name)
             .ok_or_else(|| {
-                Error::Usage(format!(
+                Error::Stats(format!(
                     "the calibration statistics have no layer '{}' (were they made for another model?)",
                     b.name
                 ))
             })?;
         if s.num_experts != b.router.num_experts {
-            return Err(Error::Usage(format!(
+            return Err(Error::Stats(format!(
                 "statistics of '{}' are for {} experts, the model has {}",
                 b.name, s.num_experts, b.router.num_experts
             )));
@@ -321,7 +321,7 @@ pub(crate) fn select_layers<'a>(
 /// top-k or hidden size, or arrays whose shapes do not fit (a hand-edited or truncated file).
 fn check_stats_fit(g: &Graph, b: &MoeBlock, s: &LayerStats) -> Result<()> {
     let other = |what: String| {
-        Error::Usage(format!(
+        Error::Stats(format!(
             "the calibration statistics of '{}' were not computed on this model: {what}; \
              calibrate this model (smoe-opt calibrate MODEL ...)",
             b.name
@@ -459,7 +459,7 @@ pub(crate) fn plan_layer(
             group_experts(f, &weight_similarity(&refs), m)
         }
         Grouping::Outputs if s.mean_output.nrows() == 0 => {
-            return Err(Error::Usage(format!(
+            return Err(Error::Stats(format!(
                 "{}: output-based grouping (hc-smoe, --grouping outputs) needs the experts' mean \
                  outputs, which these statistics do not hold; calibrate with them (smoe-opt \
                  calibrate collects every statistic)",

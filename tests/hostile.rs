@@ -598,9 +598,10 @@ fn without_onnxruntime_the_error_says_how_to_get_it() {
 
 #[test]
 fn a_killed_write_never_pairs_a_model_with_other_data() {
-    // kill -9 at points spread over a run that rewrites an existing OUT.onnx + OUT.onnx.data:
-    // afterwards either no model is there, or the model and its data are both the old ones
-    // or both the new ones (bytes compared; the output is deterministic).
+    // kill -9 at points spread over a run that rewrites an existing OUT.onnx and its data
+    // file: afterwards the model and the data it names are both the old ones or both the new
+    // ones (bytes compared; the output is deterministic), and a model is always there (the
+    // new data goes under its own name, then the model is renamed over the old one).
     let dir = root().join("testdata/models/mixtral_v4_ts");
     let model = dir.join("model.onnx");
     let io = dir.join("io.npz");
@@ -621,16 +622,34 @@ fn a_killed_write_never_pairs_a_model_with_other_data() {
         }
         a
     };
-    let pair = |out: &Path| -> Option<(Vec<u8>, Vec<u8>)> {
+    // The model's bytes, the name of the data file it refers to, and that file's bytes
+    // (None when it is missing).
+    type Pair = (Vec<u8>, String, Option<Vec<u8>>);
+    let pair = |out: &Path| -> Option<Pair> {
         let m = std::fs::read(out).ok()?;
-        let d = std::fs::read(out.with_extension("onnx.data")).unwrap_or_default();
-        Some((m, d))
+        let proto = <smoe_opt::onnx::proto::ModelProto as prost::Message>::decode(m.as_slice())
+            .expect("a complete model file");
+        let mut names = std::collections::BTreeSet::new();
+        let mut proto = proto;
+        smoe_opt::onnx::walk::model_tensors_mut(&mut proto, &mut |t| {
+            for e in &t.external_data {
+                if e.key.as_deref() == Some("location") {
+                    names.insert(e.value.clone().unwrap_or_default());
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(names.len(), 1, "{names:?}");
+        let name = names.into_iter().next().unwrap();
+        let d = std::fs::read(out.parent().unwrap().join(&name)).ok();
+        Some((m, name, d))
     };
     // The old and the new outputs, written in full.
     let mut full = Vec::new();
     let mut took = std::time::Duration::ZERO;
     for new in [false, true] {
-        // The same file name as below (the model names its data file).
+        // The same file name as below (the data file is named after the model).
         let d = tmp.path().join(format!("full{new}"));
         std::fs::create_dir(&d).unwrap();
         let out = d.join("out.onnx");
@@ -643,9 +662,10 @@ fn a_killed_write_never_pairs_a_model_with_other_data() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         full.push(pair(&out).unwrap());
     }
-    assert!(full[0] != full[1]);
-    let out = tmp.path().join("out.onnx");
-    let (mut none, mut old, mut new) = (0, 0, 0);
+    assert!(full[0] != full[1] && full[0].1 != full[1].1);
+    let work = tmp.path().join("work");
+    let out = work.join("out.onnx");
+    let (mut old, mut new) = (0, 0);
     // Under load the child runs slower than the timed run above, so the kill times keep
     // growing past the 24 planned ones until a kill lands after the commit (a child that
     // finished before its kill counts too); the cap is 20× the timed run.
@@ -653,9 +673,11 @@ fn a_killed_write_never_pairs_a_model_with_other_data() {
     while i < 24 || (new == 0 && i < 400) {
         let k = i;
         i += 1;
-        // Start from the old output.
+        // Start from the old output alone.
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir(&work).unwrap();
         std::fs::write(&out, &full[0].0).unwrap();
-        std::fs::write(out.with_extension("onnx.data"), &full[0].1).unwrap();
+        std::fs::write(work.join(&full[0].1), full[0].2.as_ref().unwrap()).unwrap();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_smoe-opt"))
             .args(args(&out, true))
             .stderr(std::process::Stdio::null())
@@ -663,24 +685,28 @@ fn a_killed_write_never_pairs_a_model_with_other_data() {
             .unwrap();
         std::thread::sleep(took * k / 20);
         let _ = child.kill();
-        let _ = child.wait();
+        let finished = child.wait().unwrap().success();
         match pair(&out) {
-            None => none += 1,
+            None => panic!("kill after {:?}: no model left", took * k / 20),
             Some(p) if p == full[0] => old += 1,
             Some(p) if p == full[1] => new += 1,
-            Some((m, d)) => panic!(
+            Some((m, name, d)) => panic!(
                 "kill after {:?}: a model beside data it was not written with (model old {} new {}, \
-                 data old {} new {}, {} data bytes)",
+                 names {name}, data old {} new {}, {:?} data bytes)",
                 took * k / 20,
                 m == full[0].0,
                 m == full[1].0,
-                d == full[0].1,
-                d == full[1].1,
-                d.len()
+                d == full[0].2,
+                d == full[1].2,
+                d.map(|d| d.len())
             ),
+        }
+        if finished {
+            // A completed run removed the replaced data file.
+            assert_eq!(listing(&work), ["out.onnx".to_string(), full[1].1.clone()]);
         }
     }
     // The kills landed before, during and after the commit.
-    eprintln!("killed runs: {old} left the old pair, {none} no model, {new} the new pair");
-    assert!(old > 0 && new > 0, "old {old}, none {none}, new {new}");
+    eprintln!("killed runs: {old} left the old pair, {new} the new pair");
+    assert!(old > 0 && new > 0, "old {old}, new {new}");
 }

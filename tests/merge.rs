@@ -191,7 +191,7 @@ fn every_model_reduces_to_a_quarter_and_runs_everywhere() {
         }
         assert_eq!(
             std::fs::metadata(&out).unwrap().len()
-                + std::fs::metadata(out.with_extension("onnx.data")).map_or(0, |m| m.len()),
+                + data_file(&out).map_or(0, |p| std::fs::metadata(p).unwrap().len()),
             ba,
             "{name}: bytes_after is the file on disk"
         );
@@ -627,8 +627,10 @@ fn float16_blocks_stay_float16() {
             [10].into(),
             "{extra:?}: float initializers are float16"
         );
+        if let Some(d) = data_file(&out) {
+            std::fs::remove_file(d).unwrap();
+        }
         std::fs::remove_file(&out).unwrap();
-        let _ = std::fs::remove_file(out.with_extension("onnx.data"));
     }
 }
 

@@ -58,7 +58,17 @@ fn external_data_save_and_reload_is_exact() {
         };
         let s = m.save(&ext, &opts).unwrap();
         let data = s.data_path.clone().expect("external data file");
-        assert_eq!(data, tmp.path().join(format!("{name}.onnx.data")));
+        // Named after the model and its bytes' hash; the model refers to it.
+        let fname = data.file_name().unwrap().to_string_lossy().into_owned();
+        let hash = fname
+            .strip_prefix(&format!("{name}.onnx."))
+            .and_then(|r| r.strip_suffix(".data"))
+            .unwrap_or_else(|| panic!("{fname}"));
+        assert!(
+            hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{fname}"
+        );
+        assert_eq!(common::data_file(&ext), Some(data.clone()));
         assert_eq!(std::fs::metadata(&data).unwrap().len(), s.data_bytes);
         // Every large tensor is aligned in the data file.
         let reloaded = Model::load(&ext).unwrap();
@@ -109,7 +119,7 @@ fn written_models_pass_checker_and_run_in_onnxruntime() {
                 "{name}: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
-            assert_eq!(out.with_extension("onnx.data").exists(), external, "{name}");
+            assert_eq!(common::data_file(&out).is_some(), external, "{name}");
             let io = dir.join("io.npz");
             let orig = dir.join("model.onnx");
             let args = [
@@ -148,10 +158,7 @@ fn output_is_deterministic() {
             .output()
             .unwrap();
         assert!(o.status.success());
-        outs.push((
-            std::fs::read(&out).unwrap(),
-            std::fs::read(dir.join("model.onnx.data")).unwrap(),
-        ));
+        outs.push(common::model_and_data(&out));
     }
     assert!(outs[0] == outs[1], "two runs wrote different bytes");
 }
@@ -167,14 +174,92 @@ fn models_over_the_inline_limit_go_external_automatically() {
         ..Default::default()
     };
     let s = m.save(&out, &opts).unwrap();
-    assert_eq!(
-        s.data_path.as_deref(),
-        Some(tmp.path().join("big.onnx.data").as_path())
-    );
+    assert_eq!(s.data_path, common::data_file(&out));
+    assert!(s.data_path.is_some());
     let back = tmp.path().join("back.onnx");
     Model::load(&out)
         .unwrap()
         .save(&back, &SaveOptions::default())
         .unwrap();
     assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&back).unwrap());
+}
+
+#[test]
+fn rewriting_an_output_removes_the_data_files_it_replaced() {
+    // out.onnx written with external data three times (two models, then inline): each write
+    // leaves exactly the new model and the data it names; data files of the replaced model
+    // and orphans of interrupted writes to that name go, other files stay, and so do data
+    // files the input model reads even when they carry the output's name.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ext = SaveOptions {
+        external_data: true,
+        ..Default::default()
+    };
+    let a = Model::load(&root().join("testdata/models/mixtral_v4_ts/model.onnx")).unwrap();
+    let b = Model::load(&root().join("testdata/models/ort_moe_swiglu/model.onnx")).unwrap();
+    let out = dir.join("out.onnx");
+    std::fs::write(dir.join("other.data"), b"not ours").unwrap();
+    let orphan = dir.join("out.onnx.0123456789abcdef.data");
+    std::fs::write(&orphan, b"an interrupted write's data").unwrap();
+    let sa = a.save(&out, &ext).unwrap();
+    let da = sa.data_path.clone().unwrap();
+    assert!(!orphan.exists());
+    assert_eq!(
+        listing(dir),
+        [
+            "other.data",
+            "out.onnx",
+            da.file_name().unwrap().to_str().unwrap()
+        ]
+    );
+    // The same model again: the same name and bytes.
+    assert_eq!(a.save(&out, &ext).unwrap().data_path, Some(da.clone()));
+    let sb = b.save(&out, &ext).unwrap();
+    let db = sb.data_path.clone().unwrap();
+    assert_ne!(da, db);
+    assert!(!da.exists() && db.exists());
+    assert_eq!(common::data_file(&out), Some(db.clone()));
+    // A legacy `out.onnx.data` the replaced model names is removed too.
+    let legacy = dir.join("legacy");
+    std::fs::create_dir(&legacy).unwrap();
+    let reload = Model::load(&root().join("testdata/models/mixtral_v4_ts_ext/model.onnx")).unwrap();
+    let lout = legacy.join("model.onnx");
+    for f in ["model.onnx", "model.onnx.data"] {
+        std::fs::copy(
+            root().join("testdata/models/mixtral_v4_ts_ext").join(f),
+            legacy.join(f),
+        )
+        .unwrap();
+    }
+    reload.save(&lout, &SaveOptions::default()).unwrap();
+    assert_eq!(listing(&legacy), ["model.onnx"]);
+    // Inline over the external pair: the data file goes.
+    Model::load(&out)
+        .unwrap()
+        .save(&dir.join("copy.onnx"), &ext)
+        .unwrap();
+    b.save(&out, &SaveOptions::default()).unwrap();
+    assert!(!db.exists());
+    assert_eq!(common::data_file(&out), None);
+    // An input reading `copy.onnx.<hash>.data` keeps it when copy.onnx is rewritten from it.
+    let copy = dir.join("copy.onnx");
+    let input_data = common::data_file(&copy).unwrap();
+    let moved = dir.join("input.onnx");
+    std::fs::rename(&copy, &moved).unwrap();
+    let input = Model::load(&moved).unwrap();
+    input.save(&copy, &SaveOptions::default()).unwrap();
+    assert!(input_data.exists(), "the input's data was removed");
+    drop(input);
+    assert_eq!(
+        listing(dir),
+        [
+            "copy.onnx",
+            input_data.file_name().unwrap().to_str().unwrap(),
+            "input.onnx",
+            "legacy",
+            "other.data",
+            "out.onnx"
+        ]
+    );
 }

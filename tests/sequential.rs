@@ -241,10 +241,7 @@ fn bounded_plan_segment_by_segment_equals_the_whole_model() {
                 plan.contains("planned one layer at a time"),
                 "{name}: {plan}"
             );
-            let bytes = (
-                std::fs::read(&out).unwrap(),
-                std::fs::read(out.with_extension("onnx.data")).unwrap(),
-            );
+            let bytes = model_and_data(&out);
             runs.push((bytes, r));
         }
         let ((ms, ds), rs) = &runs[0];

@@ -24,10 +24,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from . import _native
 from ._native import (
+    DataError,
     InputError,
     QualityError,
     RuntimeFailure,
     SmoeOptError,
+    StatsError,
     UsageError,
     WriteError,
 )
@@ -41,6 +43,8 @@ __all__ = [
     "Stats",
     "SmoeOptError",
     "UsageError",
+    "DataError",
+    "StatsError",
     "InputError",
     "RuntimeFailure",
     "QualityError",

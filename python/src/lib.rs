@@ -20,6 +20,18 @@ create_exception!(
 );
 create_exception!(
     _native,
+    DataError,
+    UsageError,
+    "Calibration or evaluation data does not fit the model (a UsageError: exit code 2)."
+);
+create_exception!(
+    _native,
+    StatsError,
+    UsageError,
+    "Routing statistics do not fit the model or lack what the method needs (a UsageError)."
+);
+create_exception!(
+    _native,
     InputError,
     SmoeOptError,
     "A model or input file is unreadable, malformed or inconsistent."
@@ -48,6 +60,8 @@ fn to_py(e: anyhow::Error) -> PyErr {
     let msg = smoe_opt::cli::message(&e);
     match smoe_opt::cli::library_error(&e) {
         Some(E::Usage(_)) => UsageError::new_err(msg),
+        Some(E::Data(_)) => DataError::new_err(msg),
+        Some(E::Stats(_)) => StatsError::new_err(msg),
         Some(
             E::Io { .. }
             | E::Decode { .. }
@@ -115,6 +129,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("SmoeOptError", py.get_type::<SmoeOptError>())?;
     m.add("UsageError", py.get_type::<UsageError>())?;
+    m.add("DataError", py.get_type::<DataError>())?;
+    m.add("StatsError", py.get_type::<StatsError>())?;
     m.add("InputError", py.get_type::<InputError>())?;
     m.add("RuntimeFailure", py.get_type::<RuntimeFailure>())?;
     m.add("QualityError", py.get_type::<QualityError>())?;

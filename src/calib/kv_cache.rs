@@ -36,7 +36,7 @@ pub fn is_present_output(name: &str) -> bool {
 pub fn empty_past(model: &Model, input: &ValueDesc, batch: usize) -> Result<Value> {
     let shape = input.shape.clone().unwrap_or_default();
     let unknown = |dim: &str, why: &str| {
-        Error::Usage(format!(
+        Error::Data(format!(
             "cannot tell dimension '{dim}' of the past key/value input '{}' ({why}); give the \
              input in the calibration .npz (shape [batch, kv_heads, 0, head_size])",
             input.name
@@ -81,7 +81,7 @@ pub fn empty_past(model: &Model, input: &ValueDesc, batch: usize) -> Result<Valu
     }
     match input.dtype.as_str() {
         "float" | "float16" | "bfloat16" => Ok(Value::F32(ArrayD::zeros(IxDyn(&dims)))),
-        other => Err(Error::Usage(format!(
+        other => Err(Error::Data(format!(
             "past key/value input '{}' has element type {other}; only float caches can be made",
             input.name
         ))),

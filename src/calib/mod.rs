@@ -377,7 +377,7 @@ fn load_given(
             let mut out = Vec::new();
             for i in &inputs {
                 let Some((_, v)) = all.iter().find(|(n, _)| *n == i.name) else {
-                    return Err(Error::Usage(format!(
+                    return Err(Error::Data(format!(
                         "{}: no array '{}'; the model expects: {}",
                         path.display(),
                         i.name,
@@ -390,7 +390,7 @@ fn load_given(
                 );
                 let rank = i.shape.as_ref().map_or(v.shape().len(), Vec::len);
                 if !ok_type || rank != v.shape().len() {
-                    return Err(Error::Usage(format!(
+                    return Err(Error::Data(format!(
                         "{}: array '{}' has shape {:?} ({}); the model expects: {}",
                         path.display(),
                         i.name,
@@ -407,7 +407,7 @@ fn load_given(
             }
             let n0 = out.first().map(|(_, v)| v.shape()[0]);
             if out.iter().any(|(_, v)| Some(v.shape()[0]) != n0) {
-                return Err(Error::Usage(format!(
+                return Err(Error::Data(format!(
                     "{}: arrays disagree on the number of samples",
                     path.display()
                 )));
@@ -436,13 +436,14 @@ fn load_given(
                     reason: format!("not a tokenizer.json: {e}"),
                 })?;
             let body = crate::inputs::read_text(text, 4 << 30, "calibration text")?;
-            let enc = tok
-                .encode(body.as_str(), false)
-                .map_err(|e| Error::Usage(format!("{}: tokenizing failed: {e}", text.display())))?;
+            let enc = tok.encode(body.as_str(), false).map_err(|e| Error::Input {
+                path: text.to_path_buf(),
+                reason: format!("tokenizing failed: {e}"),
+            })?;
             let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
             let l = (*seq_len).max(1);
             if ids.is_empty() {
-                return Err(Error::Usage(format!("{}: no tokens", text.display())));
+                return Err(Error::Data(format!("{}: no tokens", text.display())));
             }
             // onnxruntime's GroupQueryAttention refuses a right-padded prompt (it reads the
             // sequence lengths from the mask), so its models get whole windows only.
@@ -486,7 +487,7 @@ fn load_given(
                     _ if i.dtype == "int64" => {
                         if let Some(v) = vocab_size(model, &i.name) {
                             if let Some(bad) = ids.iter().find(|&&t| t as u64 >= v) {
-                                return Err(Error::Usage(format!(
+                                return Err(Error::Data(format!(
                                     "token id {bad} from {} is outside the model's vocabulary of {v}",
                                     tokenizer.display()
                                 )));
@@ -495,7 +496,7 @@ fn load_given(
                         Value::I64(input_ids.clone())
                     }
                     _ => {
-                        return Err(Error::Usage(format!(
+                        return Err(Error::Data(format!(
                             "text calibration needs token-id inputs; the model expects: {}",
                             expected(model).join("; ")
                         )))
@@ -520,7 +521,7 @@ fn load_given(
             let need = (b as u128) * (s as u128) * 8 * inputs.len() as u128;
             if let Some(avail) = crate::inputs::available_memory() {
                 if need > avail as u128 / 2 {
-                    return Err(Error::Usage(format!(
+                    return Err(Error::Data(format!(
                         "--calib-random {b} with --seq-len {s} makes {:.1} GiB of inputs, more than \
                          half the {:.1} GiB of memory available; ask for fewer samples",
                         need as f64 / (1u64 << 30) as f64,
@@ -538,7 +539,7 @@ fn load_given(
                         }
                         (_, "int64") => {
                             let vocab = vocab_size(model, &i.name).ok_or_else(|| {
-                                Error::Usage(format!(
+                                Error::Data(format!(
                                 "cannot tell the vocabulary size of input '{}' for --calib-random",
                                 i.name
                             ))
@@ -571,7 +572,7 @@ fn load_given(
                             }))
                         }
                         (n, t) => {
-                            return Err(Error::Usage(format!(
+                            return Err(Error::Data(format!(
                                 "cannot make random data for input '{n}' of type {t}"
                             )))
                         }
@@ -701,7 +702,10 @@ pub fn save(stats: &CalibStats, json: &Path) -> Result<PathBuf> {
         w.finish().map_err(io)?;
     }
     tmp.commit()?;
-    let mut j = serde_json::to_value(stats).map_err(|e| Error::Usage(e.to_string()))?;
+    let mut j = serde_json::to_value(stats).map_err(|e| Error::Write {
+        path: json.to_path_buf(),
+        reason: format!("serialising the statistics: {e}"),
+    })?;
     j["sidecar"] = serde_json::Value::from(
         side.file_name()
             .map(|s| s.to_string_lossy().into_owned())

@@ -67,7 +67,7 @@ impl IndexBounds {
                 continue;
             };
             if let Some(&bad) = a.iter().find(|&&i| i < -size || i >= *size) {
-                return Err(Error::Usage(format!(
+                return Err(Error::Data(format!(
                     "input '{name}' holds {bad}, outside the {size} rows of '{table}' it indexes \
                      (token ids from another tokenizer or vocabulary?)"
                 )));

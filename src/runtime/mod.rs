@@ -134,7 +134,7 @@ pub fn check_memory(inputs: &[(String, Value)]) -> Result<()> {
         };
         let need = (*b as u128) * (*s as u128) * (*s as u128) * 4;
         if need > avail as u128 {
-            return Err(Error::Usage(format!(
+            return Err(Error::Data(format!(
                 "input '{name}' is a batch of {b} x {s} tokens: one attention-score matrix alone \
                  takes {:.1} GiB, {:.1} GiB of memory is available; lower --seq-len or --batch",
                 need as f64 / (1u64 << 30) as f64,
@@ -151,7 +151,7 @@ pub fn input<'a>(inputs: &'a [(String, Value)], name: &str) -> Result<&'a Value>
         .iter()
         .find(|(n, _)| n == name)
         .map(|(_, v)| v)
-        .ok_or_else(|| Error::Usage(format!("input '{name}' was not given")))
+        .ok_or_else(|| Error::Data(format!("input '{name}' was not given")))
 }
 
 /// The array names of an `.npz` file (without `.npy`), read from its directory only.

@@ -183,6 +183,34 @@ pub fn listing(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The external data file a model written by smoe-opt refers to (`None` for an inline
+/// model). Panics when it refers to more than one file or to a missing one.
+pub fn data_file(model: &Path) -> Option<PathBuf> {
+    use prost::Message;
+    let bytes = std::fs::read(model).unwrap();
+    let mut proto = smoe_opt::onnx::proto::ModelProto::decode(bytes.as_slice()).unwrap();
+    let mut locations = std::collections::BTreeSet::new();
+    smoe_opt::onnx::walk::model_tensors_mut(&mut proto, &mut |t| {
+        for e in &t.external_data {
+            if e.key.as_deref() == Some("location") {
+                locations.insert(e.value.clone().unwrap_or_default());
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert!(locations.len() <= 1, "{}: {locations:?}", model.display());
+    let path = model.parent()?.join(locations.into_iter().next()?);
+    assert!(path.is_file(), "{} is missing", path.display());
+    Some(path)
+}
+
+/// The bytes of a model and of its external data file (empty when inline).
+pub fn model_and_data(model: &Path) -> (Vec<u8>, Vec<u8>) {
+    let data = data_file(model).map(|p| std::fs::read(p).unwrap());
+    (std::fs::read(model).unwrap(), data.unwrap_or_default())
+}
+
 /// Whether a model uses only standard ONNX ops (tract cannot run onnxruntime's contrib ops
 /// such as com.microsoft.GroupQueryAttention or MoE).
 pub fn standard_ops(model: &smoe_opt::Model) -> bool {

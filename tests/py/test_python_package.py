@@ -120,7 +120,22 @@ def test_optimize(stats_path):
 
 
 def test_errors():
+    # Token ids outside the vocabulary: a DataError. Statistics whose router fingerprint is
+    # not this model's: a StatsError. Both are UsageErrors (exit code 2).
+    bad = dict(np.load(LM / "eval.npz"))
+    bad["input_ids"] = np.full_like(bad["input_ids"], 10**6)
+    np.savez(TMP / "bad_ids.npz", **bad)
+    cli("calibrate", MODEL, "-o", TMP / "own.json", "--calib", LM / "eval.npz")
+    stats = json.loads((TMP / "own.json").read_text())
+    stats["layers"][0]["router_fingerprint"] = "0" * len(stats["layers"][0]["router_fingerprint"])
+    (TMP / "other.json").write_text(json.dumps(stats))
     cases = [
+        (smoe_opt.DataError,
+         lambda: smoe_opt.optimize(MODEL, TMP / "e.onnx", keep=0.5, calib=TMP / "bad_ids.npz"),
+         [MODEL, "-o", TMP / "e.onnx", "--keep", "0.5", "--calib", TMP / "bad_ids.npz"]),
+        (smoe_opt.StatsError,
+         lambda: smoe_opt.optimize(MODEL, TMP / "e.onnx", keep=0.5, stats=TMP / "other.json"),
+         [MODEL, "-o", TMP / "e.onnx", "--keep", "0.5", "--stats", TMP / "other.json"]),
         (smoe_opt.InputError, lambda: smoe_opt.inspect(TMP / "missing.onnx"),
          ["inspect", TMP / "missing.onnx"]),
         (smoe_opt.UsageError, lambda: smoe_opt.optimize(MODEL, MODEL, keep=0.5, data_free=True),
@@ -135,7 +150,9 @@ def test_errors():
         except exc as e:
             assert isinstance(e, smoe_opt.SmoeOptError)
             r = cli(*args, ok=False)
-            assert r.stderr.strip() == f"error: {e}", (r.stderr, str(e))
+            # (warnings before the error are log records on the Python side)
+            assert r.stderr.strip().splitlines()[-1] == f"error: {e}", (r.stderr, str(e))
+            assert r.returncode == (2 if isinstance(e, smoe_opt.UsageError) else 1), args
         else:
             raise AssertionError(f"{args}: no {exc.__name__}")
     assert not (TMP / "e.onnx").exists()

@@ -101,7 +101,7 @@ class SmoeOpt(Pass):
             "save_as_external_data": PassConfigParam(
                 type_=bool,
                 default_value=False,
-                description="Write the weights to OUT.onnx.data beside the model (--external-data).",
+                description="Write the weights to OUT.onnx.<hash>.data beside the model (--external-data).",
             ),
             "extra_args": PassConfigParam(
                 type_=list,
