@@ -196,8 +196,8 @@ fn rewriting_an_output_removes_the_data_files_it_replaced() {
         external_data: true,
         ..Default::default()
     };
-    let a = Model::load(&root().join("testdata/models/mixtral_v4_ts/model.onnx")).unwrap();
-    let b = Model::load(&root().join("testdata/models/ort_moe_swiglu/model.onnx")).unwrap();
+    let a = Model::load(root().join("testdata/models/mixtral_v4_ts/model.onnx")).unwrap();
+    let b = Model::load(root().join("testdata/models/ort_moe_swiglu/model.onnx")).unwrap();
     let out = dir.join("out.onnx");
     std::fs::write(dir.join("other.data"), b"not ours").unwrap();
     let orphan = dir.join("out.onnx.0123456789abcdef.data");
@@ -223,7 +223,7 @@ fn rewriting_an_output_removes_the_data_files_it_replaced() {
     // A legacy `out.onnx.data` the replaced model names is removed too.
     let legacy = dir.join("legacy");
     std::fs::create_dir(&legacy).unwrap();
-    let reload = Model::load(&root().join("testdata/models/mixtral_v4_ts_ext/model.onnx")).unwrap();
+    let reload = Model::load(root().join("testdata/models/mixtral_v4_ts_ext/model.onnx")).unwrap();
     let lout = legacy.join("model.onnx");
     for f in ["model.onnx", "model.onnx.data"] {
         std::fs::copy(
