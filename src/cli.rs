@@ -221,6 +221,16 @@ impl CalibArgs {
     }
 }
 
+/// What `calibrate` collects (`--collect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Collect {
+    /// Every statistic: routing, expert outputs (REAP, mean outputs), input moments, routed
+    /// samples.
+    All,
+    /// Frequencies, routing weights and router-logit similarity only.
+    Routing,
+}
+
 /// MoE layer indices from `--layers`.
 #[derive(Debug, Clone)]
 struct Layers(Vec<usize>);
@@ -328,6 +338,12 @@ enum Command {
         /// Where to write the statistics (JSON; the sidecar goes beside it as .npz).
         #[arg(short, long)]
         output: PathBuf,
+        /// What to collect: every statistic (any method, compression), or routing only
+        /// (frequencies, routing weights, router-logit similarity and the routed-input
+        /// samples: enough for m-smoe, average and prune-frequency; no expert runs outside
+        /// the model's own).
+        #[arg(long, value_enum, default_value_t = Collect::All)]
+        collect: Collect,
     },
     /// A language model's held-out next-token perplexity and top-1 accuracy.
     Eval {
@@ -534,6 +550,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             input,
             calib,
             output,
+            collect,
         }) => {
             let side = output.with_extension("npz");
             let mut ins: Vec<(&str, &std::path::Path)> = vec![("input model", &input)];
@@ -560,7 +577,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .into(),
                 )
             })?;
-            let opts = calib.options(source, progress);
+            let mut opts = calib.options(source, progress);
+            if collect == Collect::Routing {
+                opts.stats =
+                    crate::calib::stats::StatsConfig::routing_only(calib.reservoir, calib.seed);
+            }
             let stats = crate::calib::calibrate(&model, &det, &opts)?;
             let side = crate::calib::save(&stats, &output)?;
             let tokens: u64 = stats.layers.first().map_or(0, |l| l.tokens);
@@ -649,6 +670,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                             o.stats.outputs = target.is_some()
                                 || m == crate::merge::MergeMethod::HcSmoe
                                 || a.grouping == Some(crate::merge::Grouping::Outputs);
+                            // Experts run in calibration only for what reads their outputs.
+                            o.stats.reap =
+                                target.is_some() || m == crate::merge::MergeMethod::PruneReap;
                             o
                         }),
                         eval_data: a.eval_data.clone(),

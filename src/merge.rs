@@ -347,7 +347,8 @@ fn check_stats_fit(g: &Graph, b: &MoeBlock, s: &LayerStats) -> Result<()> {
         ("counts", s.counts.len()),
         ("frequency", s.frequency.len()),
         ("mean_weight", s.mean_weight.len()),
-        ("reap", s.reap.len()),
+        // (empty: not collected)
+        ("reap", if s.reap.is_empty() { n } else { s.reap.len() }),
         ("logit_cosine", s.logit_cosine.len()),
         ("samples", s.samples.len()),
     ];
@@ -407,6 +408,13 @@ pub(crate) fn plan_layer(
             )));
         }
         let score = if opts.method == MergeMethod::PruneReap {
+            if s.reap.is_empty() {
+                return Err(Error::Stats(format!(
+                    "{}: prune-reap needs REAP scores, which these statistics do not hold \
+                     (calibrated with --collect routing); calibrate with --collect all",
+                    b.name
+                )));
+            }
             &s.reap
         } else {
             f

@@ -406,3 +406,74 @@ fn routed_only_statistics_match_and_refuse_output_grouping() {
         .expect_err("hc-smoe without mean outputs");
     assert!(e.to_string().contains("mean outputs"), "{e}");
 }
+
+#[test]
+fn routing_only_calibration_serves_merges_and_refuses_reap() {
+    // `calibrate --collect routing` runs no expert outside the model: its routing statistics
+    // equal those of `--collect all`, an m-smoe merge from either file writes the same bytes,
+    // and prune-reap (which needs expert outputs) is refused with what to do.
+    let dir = root().join("testdata/models/mixtral_v4_ts");
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = |collect: &str| -> (std::path::PathBuf, Value) {
+        let out = tmp.path().join(format!("{collect}.json"));
+        let o = bin()
+            .arg("calibrate")
+            .arg(dir.join("model.onnx"))
+            .arg("--calib")
+            .arg(dir.join("io.npz"))
+            .args(["--collect", collect, "-q", "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v = fitting_file(Schema::Stats, &out);
+        (out, v)
+    };
+    let ((all_path, all), (routing_path, routing)) = (stats("all"), stats("routing"));
+    let layers = |v: &Value| v["layers"].as_array().unwrap().clone();
+    for (a, r) in layers(&all).iter().zip(&layers(&routing)) {
+        for key in [
+            "tokens",
+            "counts",
+            "frequency",
+            "mean_weight",
+            "logit_cosine",
+        ] {
+            assert_eq!(a[key], r[key], "{key}");
+        }
+        assert_eq!(a["reap"].as_array().unwrap().len(), 8);
+        assert_eq!(r["reap"], serde_json::json!([]));
+    }
+    let merged = |stats: &std::path::Path, name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let o = bin()
+            .arg(dir.join("model.onnx"))
+            .arg("-o")
+            .arg(&out)
+            .arg("--stats")
+            .arg(stats)
+            .args(["--eval-data"])
+            .arg(dir.join("io.npz"))
+            .args(["-q"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (o, out)
+    };
+    let (oa, a) = merged(&all_path, "a.onnx", &["--keep", "0.5"]);
+    let (or, r) = merged(&routing_path, "r.onnx", &["--keep", "0.5"]);
+    assert!(oa.status.success() && or.status.success());
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&r).unwrap());
+    let (o, out) = merged(
+        &routing_path,
+        "reap.onnx",
+        &["--method", "prune-reap", "--experts", "4"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("REAP") && err.contains("--collect all"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -182,7 +182,7 @@ pub fn calibrate_on(
         });
     }
     let t_setup = std::time::Instant::now();
-    let mut session = session::Resilient::open(model, det, blocks.clone(), opts)?;
+    let mut session = session::Resilient::open_for_stats(model, det, blocks.clone(), opts)?;
     let seconds_setup = t_setup.elapsed().as_secs_f64();
     let t_run = std::time::Instant::now();
     let samples = data.first().map(|(_, v)| v.shape()[0]).unwrap_or(0);
@@ -253,7 +253,10 @@ fn fold(
             .chain(feed.iter())
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.to_f32())
-            .ok_or_else(|| Error::Usage(format!("runtime returned no '{name}'")))
+            .ok_or_else(|| Error::Tensor {
+                tensor: name.to_string(),
+                reason: "the runtime returned no such output".into(),
+            })
     };
     let x = get(&b.input)?;
     let z = get(logits)?;
@@ -266,11 +269,17 @@ fn fold(
     let rows = x.len() / h;
     let x2 = x
         .into_shape_with_order((rows, h))
-        .map_err(|e| Error::Usage(e.to_string()))?;
+        .map_err(|e| Error::Tensor {
+            tensor: b.input.clone(),
+            reason: format!("block input is not [tokens, {h}]: {e}"),
+        })?;
     let n = b.router.num_experts;
     let z2 = z
         .into_shape_with_order((rows, n))
-        .map_err(|e| Error::Usage(format!("router logits: {e}")))?;
+        .map_err(|e| Error::Tensor {
+            tensor: logits.to_string(),
+            reason: format!("router logits are not [{rows} tokens, {n} experts]: {e}"),
+        })?;
     let keep: Vec<bool> = match feed.iter().find(|(n, _)| n == "attention_mask") {
         Some((_, m)) if m.shape().iter().product::<usize>() == rows => {
             m.to_f32().iter().map(|&v| v != 0.0).collect()
@@ -281,17 +290,38 @@ fn fold(
     Ok(keep.iter().filter(|&&k| k).count())
 }
 
-fn instrument(model: &Model, blocks: &[&crate::moe::MoeBlock], logits: &[String]) -> Result<Model> {
+/// `model` with the watched blocks' inputs and router logits (`logits`) as extra graph
+/// outputs. With `only`, they are its only outputs and what computes nothing else they need
+/// is removed (the layers after the last watched block, the head): what statistics need
+/// and no more.
+fn instrument(
+    model: &Model,
+    blocks: &[&crate::moe::MoeBlock],
+    logits: &[String],
+    only: bool,
+) -> Result<Model> {
     let mut inst = model.clone();
     let mut p = Patch::new("calibration outputs");
+    let mut wanted = Vec::new();
     for (b, l) in blocks.iter().zip(logits) {
         // A block input that is a graph input is read from the feed instead.
         if !model.graph.is_input(&b.input) {
             p.add_output(b.input.clone());
+            wanted.push(b.input.clone());
         }
         p.add_output(l.clone());
+        wanted.push(l.clone());
+    }
+    if only && !wanted.is_empty() {
+        p.retain_outputs(wanted);
     }
     inst.graph.apply(p)?;
+    if only {
+        let dead = crate::ir::prune(&inst.graph, "calibration outputs only");
+        if !dead.is_empty() {
+            inst.graph.apply(dead)?;
+        }
+    }
     Ok(inst)
 }
 

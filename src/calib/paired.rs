@@ -176,7 +176,10 @@ fn pair(
             .chain(feed.iter())
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.to_f32())
-            .ok_or_else(|| Error::Usage(format!("runtime returned no '{name}'")))
+            .ok_or_else(|| Error::Tensor {
+                tensor: name.to_string(),
+                reason: "the runtime returned no such output".into(),
+            })
     };
     let x = get(out, feed, &b.input)?;
     let x_ref = get(out_ref, feed_ref, &b.input)?;
@@ -189,7 +192,10 @@ fn pair(
     let rows = x.len() / h;
     let shape = |a: ArrayD<f32>, c: usize, what: &str| {
         a.into_shape_with_order((rows, c))
-            .map_err(|e| Error::Usage(format!("{}: {what}: {e}", b.name)))
+            .map_err(|e| Error::Tensor {
+                tensor: b.name.clone(),
+                reason: format!("{what} is not [{rows} tokens, {c}]: {e}"),
+            })
     };
     let (x, x_ref, z) = (
         shape(x, h, "block input")?,

@@ -24,6 +24,8 @@ pub(crate) struct Resilient<'a> {
     session: Box<dyn Session>,
     logits: Vec<String>,
     switched: bool,
+    /// Whether the watched tensors are the only outputs (statistics need nothing else).
+    only: bool,
     #[cfg(feature = "ort")]
     tried_ort: bool,
 }
@@ -37,8 +39,29 @@ impl<'a> Resilient<'a> {
         watched: Vec<&'a MoeBlock>,
         opts: &'a CalibOptions,
     ) -> Result<Self> {
+        Self::open_with(model, reemit, watched, opts, false)
+    }
+
+    /// [`Resilient::open`] whose runs return the watched blocks' inputs and router logits
+    /// only: the model's own outputs, and the nodes only they need, are left out.
+    pub fn open_for_stats(
+        model: &'a Model,
+        reemit: &'a Detection,
+        watched: Vec<&'a MoeBlock>,
+        opts: &'a CalibOptions,
+    ) -> Result<Self> {
+        Self::open_with(model, reemit, watched, opts, true)
+    }
+
+    fn open_with(
+        model: &'a Model,
+        reemit: &'a Detection,
+        watched: Vec<&'a MoeBlock>,
+        opts: &'a CalibOptions,
+        only: bool,
+    ) -> Result<Self> {
         let original: Vec<String> = watched.iter().map(|b| b.router.logits.clone()).collect();
-        let inst = instrument(model, &watched, &original)?;
+        let inst = instrument(model, &watched, &original, only)?;
         let (session, logits, switched) = match crate::runtime::open(
             &inst,
             opts.runtime,
@@ -54,7 +77,7 @@ impl<'a> Resilient<'a> {
                     "the exported graph cannot be run ({e}); calibrating through smoe-opt's \
                      exact re-emission"
                 );
-                let (s, l) = reemitted(model, reemit, &watched, opts, false)
+                let (s, l) = reemitted(model, reemit, &watched, opts, false, only)
                     .map_err(|e2| super::tract_cannot(opts.runtime, &e, &e2))?;
                 (s, l, true)
             }
@@ -69,6 +92,7 @@ impl<'a> Resilient<'a> {
             session,
             logits,
             switched,
+            only,
             #[cfg(feature = "ort")]
             tried_ort: false,
         })
@@ -121,8 +145,14 @@ impl<'a> Resilient<'a> {
                  exact re-emission"
             );
             let ort = self.session.runtime() == "onnxruntime";
-            (self.session, self.logits) =
-                reemitted(self.model, self.reemit, &self.watched, self.opts, ort)?;
+            (self.session, self.logits) = reemitted(
+                self.model,
+                self.reemit,
+                &self.watched,
+                self.opts,
+                ort,
+                self.only,
+            )?;
         }
     }
 }
@@ -136,6 +166,7 @@ fn reemitted(
     watched: &[&MoeBlock],
     opts: &CalibOptions,
     ort: bool,
+    only: bool,
 ) -> Result<(Box<dyn Session>, Vec<String>)> {
     let mut re = model.clone();
     let rw = crate::emit::reemit(&mut re, reemit, crate::emit::EmitForm::Portable)?;
@@ -151,16 +182,16 @@ fn reemitted(
                 // Not among the re-emitted blocks (e.g. already written by smoe-opt): its
                 // logits keep their name.
                 None => Ok(b.router.logits.clone()),
-                Some((_, r)) => r
-                    .logits
-                    .clone()
-                    .ok_or_else(|| Error::Usage(format!("{} was not re-emitted", r.block))),
+                Some((_, r)) => r.logits.clone().ok_or_else(|| Error::Graph {
+                    node: Some(r.block.clone()),
+                    reason: "the block was not re-emitted with its router logits".into(),
+                }),
             }
         })
         .collect::<Result<_>>()?;
     let rt = if ort { Runtime::Ort } else { Runtime::Tract };
     let session = crate::runtime::open_in(
-        &instrument(&re, watched, &logits)?,
+        &instrument(&re, watched, &logits, only)?,
         rt,
         #[cfg(feature = "ort")]
         opts.ep,

@@ -22,6 +22,10 @@ pub struct StatsConfig {
     /// hc-smoe). Without it each expert runs on its routed tokens only (REAP needs no more),
     /// about N/k times less expert work, and `mean_output` is left empty.
     pub outputs: bool,
+    /// Run each expert on its routed tokens for REAP saliency (`prune-reap`). Without it
+    /// (and without `outputs`) no expert runs in calibration: what is left is what the
+    /// runtime computes anyway (routing from the router logits), and `reap` is left empty.
+    pub reap: bool,
 }
 
 impl Default for StatsConfig {
@@ -31,6 +35,22 @@ impl Default for StatsConfig {
             seed: 0,
             moments: true,
             outputs: true,
+            reap: true,
+        }
+    }
+}
+
+impl StatsConfig {
+    /// Routing only: frequencies, routing weights and router-logit similarity, and the
+    /// routed-input reservoirs (`reservoir` rows per expert); no expert outputs, REAP
+    /// scores or input moments (enough for `m-smoe`, `average` and `prune-frequency`).
+    pub fn routing_only(reservoir: usize, seed: u64) -> Self {
+        StatsConfig {
+            reservoir,
+            seed,
+            moments: false,
+            outputs: false,
+            reap: false,
         }
     }
 }
@@ -261,11 +281,16 @@ impl LayerAcc {
     pub fn new(g: &Graph, block: &MoeBlock, cfg: StatsConfig, layer: usize) -> Result<Self> {
         let n = block.router.num_experts;
         let h = block.hidden();
-        let ffns = block
-            .experts
-            .iter()
-            .map(|e| DenseFfn::load(g, &e.ffn).map(|f| (e.index, f)))
-            .collect::<Result<Vec<_>>>()?;
+        // The experts' weights are read only when experts run here.
+        let ffns = if cfg.outputs || cfg.reap {
+            block
+                .experts
+                .iter()
+                .map(|e| DenseFfn::load(g, &e.ffn).map(|f| (e.index, f)))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         Ok(LayerAcc {
             block: block.clone(),
             ffns,
@@ -351,7 +376,7 @@ impl LayerAcc {
                 let s = out.sum_axis(Axis(0)).mapv(f64::from);
                 let mut dst = self.out_sum.row_mut(e);
                 dst += &s;
-            } else if !routed[e].is_empty() {
+            } else if self.cfg.reap && !routed[e].is_empty() {
                 let out = f.forward(xk.select(Axis(0), &routed[e]).view());
                 for (row, &w) in out.rows().into_iter().zip(&routed_w[e]) {
                     self.reap_sum[e] += w * norm(row);
@@ -452,7 +477,11 @@ impl LayerAcc {
                 })
                 .collect(),
             mean_weight: per(&self.weight_sum),
-            reap: per(&self.reap_sum),
+            reap: if self.cfg.outputs || self.cfg.reap {
+                per(&self.reap_sum)
+            } else {
+                Vec::new()
+            },
             logit_cosine: cos,
             mean_output: if self.cfg.outputs {
                 self.out_sum.mapv(|v| v / tokens)
@@ -495,7 +524,8 @@ pub struct LayerStats {
     pub frequency: Vec<f64>,
     /// Mean routing weight when chosen.
     pub mean_weight: Vec<f64>,
-    /// REAP saliency: mean over routed tokens of weight × ‖expert output‖.
+    /// REAP saliency: mean over routed tokens of weight × ‖expert output‖ (empty when not
+    /// collected: `calibrate --collect routing`).
     pub reap: Vec<f64>,
     /// Cosine similarity of router-logit columns over tokens (N×N).
     pub logit_cosine: Vec<Vec<f64>>,

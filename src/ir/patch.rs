@@ -22,6 +22,7 @@ pub struct Patch {
     add_inits: Vec<Initializer>,
     replace_uses: Vec<(String, String)>,
     add_outputs: Vec<String>,
+    retain_outputs: Option<Vec<String>>,
 }
 
 impl Patch {
@@ -70,6 +71,14 @@ impl Patch {
         self
     }
 
+    /// Keeps only these of the graph's outputs (before [`Patch::add_output`]'s are added);
+    /// the nodes then computing nothing an output needs are dead code (see
+    /// [`crate::ir::prune`]).
+    pub fn retain_outputs(&mut self, names: impl IntoIterator<Item = String>) -> &mut Self {
+        self.retain_outputs = Some(names.into_iter().collect());
+        self
+    }
+
     /// Whether the patch changes nothing.
     pub fn is_empty(&self) -> bool {
         self.remove_nodes.is_empty()
@@ -78,6 +87,7 @@ impl Patch {
             && self.add_inits.is_empty()
             && self.replace_uses.is_empty()
             && self.add_outputs.is_empty()
+            && self.retain_outputs.is_none()
     }
 }
 
@@ -139,6 +149,11 @@ impl Graph {
                     }
                 }
             }
+        }
+        if let Some(keep) = &patch.retain_outputs {
+            g.header
+                .output
+                .retain(|o| o.name.as_ref().is_some_and(|n| keep.contains(n)));
         }
         for name in &patch.add_outputs {
             if !g.is_output(name) {
