@@ -30,6 +30,8 @@ ap.add_argument("--bin", default="target/release/smoe-opt")
 ap.add_argument("--npz", help="model inputs (default: token windows of testdata/text)")
 ap.add_argument("--batch", type=int, default=16)
 ap.add_argument("--reps", type=int, default=2, help="runs of each column; the best is shown")
+ap.add_argument("--repeat", type=int, default=1,
+                help="tile the data this many times (tiny models run for milliseconds otherwise)")
 a = ap.parse_args()
 tmp = tempfile.mkdtemp()
 data = a.npz
@@ -38,6 +40,10 @@ if data is None:
     subprocess.run([sys.executable, "tests/py/text_to_npz.py", "testdata/text/calib.txt",
                     "testdata/text/tokenizer.json", "64", data], check=True, capture_output=True)
 d = dict(np.load(data))
+if a.repeat > 1:
+    d = {k: np.concatenate([v] * a.repeat) for k, v in d.items()}
+    data = os.path.join(tmp, "tiled.npz")
+    np.savez(data, **d)
 first = next(iter(d.values()))
 tokens = int(d["attention_mask"].sum()) if "attention_mask" in d else int(
     np.prod(first.shape[:2] if first.ndim == 3 else first.shape[:1]))
@@ -71,8 +77,9 @@ def python_forward(m):
 
 
 fmt = lambda v: "—" if v is None else f"{v:.0f}"
-print(f"data: {os.path.relpath(data) if a.npz else 'testdata/text/calib.txt, 64-token windows'}, "
-      f"{samples} samples, {tokens} tokens, batch {a.batch}; best of {a.reps}\n")
+src = os.path.relpath(a.npz) if a.npz else "testdata/text/calib.txt, 64-token windows"
+print(f"data: {src}{f' x {a.repeat}' if a.repeat > 1 else ''}, {samples} samples, {tokens} tokens, "
+      f"batch {a.batch}; best of {a.reps}\n")
 print("| model | tract all | tract routing | onnxruntime all | onnxruntime routing "
       "| onnxruntime Python forward | routing / forward (onnxruntime) | all / forward |")
 print("|---|---|---|---|---|---|---|---|")

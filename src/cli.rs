@@ -437,7 +437,35 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    Cli::try_parse_from(args)
+    Cli::try_parse_from(global_flags_after_subcommand(
+        args.into_iter().map(Into::into).collect(),
+    ))
+}
+
+/// `smoe-opt -q report …`: the global flags (`-q`, `-v`…) given before a subcommand are
+/// moved after its name. (The main job's arguments conflict with subcommands, so clap
+/// would otherwise read the subcommand's name as the input model.)
+fn global_flags_after_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let is_global = |a: &std::ffi::OsString| {
+        a.to_str().is_some_and(|a| {
+            a == "--quiet"
+                || a == "--verbose"
+                || (a.len() > 1
+                    && a.starts_with('-')
+                    && !a.starts_with("--")
+                    && a[1..].chars().all(|c| c == 'q' || c == 'v'))
+        })
+    };
+    let globals = args.iter().skip(1).take_while(|a| is_global(a)).count();
+    let sub = args.get(1 + globals).and_then(|a| a.to_str());
+    let command = <Cli as clap::CommandFactory>::command();
+    let is_subcommand =
+        |s: &str| s == "help" || command.get_subcommands().any(|c| c.get_name() == s);
+    if globals > 0 && sub.is_some_and(is_subcommand) {
+        let flags: Vec<_> = args.drain(1..1 + globals).collect();
+        args.splice(2..2, flags);
+    }
+    args
 }
 
 impl Cli {
@@ -661,18 +689,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         layers: a.layers.as_ref().map(|l| l.0.clone()),
                         stats: a.stats.clone(),
                         // Per-expert input moments (N·H² float64 per layer) are read by
-                        // compression only, and every expert's output on every token by
+                        // compression only, every expert's output on every token by
                         // output-based grouping only (hc-smoe, also among the auto planner's
-                        // alternatives): a run does not collect what it does not read.
+                        // alternatives), REAP by prune-reap only: a run does not collect
+                        // what it does not read.
                         calib: source.map(|s| {
                             let mut o = a.calib.options(s, progress);
                             o.stats.moments = target.is_some();
-                            o.stats.outputs = target.is_some()
+                            // (`auto` compares output-grouped merges too; a fixed family
+                            // does not read the outputs)
+                            let auto = a
+                                .compress
+                                .is_none_or(|f| f == crate::compress::Family::Auto);
+                            o.stats.outputs = (target.is_some() && auto)
                                 || m == crate::merge::MergeMethod::HcSmoe
                                 || a.grouping == Some(crate::merge::Grouping::Outputs);
                             // Experts run in calibration only for what reads their outputs.
-                            o.stats.reap =
-                                target.is_some() || m == crate::merge::MergeMethod::PruneReap;
+                            o.stats.reap = m == crate::merge::MergeMethod::PruneReap;
                             o
                         }),
                         eval_data: a.eval_data.clone(),

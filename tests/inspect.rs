@@ -64,3 +64,28 @@ fn inspect_text_is_readable() {
         assert!(s.contains(needle), "missing '{needle}' in:\n{s}");
     }
 }
+
+#[test]
+fn global_flags_go_before_or_after_the_subcommand() {
+    // `-q`/`-v` are global: `smoe-opt -q inspect M` is `smoe-opt inspect -q M`.
+    let model = root().join("testdata/models/mixtral_v4_ts/model.onnx");
+    let run = |args: &[&str]| {
+        let o = bin().args(args).arg(&model).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    };
+    let after = run(&["inspect", "-q", "--json"]);
+    assert_eq!(run(&["-q", "inspect", "--json"]), after);
+    assert_eq!(run(&["-v", "inspect", "--json"]), after);
+    // Still a conflict, wherever given.
+    let o = bin()
+        .args(["-q", "-v", "inspect"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}

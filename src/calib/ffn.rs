@@ -1,5 +1,6 @@
 //! Evaluating an expert FFN in Rust from its described weights (f32 matrices), for
-//! statistics on expert outputs without asking the runtime for them.
+//! statistics on expert outputs without asking the runtime for them (products through faer,
+//! single-threaded: callers run experts in parallel).
 use crate::error::Result;
 use crate::ir::Graph;
 use crate::moe::weights::{matrix, vector};
@@ -42,7 +43,7 @@ impl DenseFfn {
     /// Intermediate activations `[rows, I]` (the down projection's input).
     pub fn hidden(&self, x: ArrayView2<f32>) -> Array2<f32> {
         let lin = |(w, b): &(Array2<f32>, Option<Array1<f32>>)| {
-            let mut y = x.dot(&w.t());
+            let mut y = crate::linalg::mul_t(x, w.view());
             if let Some(b) = b {
                 y += b;
             }
@@ -68,7 +69,7 @@ impl DenseFfn {
     /// The down projection of intermediate activations.
     pub fn project_down(&self, h: ArrayView2<f32>) -> Array2<f32> {
         let (w, b) = &self.down;
-        let mut y = h.dot(&w.t());
+        let mut y = crate::linalg::mul_t(h, w.view());
         if let Some(b) = b {
             y += b;
         }

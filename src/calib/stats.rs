@@ -6,7 +6,8 @@ use crate::error::Result;
 use crate::ir::Graph;
 use crate::moe::{MoeBlock, Scoring};
 use ndarray::ArrayView1;
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView2, Axis};
+use rayon::prelude::*;
 use serde::Serialize;
 
 /// Knobs of the statistics.
@@ -366,30 +367,62 @@ impl LayerAcc {
         }
         let norm =
             |row: ArrayView1<f32>| row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-        for &(e, ref f) in &self.ffns {
-            if self.cfg.outputs {
-                // Every token (mean outputs); REAP from the routed ones.
-                let out = f.forward(xk.view());
-                for (&j, &w) in routed[e].iter().zip(&routed_w[e]) {
-                    self.reap_sum[e] += w * norm(out.row(j));
+        // Expert outputs (REAP, mean outputs) and input moments, expert by expert in parallel;
+        // each expert's sums are added in expert order, so any thread count gives the same.
+        let (outputs, reap) = (self.cfg.outputs, self.cfg.reap);
+        let sums: Vec<(usize, f64, Option<Array1<f64>>)> = self
+            .ffns
+            .par_iter()
+            .map(|&(e, ref f)| {
+                if outputs {
+                    // Every token (mean outputs); REAP from the routed ones.
+                    let out = f.forward(xk.view());
+                    let r: f64 = routed[e]
+                        .iter()
+                        .zip(&routed_w[e])
+                        .map(|(&j, &w)| w * norm(out.row(j)))
+                        .sum();
+                    (e, r, Some(out.sum_axis(Axis(0)).mapv(f64::from)))
+                } else if reap && !routed[e].is_empty() {
+                    let out = f.forward(xk.select(Axis(0), &routed[e]).view());
+                    let r: f64 = out
+                        .rows()
+                        .into_iter()
+                        .zip(&routed_w[e])
+                        .map(|(row, &w)| w * norm(row))
+                        .sum();
+                    (e, r, None)
+                } else {
+                    (e, 0.0, None)
                 }
-                let s = out.sum_axis(Axis(0)).mapv(f64::from);
+            })
+            .collect();
+        for (e, r, s) in sums {
+            self.reap_sum[e] += r;
+            if let Some(s) = s {
                 let mut dst = self.out_sum.row_mut(e);
                 dst += &s;
-            } else if self.cfg.reap && !routed[e].is_empty() {
-                let out = f.forward(xk.select(Axis(0), &routed[e]).view());
-                for (row, &w) in out.rows().into_iter().zip(&routed_w[e]) {
-                    self.reap_sum[e] += w * norm(row);
+            }
+        }
+        if !self.moments.is_empty() {
+            let grams: Vec<Option<faer::Mat<f64>>> = routed
+                .par_iter()
+                .map(|rows| {
+                    (!rows.is_empty())
+                        .then(|| crate::linalg::gram(xk.select(Axis(0), rows).view(), None))
+                })
+                .collect();
+            for (m, g) in self.moments.iter_mut().zip(grams) {
+                if let Some(g) = g {
+                    for ((i, j), a) in m.indexed_iter_mut() {
+                        *a += g[(i, j)];
+                    }
                 }
             }
         }
         for (e, rows) in routed.iter().enumerate() {
             if rows.is_empty() {
                 continue;
-            }
-            if !self.moments.is_empty() {
-                let xe = xk.select(Axis(0), rows).mapv(f64::from);
-                self.moments[e] += &xe.t().dot(&xe);
             }
             let cap = self.cfg.reservoir;
             for &j in rows {
