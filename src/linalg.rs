@@ -74,6 +74,23 @@ pub fn gram(x: ArrayView2<f32>, w: Option<&[f64]>) -> Mat<f64> {
     g
 }
 
+/// Adds the lower triangle of `xᵀ·x` (rows `x`, [n, d]) to that of `g` ([d, d]); the upper
+/// triangle is left as it is (the caller mirrors).
+pub fn gram_add(g: faer::MatMut<f64>, x: ArrayView2<f32>) {
+    let xf = Mat::from_fn(x.nrows(), x.ncols(), |i, j| f64::from(x[[i, j]]));
+    triangular::matmul(
+        g,
+        BlockStructure::TriangularLower,
+        Accum::Add,
+        xf.transpose(),
+        BlockStructure::Rectangular,
+        xf.as_ref(),
+        BlockStructure::Rectangular,
+        1.0,
+        Par::Seq,
+    );
+}
+
 /// `Lᵀ·b` for a lower-triangular `l` (only its lower triangle is read: half a full product).
 fn lt_mul(l: MatRef<f64>, b: MatRef<f64>) -> Mat<f64> {
     let mut c = Mat::zeros(l.ncols(), b.ncols());

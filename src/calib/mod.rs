@@ -707,7 +707,7 @@ pub fn save(stats: &CalibStats, json: &Path) -> Result<PathBuf> {
     let mut tmp = crate::fsutil::AtomicFile::create(&side)?;
     {
         let f = tmp.file().try_clone().map_err(|e| Error::io(&side, e))?;
-        let mut w = ndarray_npy::NpzWriter::new_compressed(f);
+        let mut w = ndarray_npy::NpzWriter::new(f);
         let io = |e: ndarray_npy::WriteNpzError| Error::Write {
             path: side.clone(),
             reason: e.to_string(),

@@ -80,7 +80,8 @@ pub struct LayerAcc {
     reap_sum: Vec<f64>,
     gram: Array2<f64>,
     out_sum: Array2<f64>,
-    moments: Vec<Array2<f64>>,
+    /// Per-expert Σ xᵀx, lower triangle (mirrored when finished).
+    moments: Vec<faer::Mat<f64>>,
     reservoir: Vec<Vec<Vec<f32>>>,
     /// The reference model's input rows of the same tokens (paired calibration only).
     reservoir_ref: Vec<Vec<Vec<f32>>>,
@@ -302,7 +303,7 @@ impl LayerAcc {
             gram: Array2::zeros((n, n)),
             out_sum: Array2::zeros((n, h)),
             moments: if cfg.moments {
-                vec![Array2::zeros((h, h)); n]
+                vec![faer::Mat::zeros(h, h); n]
             } else {
                 vec![]
             },
@@ -405,20 +406,14 @@ impl LayerAcc {
             }
         }
         if !self.moments.is_empty() {
-            let grams: Vec<Option<faer::Mat<f64>>> = routed
-                .par_iter()
-                .map(|rows| {
-                    (!rows.is_empty())
-                        .then(|| crate::linalg::gram(xk.select(Axis(0), rows).view(), None))
-                })
-                .collect();
-            for (m, g) in self.moments.iter_mut().zip(grams) {
-                if let Some(g) = g {
-                    for ((i, j), a) in m.indexed_iter_mut() {
-                        *a += g[(i, j)];
-                    }
-                }
-            }
+            // Added in place (no H×H buffer per batch).
+            self.moments
+                .par_iter_mut()
+                .zip(&routed)
+                .filter(|(_, rows)| !rows.is_empty())
+                .for_each(|(m, rows)| {
+                    crate::linalg::gram_add(m.as_mut(), xk.select(Axis(0), rows).view())
+                });
         }
         for (e, rows) in routed.iter().enumerate() {
             if rows.is_empty() {
@@ -523,9 +518,14 @@ impl LayerAcc {
             },
             input_moments: self
                 .moments
-                .into_iter()
+                .iter()
                 .zip(&self.counts)
-                .map(|(m, &c)| m / (c.max(1) as f64))
+                .map(|(m, &c)| {
+                    let c = c.max(1) as f64;
+                    Array2::from_shape_fn((m.nrows(), m.ncols()), |(i, j)| {
+                        m[(i.max(j), i.min(j))] / c
+                    })
+                })
                 .collect(),
             samples: self.reservoir,
             reference_samples: self.reservoir_ref,
