@@ -55,17 +55,7 @@ pub fn gram(x: ArrayView2<f32>, w: Option<&[f64]>) -> Mat<f64> {
     });
     let d = x.ncols();
     let mut g = Mat::<f64>::zeros(d, d);
-    triangular::matmul(
-        g.as_mut(),
-        BlockStructure::TriangularLower,
-        Accum::Replace,
-        xf.transpose(),
-        BlockStructure::Rectangular,
-        xf.as_ref(),
-        BlockStructure::Rectangular,
-        1.0,
-        Par::Seq,
-    );
+    lower_gram(g.as_mut(), xf.as_ref(), Accum::Replace);
     for j in 0..d {
         for i in 0..j {
             g[(i, j)] = g[(j, i)];
@@ -78,13 +68,18 @@ pub fn gram(x: ArrayView2<f32>, w: Option<&[f64]>) -> Mat<f64> {
 /// triangle is left as it is (the caller mirrors).
 pub fn gram_add(g: faer::MatMut<f64>, x: ArrayView2<f32>) {
     let xf = Mat::from_fn(x.nrows(), x.ncols(), |i, j| f64::from(x[[i, j]]));
+    lower_gram(g, xf.as_ref(), Accum::Add);
+}
+
+/// The lower triangle of `xfᵀ·xf` into `g` (replacing or adding to it).
+fn lower_gram(g: faer::MatMut<f64>, xf: MatRef<f64>, accum: Accum) {
     triangular::matmul(
         g,
         BlockStructure::TriangularLower,
-        Accum::Add,
+        accum,
         xf.transpose(),
         BlockStructure::Rectangular,
-        xf.as_ref(),
+        xf,
         BlockStructure::Rectangular,
         1.0,
         Par::Seq,

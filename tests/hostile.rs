@@ -627,19 +627,7 @@ fn a_killed_write_never_pairs_a_model_with_other_data() {
     type Pair = (Vec<u8>, String, Option<Vec<u8>>);
     let pair = |out: &Path| -> Option<Pair> {
         let m = std::fs::read(out).ok()?;
-        let proto = <smoe_opt::onnx::proto::ModelProto as prost::Message>::decode(m.as_slice())
-            .expect("a complete model file");
-        let mut names = std::collections::BTreeSet::new();
-        let mut proto = proto;
-        smoe_opt::onnx::walk::model_tensors_mut(&mut proto, &mut |t| {
-            for e in &t.external_data {
-                if e.key.as_deref() == Some("location") {
-                    names.insert(e.value.clone().unwrap_or_default());
-                }
-            }
-            Ok(())
-        })
-        .unwrap();
+        let names = data_locations(&m);
         assert_eq!(names.len(), 1, "{names:?}");
         let name = names.into_iter().next().unwrap();
         let d = std::fs::read(out.parent().unwrap().join(&name)).ok();

@@ -251,12 +251,10 @@ impl Model {
     /// `<model>.<hash>.data`, and the old model's `<model>.data`, except the new one and any
     /// the input model reads. Failures are logged, not errors (the new model is complete).
     fn remove_stale_data(&self, folder: &Path, file_name: &str, keep: &str, old: &[PathBuf]) {
+        let legacy = format!("{file_name}.data");
         let mut stale: Vec<PathBuf> = old
             .iter()
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| *n == *format!("{file_name}.data"))
-            })
+            .filter(|p| p.file_name().is_some_and(|n| *n == *legacy))
             .cloned()
             .collect();
         if let Ok(entries) = std::fs::read_dir(folder) {

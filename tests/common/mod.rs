@@ -186,9 +186,17 @@ pub fn listing(dir: &Path) -> Vec<String> {
 /// The external data file a model written by smoe-opt refers to (`None` for an inline
 /// model). Panics when it refers to more than one file or to a missing one.
 pub fn data_file(model: &Path) -> Option<PathBuf> {
+    let locations = data_locations(&std::fs::read(model).unwrap());
+    assert!(locations.len() <= 1, "{}: {locations:?}", model.display());
+    let path = model.parent()?.join(locations.into_iter().next()?);
+    assert!(path.is_file(), "{} is missing", path.display());
+    Some(path)
+}
+
+/// The external data locations the tensors of a model file's bytes refer to.
+pub fn data_locations(model_bytes: &[u8]) -> std::collections::BTreeSet<String> {
     use prost::Message;
-    let bytes = std::fs::read(model).unwrap();
-    let mut proto = smoe_opt::onnx::proto::ModelProto::decode(bytes.as_slice()).unwrap();
+    let mut proto = smoe_opt::onnx::proto::ModelProto::decode(model_bytes).unwrap();
     let mut locations = std::collections::BTreeSet::new();
     smoe_opt::onnx::walk::model_tensors_mut(&mut proto, &mut |t| {
         for e in &t.external_data {
@@ -199,10 +207,7 @@ pub fn data_file(model: &Path) -> Option<PathBuf> {
         Ok(())
     })
     .unwrap();
-    assert!(locations.len() <= 1, "{}: {locations:?}", model.display());
-    let path = model.parent()?.join(locations.into_iter().next()?);
-    assert!(path.is_file(), "{} is missing", path.display());
-    Some(path)
+    locations
 }
 
 /// The bytes of a model and of its external data file (empty when inline).
