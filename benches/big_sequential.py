@@ -2,11 +2,14 @@
 
     python benches/big_sequential.py [--gib 8] [--layers 30] [--dir /tmp/smoe-bigseq]
         [--bin target/release/smoe-opt] [--pipelines sequential,one-shot] [--target 0.5]
+    python benches/big_sequential.py ... --keep 0.5 [--memory-limits 4G,1T]
 
 Makes (once, not committed) a stack of onnxruntime fused MoE layers, x <- x + MoE(x, x·Wr)
 (com.microsoft.MoE, SwiGLU, 8 experts, top-2, as onnxruntime-genai writes it), float32
 weights in one external data file, sized to --gib. Then runs
-`smoe-opt --target-size T --compress low-rank --pipeline P` with calibration and held-out
+`smoe-opt --target-size T --compress low-rank --pipeline P` (or, with --keep F, the m-smoe
+merge `--keep F` under each `--memory-limit`: a limit below the model's needs makes the
+models run, and the layers merge, segment by segment) with calibration and held-out
 samples from a .npz, and prints wall time, peak RSS of the whole process (runtimes included,
 /usr/bin/time), and the issue's bound 1.5 GiB + 3 x one layer's experts in float32.
 Needs numpy and onnx (the test venv) and onnxruntime's shared library (the fused op runs
@@ -28,6 +31,8 @@ ap.add_argument("--dir", default="/tmp/smoe-bigseq")
 ap.add_argument("--bin", default="target/release/smoe-opt")
 ap.add_argument("--pipelines", default="sequential,one-shot")
 ap.add_argument("--target", default="0.5")
+ap.add_argument("--keep", default=None, help="merge (m-smoe) to this fraction of the experts")
+ap.add_argument("--memory-limits", default="4G,1T", help="with --keep: the runs' --memory-limit")
 a = ap.parse_args()
 os.makedirs(a.dir, exist_ok=True)
 L, H, N = a.layers, a.hidden, a.experts
@@ -91,21 +96,27 @@ size = os.path.getsize(path) + os.path.getsize(os.path.join(a.dir, data_name))
 bound = 1.5 * (1 << 30) + 3 * layer_bytes
 print(f"model: {L} layers x {N} experts of H {H}, I {I}: {size / (1 << 30):.2f} GiB on disk, "
       f"one layer's experts {layer_bytes / (1 << 20):.0f} MiB; bound {bound / (1 << 30):.2f} GiB")
-print("| pipeline | wall s | peak RSS GiB | within bound | models ran | fidelity rel_l2 |")
+print("| run | wall s | peak RSS GiB | within bound | models ran | fidelity rel_l2 |")
 print("|---|---|---|---|---|---|")
-for p in a.pipelines.split(","):
-    out = os.path.join(a.dir, f"out_{p}.onnx")
-    rep = os.path.join(a.dir, f"report_{p}.json")
+if a.keep:
+    runs = [(f"--keep {a.keep}, --memory-limit {m}", ["--keep", a.keep, "--memory-limit", m])
+            for m in a.memory_limits.split(",")]
+else:
+    runs = [(p, ["--target-size", a.target, "--compress", "low-rank", "--pipeline", p])
+            for p in a.pipelines.split(",")]
+for k, (label, flags) in enumerate(runs):
+    out = os.path.join(a.dir, f"out_{k}.onnx")
+    rep = os.path.join(a.dir, f"report_{k}.json")
     t = time.time()
     r = subprocess.run(["/usr/bin/time", "-v", a.bin, path, "-o", out, "--calib", calib, "--eval-data", held,
-                        "--target-size", a.target, "--compress", "low-rank", "--pipeline", p, "--report", rep, "-q"],
+                        *flags, "--report", rep, "-q"],
                        capture_output=True, text=True)
     wall = time.time() - t
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1)) * 1024
     if r.returncode != 0:
-        print(f"| {p} | {wall:.0f} | {rss / (1 << 30):.2f} | failed: {r.stderr.strip().splitlines()[-1][:120]} | | |")
+        print(f"| {label} | {wall:.0f} | {rss / (1 << 30):.2f} | failed: {r.stderr.strip().splitlines()[-1][:120]} | | |")
         continue
     j = json.load(open(rep))
-    print(f"| {p} | {wall:.0f} | {rss / (1 << 30):.2f} | {rss <= bound} | "
+    print(f"| {label} | {wall:.0f} | {rss / (1 << 30):.2f} | {rss <= bound} | "
           f"{'segment by segment' if j['execution']['segments'] else 'whole'} | {j['fidelity']['rel_l2']:.4f} |")
     sys.stdout.flush()

@@ -19,7 +19,7 @@ use crate::ir::Graph;
 use crate::moe::proj::ProjFfn;
 use crate::moe::weights::expert_params;
 use crate::moe::{Act, Detection, MoeBlock};
-use crate::passes::align_experts::{activation_cost, align, distance, weight_cost};
+use crate::passes::align_experts::{activation_cost, align, distance, weight_cost, COST_BLOCK};
 use crate::passes::cluster_outputs::cluster_outputs;
 use crate::passes::group_experts::{group_experts, logit_similarity, weight_similarity};
 use crate::passes::merge_experts::{merge_weighted, ExpertParams};
@@ -28,6 +28,8 @@ use crate::passes::prune_experts::prune_experts;
 use ndarray::Array2;
 use rayon::prelude::*;
 use serde::Serialize;
+
+pub mod streamed;
 
 /// Memory that concurrent alignments may use for their similarity matrices (bytes).
 const ALIGN_MEMORY: u64 = 4 << 30;
@@ -208,6 +210,42 @@ pub fn plan(
     stats: &CalibStats,
     opts: &MergeOptions,
 ) -> Result<Vec<LayerPlan>> {
+    let mut plans = Vec::new();
+    plan_each(g, det, stats, opts, |p| {
+        plans.push(p);
+        Ok(())
+    })?;
+    Ok(plans)
+}
+
+/// Plans the selected layers one after another, handing each plan to `take` before the next
+/// layer's experts are read (the budget across layers needs only the statistics): a caller
+/// that writes a plan out and drops it holds one layer's experts at a time.
+pub fn plan_each(
+    g: &Graph,
+    det: &Detection,
+    stats: &CalibStats,
+    opts: &MergeOptions,
+    mut take: impl FnMut(LayerPlan) -> Result<()>,
+) -> Result<()> {
+    let chosen = layer_counts(g, det, stats, opts)?;
+    let bar = crate::progress::count_bar(opts.progress, chosen.len() as u64, "layers");
+    bar.set_message("merging");
+    for (b, s, m) in chosen {
+        take(plan_layer(g, b, s, m, opts)?)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// The selected layers with their statistics and the number of experts each keeps.
+fn layer_counts<'a>(
+    g: &Graph,
+    det: &'a Detection,
+    stats: &'a CalibStats,
+    opts: &MergeOptions,
+) -> Result<Vec<(&'a MoeBlock, &'a LayerStats, usize)>> {
     let chosen = select_layers(g, det, stats, opts.layers.as_deref())?;
     if let Budget::Experts(m) = opts.budget {
         let most = chosen
@@ -255,19 +293,11 @@ pub fn plan(
             .collect(),
         MergeMethod::HcSmoe => uniform,
     };
-    let bar = crate::progress::count_bar(opts.progress, chosen.len() as u64, "layers");
-    bar.set_message("merging");
-    let plans = chosen
-        .iter()
+    Ok(chosen
+        .into_iter()
         .zip(counts)
-        .map(|((b, s), m)| {
-            let p = plan_layer(g, b, s, m, opts);
-            bar.inc(1);
-            p
-        })
-        .collect();
-    bar.finish_and_clear();
-    plans
+        .map(|((b, s), m)| (b, s, m))
+        .collect())
 }
 
 /// The identified blocks chosen by `layers` (indices as `inspect` numbers them; all when
@@ -515,9 +545,10 @@ pub(crate) fn plan_layer(
         Ok((j, a.params, a.before, a.after))
     };
     // Pairs run in parallel, as many at a time as fit in ALIGN_MEMORY (each holds an I×I
-    // similarity in f32 and f64 while it is built).
-    let inter = b.intermediate().max(1);
-    let per_pair = (inter * inter * 12) as u64;
+    // similarity in f64 and one block of its products in f32); each pair's products also use
+    // every core (faer), so a single pair at a time still keeps the machine busy.
+    let inter = b.intermediate().max(1) as u64;
+    let per_pair = inter * inter * 8 + (COST_BLOCK as u64) * inter * 4;
     let at_once =
         ((ALIGN_MEMORY / per_pair.max(1)) as usize).clamp(1, rayon::current_num_threads());
     let mut aligned: Vec<(usize, ExpertParams, f64, f64)> = Vec::with_capacity(pairs.len());

@@ -803,7 +803,43 @@ pub fn reduce(model: &mut Model, det: &Detection, opts: &ReduceOptions) -> Resul
             };
             (a.plans, Some(a.summary))
         }
-        (None, Some(m)) => (merge::plan(&model.graph, det, &stats, &m)?, None),
+        (None, Some(m)) => {
+            // Segment by segment, each layer is merged, written and moved out of memory
+            // before the next is read (the models' own memory is short, or asked to be).
+            let streamed = if execution.segments {
+                match merge::streamed::merge_by_segment(
+                    &original,
+                    model,
+                    det,
+                    &stats,
+                    &m,
+                    opts.emit,
+                    &heldout,
+                    &run_options(opts),
+                ) {
+                    Ok(w) => {
+                        written = Some((w.rewrites, w.fidelity));
+                        Some(w.plans)
+                    }
+                    Err(e) if !execution.whole_fits => return Err(e),
+                    Err(e) => {
+                        log::warn!(
+                            "merging segment by segment failed ({e}); merging every layer at \
+                             once"
+                        );
+                        *model = original.clone();
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let plans = match streamed {
+                Some(p) => p,
+                None => merge::plan(&model.graph, det, &stats, &m)?,
+            };
+            (plans, None)
+        }
         (None, None) => {
             return Err(Error::Usage(
                 "give --keep F or --experts M (merging), or --target-size F (compression)".into(),

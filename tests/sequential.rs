@@ -828,3 +828,77 @@ fn short_disk_for_the_activations_is_a_clear_error() {
     assert!(plan.ends_with("(on the whole model)"), "{plan}");
     drop(mounted);
 }
+
+/// Merging when memory is short (`--memory-limit` stands for a small machine): each layer is
+/// merged, written into the output and moved out of memory before the next is read, the
+/// held-out fidelity measured segment by segment alongside. It writes the bytes that merging
+/// every layer at once on the whole models writes, with the same groups and the same
+/// fidelity, for merges and for pruning, on several multi-layer forms.
+#[test]
+fn merging_layer_by_layer_writes_what_merging_at_once_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, method) in [
+        ("mixtral_v4_ts", "m-smoe"),
+        ("gptoss_v5_dynamo", "m-smoe"),
+        ("ortgenai_gptoss_fp32", "m-smoe"),
+        ("qwen3moe_v5_ts_raw", "prune-frequency"),
+    ] {
+        let d = dir(name);
+        let io = d.join("io.npz");
+        let mut runs = Vec::new();
+        for (tag, limit) in [("short", "64K"), ("roomy", "1T")] {
+            let sub = tmp.path().join(format!("{name}.{tag}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            let out = sub.join("out.onnx");
+            let args = [
+                "--calib",
+                io.to_str().unwrap(),
+                "--keep",
+                "0.5",
+                "--method",
+                method,
+                "--external-data",
+                "--memory-limit",
+                limit,
+            ];
+            let r = reduce(&d.join("model.onnx"), &out, &args);
+            assert!(r.ok, "{name} {tag}: {}", r.stderr);
+            assert_eq!(
+                r.report["execution"]["segments"],
+                tag == "short",
+                "{name} {tag}: {}",
+                r.report["execution"]
+            );
+            runs.push((model_and_data(&out), r.report));
+        }
+        let ((ms, ds), rs) = &runs[0];
+        let ((mw, dw), rw) = &runs[1];
+        assert!(
+            ms == mw,
+            "{name}: another model layer by layer than at once"
+        );
+        assert!(
+            ds == dw,
+            "{name}: other weights layer by layer than at once"
+        );
+        assert_eq!(rs["layers"], rw["layers"], "{name}: other plans");
+        let n = rs["layers"].as_array().unwrap().len();
+        assert!(n >= 2, "{name}: {n} layers");
+        for key in ["rel_l2", "cosine"] {
+            let (a, b) = (
+                rs["fidelity"][key].as_f64().unwrap(),
+                rw["fidelity"][key].as_f64().unwrap(),
+            );
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1e-6),
+                "{name}: fidelity {key} {a} layer by layer, {b} at once"
+            );
+        }
+        assert_eq!(
+            rs["fidelity"]["blocks"].as_array().map(Vec::len),
+            Some(n),
+            "{name}: every merged block measured at its cut: {}",
+            rs["fidelity"]
+        );
+    }
+}
