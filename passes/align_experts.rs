@@ -105,7 +105,8 @@ pub const COST_BLOCK: usize = 2048;
 /// neurons correlate 0 with everything.
 pub fn activation_cost(hr: ArrayView2<f32>, ht: ArrayView2<f32>) -> Array2<f64> {
     let z = |h: ArrayView2<f32>| {
-        let mut h = h.mapv(f64::from);
+        // Row-major whatever `h`'s layout (faer reads it as a row-major slice below).
+        let mut h = Array2::from_shape_fn(h.dim(), |(i, j)| f64::from(h[[i, j]]));
         for mut col in h.axis_iter_mut(Axis(1)) {
             let mean = col.mean().unwrap_or(0.0);
             col.mapv_inplace(|v| v - mean);
@@ -119,10 +120,14 @@ pub fn activation_cost(hr: ArrayView2<f32>, ht: ArrayView2<f32>) -> Array2<f64> 
         h
     };
     let (zr, zt) = (z(hr), z(ht));
-    let (zr, zt) = (
-        crate::linalg::to_faer64(zr.view()),
-        crate::linalg::to_faer64(zt.view()),
-    );
+    fn view(a: &Array2<f64>) -> faer::MatRef<'_, f64> {
+        faer::MatRef::from_row_major_slice(
+            a.as_slice().expect("built row-major"),
+            a.nrows(),
+            a.ncols(),
+        )
+    }
+    let (zr, zt) = (view(&zr), view(&zt));
     let (n, m) = (zr.ncols(), zt.ncols());
     let mut c = Array2::<f64>::zeros((n, m));
     let out = faer::MatMut::from_row_major_slice_mut(
@@ -134,7 +139,7 @@ pub fn activation_cost(hr: ArrayView2<f32>, ht: ArrayView2<f32>) -> Array2<f64> 
         out,
         faer::Accum::Replace,
         zr.transpose(),
-        zt.as_ref(),
+        zt,
         1.0,
         faer::Par::rayon(0),
     );

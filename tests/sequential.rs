@@ -198,6 +198,21 @@ fn bounded_plan_writes_what_it_measured() {
     }
 }
 
+/// The held-out fidelity of two reports (segment by segment, `rs`; whole, `rw`) agrees to
+/// 1e-6 relative.
+fn same_fidelity(name: &str, rs: &serde_json::Value, rw: &serde_json::Value) {
+    for key in ["rel_l2", "cosine"] {
+        let (a, b) = (
+            rs["fidelity"][key].as_f64().unwrap(),
+            rw["fidelity"][key].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs().max(1e-6),
+            "{name}: fidelity {key} {a} segment by segment, {b} whole"
+        );
+    }
+}
+
 #[test]
 fn bounded_plan_segment_by_segment_equals_the_whole_model() {
     // The plan made one layer at a time writes its layers as it goes when segment by segment
@@ -254,16 +269,7 @@ fn bounded_plan_segment_by_segment_equals_the_whole_model() {
             ms == mw,
             "{name}: other model segment by segment than whole"
         );
-        for key in ["rel_l2", "cosine"] {
-            let (a, b) = (
-                rs["fidelity"][key].as_f64().unwrap(),
-                rw["fidelity"][key].as_f64().unwrap(),
-            );
-            assert!(
-                (a - b).abs() <= 1e-6 * b.abs().max(1e-6),
-                "{name}: fidelity {key} {a} segment by segment, {b} whole"
-            );
-        }
+        same_fidelity(name, rs, rw);
     }
 }
 
@@ -884,16 +890,7 @@ fn merging_layer_by_layer_writes_what_merging_at_once_writes() {
         assert_eq!(rs["layers"], rw["layers"], "{name}: other plans");
         let n = rs["layers"].as_array().unwrap().len();
         assert!(n >= 2, "{name}: {n} layers");
-        for key in ["rel_l2", "cosine"] {
-            let (a, b) = (
-                rs["fidelity"][key].as_f64().unwrap(),
-                rw["fidelity"][key].as_f64().unwrap(),
-            );
-            assert!(
-                (a - b).abs() <= 1e-6 * b.abs().max(1e-6),
-                "{name}: fidelity {key} {a} layer by layer, {b} at once"
-            );
-        }
+        same_fidelity(name, rs, rw);
         assert_eq!(
             rs["fidelity"]["blocks"].as_array().map(Vec::len),
             Some(n),

@@ -225,6 +225,16 @@ impl Measure {
         Ok(())
     }
 
+    /// [`Measure::step`] for a segment whose block (if any) is not rewritten: both flows run
+    /// the original segment.
+    pub fn step_unchanged(&mut self, s: usize, seg: &Segment, det: &Detection) -> Result<()> {
+        let reemit = match seg.block.as_deref() {
+            Some(b) => own_block(&seg.model, det, b).unwrap_or_default(),
+            None => Detection::default(),
+        };
+        self.step(s, seg, det, &reemit, None)
+    }
+
     /// The metrics, once every segment ran.
     pub fn finish(self) -> Result<Fidelity> {
         let mut f = self.total.finish(

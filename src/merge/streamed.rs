@@ -60,11 +60,7 @@ pub fn merge_by_segment(
         while *next < upto {
             let seg = &cut.segments[*next];
             if let Some(m) = measure.as_mut() {
-                let reemit = match seg.block.as_deref() {
-                    Some(b) => own_block(&seg.model, det, b).unwrap_or_default(),
-                    None => Detection::default(),
-                };
-                m.step(*next, seg, det, &reemit, None)?;
+                m.step_unchanged(*next, seg, det)?;
             }
             original.release_mapped();
             *next += 1;

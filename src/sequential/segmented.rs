@@ -56,11 +56,7 @@ pub(super) fn refit_layers(
                 current.run(s, &seg.model, &none, opts)?;
             }
             if let Some(m) = measure.as_mut() {
-                let reemit = match seg.block.as_deref() {
-                    Some(b) => own_block(&seg.model, det, b).unwrap_or_default(),
-                    None => Detection::default(),
-                };
-                m.step(s, seg, det, &reemit, None)?;
+                m.step_unchanged(s, seg, det)?;
             }
             model.release_mapped();
             continue;
